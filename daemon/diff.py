@@ -1,0 +1,120 @@
+"""The inventory diff: (what we knew, what the API says now) → events.
+
+A pure function, no I/O, so that the rules of SPEC §7 can be tested
+exhaustively (see tests/test_diff_properties.py).
+
+What we know is kept per item *and server* as a `Mark`: whether `on_active`
+ran there (GRANTED) or the perk was already taken back there (ENDED), and the
+grant cycle (1 for the first grant; the service's local expiry may add later
+ones). Expire and revoke only ever follow a grant we ran, so an item first seen
+`used` or `revoked` runs nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+
+from daemon.models import KNOWN_STATES, InventoryItem, parse_timestamp
+
+
+class Phase(StrEnum):
+    GRANTED = "granted"
+    ENDED = "ended"
+
+
+class EventKind(StrEnum):
+    ACTIVE = "on_active"
+    EXPIRE = "on_expire"
+    REVOKE = "on_revoke"
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    phase: Phase
+    cycle: int
+
+
+MarkKey = tuple[str, str]  # (item id, server name)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    item: InventoryItem
+    server: str
+    kind: EventKind
+    cycle: int
+    happened_at: datetime
+
+
+@dataclass(slots=True)
+class DiffResult:
+    events: list[Event] = field(default_factory=list)
+    # The marks to store after this pass (only the ones that changed).
+    marks: dict[MarkKey, Mark] = field(default_factory=dict)
+    # Items known from before that the API no longer lists (logged, no revoke).
+    disappeared: list[str] = field(default_factory=list)
+    # (item id, state) of items in a state this version does not know.
+    unknown_states: list[tuple[str, str]] = field(default_factory=list)
+
+
+GRANTING_STATES = frozenset({"active", "renewed"})
+_ENDING = {"used": EventKind.EXPIRE, "revoked": EventKind.REVOKE}
+
+
+def _happened_at(item: InventoryItem, kind: EventKind) -> datetime:
+    stamp = {
+        EventKind.ACTIVE: item.active_at,
+        EventKind.EXPIRE: item.removed_at or item.expires_at,
+        EventKind.REVOKE: item.revoked_at,
+    }[kind]
+    return parse_timestamp(stamp or item.added_at)
+
+
+def diff_inventory(
+    known_marks: Mapping[MarkKey, Mark],
+    known_items: Collection[str],
+    items: Sequence[InventoryItem],
+    routes: Mapping[str, Sequence[str]],
+) -> DiffResult:
+    """Work out the events of one customer's whole inventory.
+
+    `routes` maps a product slug to the servers its commands go to *for this
+    customer* (platform routing already applied); products not in it are
+    ignored. `items` must be the complete inventory: a partial one would make
+    items look disappeared, and the caller never passes one.
+
+    Events come ordered by when they happened (then item id), so that a
+    revoke never overtakes its grant and one customer's events on one server
+    run in the order they happened.
+    """
+    result = DiffResult()
+    seen: set[str] = set()
+    for item in items:
+        seen.add(item.id)
+        if item.state not in KNOWN_STATES:
+            result.unknown_states.append((item.id, item.state))
+            continue
+        for server in routes.get(item.product.slug, ()):
+            key = (item.id, server)
+            mark = known_marks.get(key)
+            if item.state in GRANTING_STATES:
+                if mark is None:
+                    new = Mark(Phase.GRANTED, 1)
+                    result.marks[key] = new
+                    result.events.append(
+                        Event(item, server, EventKind.ACTIVE, 1, _happened_at(item, EventKind.ACTIVE))
+                    )
+            elif item.state in _ENDING and mark is not None and mark.phase is Phase.GRANTED:
+                kind = _ENDING[item.state]
+                result.marks[key] = Mark(Phase.ENDED, mark.cycle)
+                result.events.append(Event(item, server, kind, mark.cycle, _happened_at(item, kind)))
+    result.disappeared = sorted(set(known_items) - seen, key=_flake_order)
+    result.events.sort(key=lambda e: (e.happened_at, _flake_order(e.item.id), e.server))
+    return result
+
+
+def _flake_order(item_id: str) -> tuple[int, str]:
+    return (len(item_id), item_id)

@@ -1,0 +1,190 @@
+"""Pydantic models of the PayNow Storefront objects perksync reads.
+
+They follow the seed documentation and the newer OpenAPI spec. Unknown extra
+fields are tolerated (PayNow adds fields over time) and an unknown item state is
+kept as a plain string rather than rejected, so that a new state never crashes
+a pass; the diff decides what (not) to do with it.
+
+Placeholders render from the raw JSON the API sent (see `raw`), so they name
+fields exactly as the API spells them; these models are the validation and the
+typed view used for decisions.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Final
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
+
+# Item states known to the spec. Anything else is kept and treated as "unknown".
+KNOWN_STATES: Final = frozenset({"usable", "active", "used", "revoked", "renewed"})
+
+_TIMESTAMP = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?"
+    r"(Z|z|[+-]\d{2}:?\d{2})$"
+)
+
+
+def parse_timestamp(text: str) -> datetime:
+    """Parse an ISO 8601 timestamp with 0-9 fractional digits into an aware UTC datetime.
+
+    `datetime.fromisoformat` rejects more than 6 fractional digits on some
+    versions, and the API sends anything from none to nanoseconds.
+    """
+    match = _TIMESTAMP.match(text)
+    if match is None:
+        raise ValueError(f"not an ISO 8601 timestamp: {text[:40]!r}")
+    year, month, day, hour, minute, second, fraction, zone = match.groups()
+    micro = int((fraction or "0")[:6].ljust(6, "0"))
+    if zone in ("Z", "z"):
+        offset = timedelta(0)
+    else:
+        sign = -1 if zone[0] == "-" else 1
+        digits = zone[1:].replace(":", "")
+        offset = sign * timedelta(hours=int(digits[:2]), minutes=int(digits[2:]))
+    naive = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micro)
+    return (naive - offset).replace(tzinfo=UTC)
+
+
+def _flake(value: Any) -> Any:
+    # Flakes are 64-bit integers sent as strings; accept a bare integer too.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str) and not value.isascii():
+        raise ValueError("id must be ASCII digits")
+    return value
+
+
+def _timestamp(value: Any) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError("timestamp must be a string")
+    parse_timestamp(value)
+    return value
+
+
+Flake = Annotated[str, BeforeValidator(_flake), Field(pattern=r"^[0-9]{1,20}$")]
+OptionalFlake = Annotated[str | None, BeforeValidator(_flake), Field(pattern=r"^[0-9]{1,20}$")]
+Timestamp = Annotated[str, BeforeValidator(_timestamp)]
+OptionalTimestamp = Annotated[str | None, BeforeValidator(_timestamp)]
+
+
+class _ApiObject(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class SteamProfile(_ApiObject):
+    id: Annotated[str, BeforeValidator(_flake)]
+    name: str | None = None
+    avatar_url: str | None = None
+
+
+class MinecraftProfile(_ApiObject):
+    id: str
+    name: str | None = None
+    avatar_url: str | None = None
+
+
+class GenericProfile(_ApiObject):
+    id: str
+    platform: str
+    name: str | None = None
+    avatar_url: str | None = None
+
+
+class Customer(_ApiObject):
+    id: Flake
+    store_id: Flake
+    profile: GenericProfile | None = None
+    steam_id: Annotated[str | None, BeforeValidator(_flake)] = None
+    steam: SteamProfile | None = None
+    minecraft_uuid: str | None = None
+    minecraft: MinecraftProfile | None = None
+    minecraft_platform: str | None = None
+    xbox_xuid: str | None = None
+    name: str | None = None
+    created_at: OptionalTimestamp = None
+    updated_at: OptionalTimestamp = None
+    metadata: dict[str, str] | None = None
+
+    _raw: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @property
+    def raw(self) -> dict[str, Any]:
+        """The JSON object exactly as the API sent it (for placeholders)."""
+        return self._raw
+
+    @classmethod
+    def from_api(cls, data: Any) -> Customer:
+        customer = cls.model_validate(data)
+        customer._raw = data
+        return customer
+
+
+class PartialProduct(_ApiObject):
+    id: Flake
+    store_id: OptionalFlake = None
+    version_id: str
+    slug: str
+    name: str
+
+
+class InventoryItem(_ApiObject):
+    id: Flake
+    store_id: Flake
+    customer_id: Flake
+    order_id: OptionalFlake = None
+    order_line_id: OptionalFlake = None
+    subscription_id: OptionalFlake = None
+    execute_on_gameserver_id: OptionalFlake = None
+    quantity_index: int | None = None
+    product: PartialProduct
+    state: str
+    expirable: bool
+    gift: bool
+    added_at: Timestamp
+    active_at: OptionalTimestamp = None
+    expires_at: OptionalTimestamp = None
+    override_expires_at: OptionalTimestamp = None
+    removed_at: OptionalTimestamp = None
+    revoked_at: OptionalTimestamp = None
+    revoke_reason: str | None = None
+
+    _raw: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @property
+    def raw(self) -> dict[str, Any]:
+        """The JSON object exactly as the API sent it (for placeholders)."""
+        return self._raw
+
+    @classmethod
+    def from_api(cls, data: Any) -> InventoryItem:
+        item = cls.model_validate(data)
+        item._raw = data
+        return item
+
+
+# Placeholder paths that exist on every Customer / InventoryItem, as the API
+# spells them. Config validation checks every `{customer.X}` / `{item.X}` against
+# these; only leaves (strings, numbers, booleans) can be placeholders.
+CUSTOMER_FIELDS: Final = frozenset(
+    {
+        "id", "store_id", "steam_id", "minecraft_uuid", "minecraft_platform", "xbox_xuid",
+        "name", "created_at", "updated_at",
+        "profile.id", "profile.platform", "profile.name", "profile.avatar_url",
+        "steam.id", "steam.name", "steam.avatar_url",
+        "minecraft.id", "minecraft.name", "minecraft.avatar_url",
+    }
+)  # fmt: skip
+ITEM_FIELDS: Final = frozenset(
+    {
+        "id", "store_id", "customer_id", "order_id", "order_line_id", "subscription_id",
+        "execute_on_gameserver_id", "quantity_index", "state", "expirable", "gift",
+        "added_at", "active_at", "expires_at", "override_expires_at", "removed_at",
+        "revoked_at", "revoke_reason",
+        "product.id", "product.store_id", "product.version_id", "product.slug", "product.name",
+    }
+)  # fmt: skip

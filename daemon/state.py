@@ -1,0 +1,167 @@
+"""The durable state: what perksync knows and the delivery journal.
+
+Backends implement `Store`; `tests/test_store_contract.py` runs one contract
+suite against every backend in `BACKENDS`. SQLite is the embedded default; a
+PostgreSQL backend (several hosts sharing the work) is meant to slot in here.
+
+The journal holds one row per (item, server, cycle, event, command index).
+Rows are written *before* anything is sent, in the same transaction as the
+marks and item states that produced them, so a crash either keeps both or
+neither: the next pass then recomputes exactly the same events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
+
+from daemon.diff import Mark, MarkKey
+
+
+class JournalStatus(StrEnum):
+    PENDING = "pending"  # to be delivered (or in flight)
+    DELIVERED = "delivered"  # the server answered
+    FAILED = "failed"  # can never succeed (unsafe value, too long); not retried
+    SKIPPED = "skipped"  # a placeholder was null: not sent, by design
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEntry:
+    """A command to journal (not yet stored)."""
+
+    customer_id: str
+    item_id: str
+    product: str
+    server: str
+    event: str  # "on_active" | "on_expire" | "on_revoke"
+    cycle: int
+    command_index: int
+    command: str  # rendered; for FAILED/SKIPPED the template
+    status: JournalStatus = JournalStatus.PENDING
+    reason: str | None = None  # why FAILED or SKIPPED
+
+
+@dataclass(frozen=True, slots=True)
+class JournalRow:
+    """A stored journal row. `id` grows with insertion order."""
+
+    id: int
+    customer_id: str
+    item_id: str
+    product: str
+    server: str
+    event: str
+    cycle: int
+    command_index: int
+    command: str
+    status: JournalStatus
+    reason: str | None
+    attempts: int
+    created_at: datetime
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class SeenItem:
+    item_id: str
+    product: str
+    state: str
+
+
+@dataclass(frozen=True, slots=True)
+class KnownCustomer:
+    """What the store knows of one customer's items, as the diff needs it."""
+
+    items: frozenset[str]
+    marks: Mapping[MarkKey, Mark]
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerStatus:
+    label: str  # the config's name for the link, e.g. "token_env PAYNOW_TOKEN_ALICE"
+    customer_id: str | None
+    name: str | None
+    last_synced_at: datetime | None
+    last_error: str | None
+    last_error_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class ServerCounts:
+    server: str
+    pending: int
+    failed: int
+    skipped: int
+    delivered: int
+
+
+class Store(Protocol):
+    """Everything the engine asks of the durable state. All times are aware UTC."""
+
+    async def close(self) -> None: ...
+
+    async def known(self, customer_id: str) -> KnownCustomer:
+        """The item ids and marks stored for this customer (empty if new)."""
+        ...
+
+    async def commit_pass(
+        self,
+        label: str,
+        customer_id: str,
+        customer_name: str | None,
+        seen: Sequence[SeenItem],
+        marks: Mapping[MarkKey, Mark],
+        entries: Sequence[JournalEntry],
+        synced_at: datetime,
+    ) -> list[int]:
+        """Atomically: upsert the customer's link row (clearing its error), the
+        seen items' last state, the changed marks, and insert the journal
+        entries (in order). Returns the new journal row ids in order. An entry
+        whose (item, server, cycle, event, command_index) already exists is
+        not inserted again (its id is not returned)."""
+        ...
+
+    async def record_error(self, label: str, error: str, at: datetime) -> None:
+        """Remember that polling this link failed (keeps its last sync time)."""
+        ...
+
+    async def pending(self, server: str, after_id: int = 0, limit: int = 500) -> list[JournalRow]:
+        """PENDING rows for `server` with id > after_id, in id order."""
+        ...
+
+    async def mark_attempt(self, row_id: int) -> None:
+        """Count one delivery attempt; called right before the command is sent."""
+        ...
+
+    async def mark_delivered(self, row_id: int, at: datetime) -> None: ...
+
+    async def mark_failed(self, row_id: int, reason: str, at: datetime) -> None: ...
+
+    async def rows(self, server: str | None = None) -> list[JournalRow]:
+        """Every journal row (of one server), in id order. For status and tests."""
+        ...
+
+    async def customers(self) -> list[CustomerStatus]: ...
+
+    async def server_counts(self) -> list[ServerCounts]:
+        """Per server that has journal rows: counts by status."""
+        ...
+
+
+StoreOpener = Callable[[str], "Store"]
+
+
+def open_store(url: str) -> Store:
+    """Open the store named by `url`: a file path (SQLite) or `sqlite:///path`."""
+    from daemon.state_sqlite import SqliteStore  # the only backend so far
+
+    path = url.removeprefix("sqlite://") if url.startswith("sqlite://") else url
+    return SqliteStore(Path(path))
+
+
+# Backend name → opener; the contract tests run against each entry.
+BACKENDS: dict[str, StoreOpener] = {"sqlite": open_store}
