@@ -58,6 +58,10 @@ class DiffResult:
     disappeared: list[str] = field(default_factory=list)
     # (item id, state) of items in a state this version does not know.
     unknown_states: list[tuple[str, str]] = field(default_factory=list)
+    # Ids the API listed more than once in this inventory (logged). Copies that
+    # agree on the state count once; copies that disagree make the answer
+    # ambiguous for that item, which then runs nothing this pass (SPEC §8).
+    duplicates: list[str] = field(default_factory=list)
 
 
 GRANTING_STATES = frozenset({"active", "renewed"})
@@ -89,15 +93,29 @@ def diff_inventory(
     Events come ordered by when they happened (then item id), so that a
     revoke never overtakes its grant and one customer's events on one server
     run in the order they happened.
+
+    An item id listed more than once is handled once (first copy) if every
+    copy has the same state, and not at all this pass if they disagree; a
+    server listed twice for a product counts once. Either would otherwise
+    run `on_active` twice, or both `on_expire` and `on_revoke`, in one pass.
     """
     result = DiffResult()
-    seen: set[str] = set()
+    states: dict[str, set[str]] = {}
     for item in items:
+        states.setdefault(item.id, set()).add(item.state)
+    seen: set[str] = set()
+    duplicated: set[str] = set()
+    for item in items:
+        if item.id in seen:
+            duplicated.add(item.id)
+            continue
         seen.add(item.id)
+        if len(states[item.id]) > 1:
+            continue
         if item.state not in KNOWN_STATES:
             result.unknown_states.append((item.id, item.state))
             continue
-        for server in routes.get(item.product.slug, ()):
+        for server in dict.fromkeys(routes.get(item.product.slug, ())):
             key = (item.id, server)
             mark = known_marks.get(key)
             if item.state in GRANTING_STATES:
@@ -105,13 +123,18 @@ def diff_inventory(
                     new = Mark(Phase.GRANTED, 1)
                     result.marks[key] = new
                     result.events.append(
-                        Event(item, server, EventKind.ACTIVE, 1, _happened_at(item, EventKind.ACTIVE))
+                        Event(
+                            item, server, EventKind.ACTIVE, 1, _happened_at(item, EventKind.ACTIVE)
+                        )
                     )
             elif item.state in _ENDING and mark is not None and mark.phase is Phase.GRANTED:
                 kind = _ENDING[item.state]
                 result.marks[key] = Mark(Phase.ENDED, mark.cycle)
-                result.events.append(Event(item, server, kind, mark.cycle, _happened_at(item, kind)))
+                result.events.append(
+                    Event(item, server, kind, mark.cycle, _happened_at(item, kind))
+                )
     result.disappeared = sorted(set(known_items) - seen, key=_flake_order)
+    result.duplicates = sorted(duplicated, key=_flake_order)
     result.events.sort(key=lambda e: (e.happened_at, _flake_order(e.item.id), e.server))
     return result
 

@@ -1,0 +1,231 @@
+"""Property-based tests of `diff_inventory` (SPEC §7).
+
+Random sequences of inventory snapshots (items changing state, vanishing and
+coming back, listed twice) and random routing changes are folded through the
+diff exactly as the engine does: the marks of each result are stored on top of
+the known ones, and `known_items` is every item id seen so far. Then the
+history of events must obey the rules of §7.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import cache
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from daemon.diff import GRANTING_STATES, EventKind, Mark, MarkKey, Phase, diff_inventory
+from daemon.models import KNOWN_STATES, InventoryItem
+
+STORE_ID = "94688451781206016"
+CUSTOMER_ID = "150352880618967040"
+# A few items; each always belongs to the same product.
+ITEM_PRODUCTS = {"101": "vip", "102": "vip", "103": "kit", "1000": "kit"}
+PRODUCTS = ("vip", "kit", "other")
+SERVERS = ("survival", "creative", "lobby")
+STATES = ("usable", "active", "renewed", "used", "revoked", "suspended")
+EPOCH = datetime(2024, 1, 1, tzinfo=UTC)
+
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _stamp(minutes: int | None) -> str | None:
+    if minutes is None:
+        return None
+    return (EPOCH + timedelta(minutes=minutes)).isoformat().replace("+00:00", "Z")
+
+
+@cache
+def make_item(item_id: str, state: str, active: int | None, ended: int | None) -> InventoryItem:
+    slug = ITEM_PRODUCTS[item_id]
+    data: dict[str, Any] = {
+        "id": item_id,
+        "store_id": STORE_ID,
+        "customer_id": CUSTOMER_ID,
+        "order_id": "149643389770407936",
+        "order_line_id": None,
+        "quantity_index": 0,
+        "product": {
+            "id": "124249183568797696",
+            "store_id": STORE_ID,
+            "version_id": "147121000780144640",
+            "slug": slug,
+            "name": slug.upper(),
+        },
+        "state": state,
+        "expirable": True,
+        "gift": False,
+        "added_at": _stamp(0),
+        "active_at": _stamp(active),
+        "expires_at": None,
+        "removed_at": _stamp(ended) if state == "used" else None,
+        "revoked_at": _stamp(ended) if state == "revoked" else None,
+        "revoke_reason": "refund" if state == "revoked" else None,
+    }
+    return InventoryItem.from_api(data)
+
+
+# One listing of an item: (id, state, active_at minutes, ended_at minutes).
+entries = st.tuples(
+    st.sampled_from(sorted(ITEM_PRODUCTS)),
+    st.sampled_from(STATES),
+    st.none() | st.integers(0, 100),
+    st.none() | st.integers(0, 100),
+)
+# A snapshot lists some of the items (others vanish), occasionally one twice.
+snapshots = st.lists(entries, max_size=6)
+# Routes: some products, each to a list of servers (possibly with repeats).
+routes_st = st.dictionaries(
+    st.sampled_from(PRODUCTS), st.lists(st.sampled_from(SERVERS), max_size=4), max_size=3
+)
+passes = st.lists(st.tuples(snapshots, routes_st), min_size=1, max_size=8)
+
+
+@dataclass
+class History:
+    granted: Counter[MarkKey]
+    ended: dict[MarkKey, EventKind]
+
+
+def consistent_states(snapshot: list[tuple[str, str, int | None, int | None]]) -> dict[str, str]:
+    """Item id → state, for items listed in one state only (duplicates that agree count)."""
+    states: dict[str, set[str]] = {}
+    for item_id, state, _, _ in snapshot:
+        states.setdefault(item_id, set()).add(state)
+    return {item_id: next(iter(s)) for item_id, s in states.items() if len(s) == 1}
+
+
+@SETTINGS
+@given(passes)
+def test_folding_snapshots_obeys_the_event_rules(
+    run: list[tuple[list[tuple[str, str, int | None, int | None]], dict[str, list[str]]]],
+) -> None:
+    marks: dict[MarkKey, Mark] = {}
+    known_items: set[str] = set()
+    history = History(Counter(), {})
+
+    for snapshot, routes in run:
+        items = [make_item(*entry) for entry in snapshot]
+        result = diff_inventory(marks, frozenset(known_items), items, routes)
+
+        listed = {entry[0] for entry in snapshot}
+        clean = consistent_states(snapshot)
+
+        # Bookkeeping outputs.
+        assert set(result.disappeared) == known_items - listed
+        assert len(result.disappeared) == len(set(result.disappeared))
+        assert {i for i, _ in result.unknown_states} == {
+            i for i, s in clean.items() if s not in KNOWN_STATES
+        }
+        # Events come ordered by when they happened.
+        stamps = [e.happened_at for e in result.events]
+        assert stamps == sorted(stamps)
+        # At most one event per (item, server) in a pass.
+        keys = [(e.item.id, e.server) for e in result.events]
+        assert len(keys) == len(set(keys))
+        # Every changed mark belongs to an event of this pass, and vice versa.
+        assert set(result.marks) == set(keys)
+
+        for event in result.events:
+            key = (event.item.id, event.server)
+            # Only routed servers, only for items listed in one clear state.
+            assert event.server in routes.get(event.item.product.slug, [])
+            assert event.item.id in clean
+            state = clean[event.item.id]
+            if event.kind is EventKind.ACTIVE:
+                assert state in GRANTING_STATES
+                # on_active at most once per (item, server), ever.
+                assert history.granted[key] == 0, key
+                history.granted[key] += 1
+                assert result.marks[key] == Mark(Phase.GRANTED, 1)
+            else:
+                expected = EventKind.EXPIRE if state == "used" else EventKind.REVOKE
+                assert state in ("used", "revoked")
+                assert event.kind is expected
+                # An end only after a grant in an earlier pass, and only one end.
+                assert history.granted[key] == 1, key
+                assert key not in history.ended, (key, history.ended[key])
+                history.ended[key] = event.kind
+                assert result.marks[key].phase is Phase.ENDED
+                assert event.cycle == marks[key].cycle
+
+        # Fold the result in, exactly as the engine does.
+        marks.update(result.marks)
+        known_items |= listed
+
+        # The stored marks say what happened, nothing more.
+        for key, mark in marks.items():
+            assert history.granted[key] == 1
+            assert mark.phase is (Phase.ENDED if key in history.ended else Phase.GRANTED)
+        assert set(marks) == set(history.granted)
+
+        # Liveness: what is active and routed now has been granted there; what
+        # ended after a grant has had its end event.
+        for item_id, state in clean.items():
+            for server in routes.get(ITEM_PRODUCTS[item_id], []):
+                key = (item_id, server)
+                if state in GRANTING_STATES:
+                    assert history.granted[key] == 1, key
+                if state in ("used", "revoked") and history.granted[key]:
+                    assert key in history.ended, key
+
+
+@settings(SETTINGS, max_examples=150)
+@given(passes)
+def test_the_diff_is_deterministic_and_order_independent(
+    run: list[tuple[list[tuple[str, str, int | None, int | None]], dict[str, list[str]]]],
+) -> None:
+    """The same inventory listed in another order gives the same events and marks."""
+    marks: dict[MarkKey, Mark] = {}
+    known: set[str] = set()
+    for snapshot, routes in run:
+        items = [make_item(*entry) for entry in snapshot]
+        forward = diff_inventory(marks, known, items, routes)
+        backward = diff_inventory(marks, known, items[::-1], routes)
+        # Items listed twice in conflicting states are skipped, so the order of
+        # the copies does not matter; agreeing copies differ only in timestamps.
+        clean = consistent_states(snapshot)
+        unique = all(Counter(e[0] for e in snapshot)[i] == 1 for i in clean)
+        if unique:
+            assert [(e.item.id, e.server, e.kind, e.happened_at) for e in forward.events] == [
+                (e.item.id, e.server, e.kind, e.happened_at) for e in backward.events
+            ]
+        assert forward.marks == backward.marks
+        assert forward.disappeared == backward.disappeared
+        marks.update(forward.marks)
+        known |= {entry[0] for entry in snapshot}
+
+
+@SETTINGS
+@given(
+    st.lists(st.sampled_from(sorted(KNOWN_STATES | {"suspended"})), min_size=1, max_size=10),
+    st.lists(st.sampled_from(SERVERS), min_size=1, max_size=3, unique=True),
+)
+def test_one_item_through_any_state_sequence(states: list[str], servers: list[str]) -> None:
+    """A single item on fixed servers: the events form a prefix of grant, then one end."""
+    marks: dict[MarkKey, Mark] = {}
+    per_server: dict[str, list[EventKind]] = {s: [] for s in servers}
+    for index, state in enumerate(states):
+        result = diff_inventory(
+            marks, {"101"} if index else set(), [make_item("101", state, 5, 9)], {"vip": servers}
+        )
+        for event in result.events:
+            per_server[event.server].append(event.kind)
+        marks.update(result.marks)
+
+    first_grant = next((i for i, s in enumerate(states) if s in GRANTING_STATES), None)
+    for server, kinds in per_server.items():
+        if first_grant is None:
+            assert kinds == [], server
+            continue
+        assert kinds[0] is EventKind.ACTIVE
+        ending = [s for s in states[first_grant:] if s in ("used", "revoked")]
+        if ending:
+            end = EventKind.EXPIRE if ending[0] == "used" else EventKind.REVOKE
+            assert kinds == [EventKind.ACTIVE, end], server
+        else:
+            assert kinds == [EventKind.ACTIVE], server
