@@ -52,6 +52,12 @@ class GameServer(Protocol):
 
     name: str
 
+    def __init__(
+        self, name: str, host: str, port: int, password: str, *, timeout: float = 5.0
+    ) -> None:
+        """Every platform class is built the same way (adapters.PLATFORMS[platform](...))."""
+        ...
+
     async def connect(self) -> None:
         """Open the connection and authenticate (raises RconConnectError, RconAuthError)."""
         ...
