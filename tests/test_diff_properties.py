@@ -47,7 +47,7 @@ def make_item(item_id: str, state: str, active: int | None, ended: int | None) -
         "store_id": STORE_ID,
         "customer_id": CUSTOMER_ID,
         "order_id": "149643389770407936",
-        "order_line_id": None,
+        "order_line_id": "149643389770407937",
         "quantity_index": 0,
         "product": {
             "id": "124249183568797696",
