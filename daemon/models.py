@@ -66,8 +66,10 @@ def _timestamp(value: Any) -> Any:
     return value
 
 
-Flake = Annotated[str, BeforeValidator(_flake), Field(pattern=r"^[0-9]{1,20}$")]
-OptionalFlake = Annotated[str | None, BeforeValidator(_flake), Field(pattern=r"^[0-9]{1,20}$")]
+Flake = Annotated[str, Field(pattern=r"^[0-9]{1,20}$"), BeforeValidator(_flake)]
+# The constraint must sit on the `str` branch: on `str | None` pydantic raises a
+# TypeError (not a ValidationError) when the API sends null.
+OptionalFlake = Flake | None
 Timestamp = Annotated[str, BeforeValidator(_timestamp)]
 OptionalTimestamp = Annotated[str | None, BeforeValidator(_timestamp)]
 

@@ -1,0 +1,657 @@
+"""Client of the PayNow Storefront API (the two endpoints perksync reads).
+
+- `GET /v1/store/customer` → `Customer`
+- `GET /v1/store/customer/delivery/items` → every `InventoryItem`, following the
+  cursor pagination (`limit=100&asc=true&after=<last id>`) to the end.
+
+Contract:
+
+- Either the whole answer or a `PayNowError`; never a partial inventory.
+- Timeouts, connection errors, 408, 429 and 5xx are retried (exponential backoff
+  with jitter, `Retry-After` honoured) within `max_attempts` and
+  `retry_budget_seconds` per request; a failed page retries that page only.
+  401/403, 404, other 4xx and malformed answers are not retried.
+- Every HTTP attempt (retries included) passes through one `RateLimiter`.
+- Error messages are one line and never contain the customer token; exceptions
+  are raised without a chained cause so no traceback can carry request headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import ipaddress
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Final, NoReturn
+from urllib.parse import urlsplit
+
+import aiohttp
+import pydantic
+from yarl import URL
+
+from daemon import __version__
+from daemon.models import Customer, InventoryItem
+
+log = logging.getLogger(__name__)
+
+CUSTOMER_PATH: Final = "/v1/store/customer"
+ITEMS_PATH: Final = "/v1/store/customer/delivery/items"
+PAGE_LIMIT: Final = 100  # the API's maximum `limit`
+MAX_PAGES: Final = 10_000  # 1,000,000 items: beyond that the API is misbehaving
+USER_AGENT: Final = f"perksync/{__version__}"
+
+_RETRYABLE_STATUS: Final = frozenset({408, 429, 500, 502, 503, 504})
+_MAX_DETAIL: Final = 200  # characters kept of a PayNow error message
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class PayNowError(Exception):
+    """Base of every error of this module. `str(exc)` is one line without secrets.
+
+    `kind` is a short machine string for metrics and status output.
+    """
+
+    kind: ClassVar[str] = "error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        trace_id: str | None = None,
+        attempts: int = 1,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status  # HTTP status, when there was a response
+        self.code = code  # PayNow's error `code`, when the body had one
+        self.trace_id = trace_id  # PayNow's `trace_id`, when the body had one
+        self.attempts = attempts  # HTTP attempts made for the failing request
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class PayNowAuthError(PayNowError):
+    """401/403, or a token that cannot be sent at all. Never retried."""
+
+    kind = "auth"
+
+
+class PayNowNotFound(PayNowError):
+    """404. Never retried."""
+
+    kind = "not_found"
+
+
+class PayNowHTTPError(PayNowError):
+    """Any other non-retryable 4xx status (400, 405, 409, 422, ...)."""
+
+    kind = "http_error"
+
+
+class PayNowUnavailable(PayNowError):
+    """Connection errors and 5xx, after the retries were used up."""
+
+    kind = "unavailable"
+
+
+class PayNowTimeout(PayNowUnavailable):
+    """The last attempt timed out."""
+
+    kind = "timeout"
+
+
+class PayNowRateLimited(PayNowUnavailable):
+    """429 after the retries were used up (or `Retry-After` beyond the budget)."""
+
+    kind = "rate_limited"
+
+
+class PayNowBadResponse(PayNowError):
+    """A 2xx answer that is not what the spec says: malformed or truncated JSON,
+    wrong shape, a failed validation, bad pagination, or an unexpected redirect."""
+
+    kind = "bad_response"
+
+
+# ---------------------------------------------------------------------- api_url
+
+
+def validate_api_url(url: str) -> str:
+    """Check `paynow.api_url`; return it without a trailing slash.
+
+    It must be https://, except that http:// is allowed for a loopback host
+    (127.0.0.0/8, ::1, localhost), e.g. a local fake or a proxy on the box.
+    Raises ValueError with a one-line reason.
+    """
+    if not isinstance(url, str) or not url.strip():
+        raise ValueError("api_url is empty")
+    if url != url.strip() or any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
+        raise ValueError("api_url contains whitespace or control characters")
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ValueError(f"api_url is not a valid URL ({exc})") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("https", "http"):
+        raise ValueError(f"api_url must start with https:// (got {scheme or 'no'} scheme)")
+    if not host:
+        raise ValueError("api_url has no host")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("api_url must not contain credentials")
+    if parts.query or parts.fragment:
+        raise ValueError("api_url must not contain a query or fragment")
+    if scheme == "http" and not _is_loopback(host):
+        raise ValueError(
+            f"api_url must use https:// unless the host is loopback (got http://{host})"
+        )
+    return url.rstrip("/")
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# ------------------------------------------------------------------ rate limiter
+
+
+class RateLimiter:
+    """Process-wide request rate limit (GCRA, i.e. a token bucket).
+
+    `rate` requests per second on average with bursts of up to `burst`
+    requests; `rate` of 0 or None means unlimited. `acquire()` returns at once
+    while under the limit; otherwise it reserves the next free slot and sleeps
+    until then, so waiters are served in arrival order. One event loop only.
+    """
+
+    def __init__(
+        self,
+        rate: float | None,
+        *,
+        burst: int = 1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if rate is not None and rate < 0:
+            raise ValueError("rate must be >= 0")
+        if burst < 1:
+            raise ValueError("burst must be >= 1")
+        self.rate = rate or 0.0
+        self.burst = burst
+        self._interval = 1.0 / self.rate if self.rate else 0.0
+        self._tolerance = (burst - 1) * self._interval
+        self._clock = clock
+        self._tat = 0.0  # theoretical arrival time of the next request
+
+    @property
+    def unlimited(self) -> bool:
+        return self._interval == 0.0
+
+    def reserve(self) -> float:
+        """Take the next slot; return how many seconds to wait for it (0 = now)."""
+        if self._interval == 0.0:
+            return 0.0
+        now = self._clock()
+        tat = self._tat if self._tat > now else now
+        self._tat = tat + self._interval
+        wait = tat - self._tolerance - now
+        return wait if wait > 0.0 else 0.0
+
+    async def acquire(self) -> None:
+        wait = self.reserve()
+        if wait > 0.0:
+            await asyncio.sleep(wait)
+
+
+# ----------------------------------------------------------------------- session
+
+
+def make_session(
+    *,
+    limit: int = 100,
+    limit_per_host: int = 0,
+    ttl_dns_cache: int = 300,
+    keepalive_timeout: float = 30.0,
+) -> aiohttp.ClientSession:
+    """The one aiohttp session of the process. Call it from a coroutine and
+    close it (`await session.close()`) on shutdown.
+
+    Keep the number of concurrent PayNow requests at or below `limit`: the
+    per-request timeout also counts the wait for a free connection.
+    """
+    connector = aiohttp.TCPConnector(
+        limit=limit,
+        limit_per_host=limit_per_host,
+        ttl_dns_cache=ttl_dns_cache,
+        keepalive_timeout=keepalive_timeout,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
+        cookie_jar=aiohttp.DummyCookieJar(),
+        timeout=aiohttp.ClientTimeout(total=None),  # set per request by PayNowClient
+        raise_for_status=False,
+        trust_env=False,
+    )
+
+
+# ------------------------------------------------------------------------- client
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """`Retry-After` as seconds from now (delta-seconds or an HTTP date), or None."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        if seconds != seconds or seconds in (float("inf"), float("-inf")):  # NaN/inf
+            return None
+        return max(0.0, seconds)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    now = now or datetime.now(UTC)
+    return max(0.0, (when - now).total_seconds())
+
+
+def _one_line(text: str, limit: int = _MAX_DETAIL) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class _Failure:
+    """A retryable failure of one attempt."""
+
+    __slots__ = ("cls", "code", "detail", "retry_after", "status", "trace_id")
+
+    def __init__(
+        self,
+        cls: type[PayNowError],
+        detail: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        trace_id: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        self.cls = cls
+        self.detail = detail
+        self.status = status
+        self.code = code
+        self.trace_id = trace_id
+        self.retry_after = retry_after
+
+
+class PayNowClient:
+    """Reads customers and inventories from the PayNow Storefront API.
+
+    One instance (and one session) per process; safe to use from many tasks at
+    once. `rate_limiter` lets several clients share one limit; without it the
+    client makes its own from `requests_per_second` (None or 0 = unlimited).
+
+    `timeout_seconds` bounds one HTTP attempt (connection, headers and body).
+    `retry_budget_seconds` bounds one request with all its retries (one page of
+    an inventory, not the whole listing): a retry whose wait would end past it
+    is not made, and a retry's timeout is cut to what is left of it. The first
+    attempt always gets the full timeout.
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        api_url: str,
+        *,
+        timeout_seconds: float = 10.0,
+        requests_per_second: float | None = 20.0,
+        max_attempts: int = 4,
+        retry_budget_seconds: float = 30.0,
+        rate_limiter: RateLimiter | None = None,
+        backoff_base_seconds: float = 0.5,
+        backoff_max_seconds: float = 8.0,
+        page_limit: int = PAGE_LIMIT,
+        max_pages: int = MAX_PAGES,
+    ) -> None:
+        if timeout_seconds <= 0:
+            raise ValueError("timeout_seconds must be > 0")
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        if retry_budget_seconds < 0:
+            raise ValueError("retry_budget_seconds must be >= 0")
+        if not 1 <= page_limit <= PAGE_LIMIT:
+            raise ValueError(f"page_limit must be between 1 and {PAGE_LIMIT}")
+        if max_pages < 1:
+            raise ValueError("max_pages must be >= 1")
+        self._session = session
+        self.api_url = validate_api_url(api_url)
+        self.timeout_seconds = timeout_seconds
+        self.max_attempts = max_attempts
+        self.retry_budget_seconds = retry_budget_seconds
+        self.backoff_base_seconds = backoff_base_seconds
+        self.backoff_max_seconds = backoff_max_seconds
+        self.page_limit = page_limit
+        self.max_pages = max_pages
+        self.rate_limiter = (
+            rate_limiter if rate_limiter is not None else RateLimiter(requests_per_second)
+        )
+        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+        self._customer_url = URL(self.api_url + CUSTOMER_PATH, encoded=True)
+        self._items_prefix = f"{self.api_url}{ITEMS_PATH}?limit={page_limit}&asc=true"
+        self._items_first_url = URL(self._items_prefix, encoded=True)
+
+    # -------------------------------------------------------------- public API
+
+    async def fetch_customer(self, token: str) -> Customer:
+        """GET /v1/store/customer → the token's Customer."""
+        data = await self._get_json(self._customer_url, token, "customer")
+        if not isinstance(data, dict):
+            self._bad(token, "customer", f"expected a JSON object, got {_json_type(data)}")
+        try:
+            return Customer.from_api(data)
+        except (pydantic.ValidationError, ValueError, TypeError) as exc:
+            self._bad(token, "customer", _validation_summary(exc))
+
+    async def fetch_inventory(self, token: str) -> list[InventoryItem]:
+        """Every delivery item of the token's customer, ascending by id.
+
+        All pages or an exception: nothing partial is ever returned.
+        """
+        items: list[InventoryItem] = []
+        limit = self.page_limit
+        after: int | None = None
+        url = self._items_first_url
+        for page in range(1, self.max_pages + 1):
+            what = (
+                f"inventory page {page}"
+                if after is None
+                else f"inventory page {page} (after={after})"
+            )
+            data = await self._get_json(url, token, what)
+            if not isinstance(data, list):
+                self._bad(token, what, f"expected a JSON array, got {_json_type(data)}")
+            for index, raw in enumerate(data):
+                if not isinstance(raw, dict):
+                    self._bad(token, what, f"item {index} is {_json_type(raw)}, not an object")
+                try:
+                    item = InventoryItem.from_api(raw)
+                except (pydantic.ValidationError, ValueError, TypeError) as exc:
+                    self._bad(token, what, f"item {index}: {_validation_summary(exc)}")
+                item_id = int(item.id)
+                if after is not None and item_id <= after:
+                    problem = "repeated" if any(i.id == item.id for i in items) else "out of order"
+                    self._bad(
+                        token,
+                        what,
+                        f"item {index} id {item.id} is {problem} (not after {after}): "
+                        "the API ignored the cursor",
+                    )
+                after = item_id
+                items.append(item)
+            if len(data) < limit:
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("PayNow inventory complete: %d items in %d pages", len(items), page)
+                return items
+            url = URL(f"{self._items_prefix}&after={after}", encoded=True)
+        self._bad(token, "inventory", f"more than {self.max_pages} pages; giving up")
+
+    # ----------------------------------------------------------------- plumbing
+
+    def _bad(self, token: str, what: str, detail: str) -> NoReturn:
+        raise PayNowBadResponse(_scrub(f"PayNow {what}: {detail}", token)) from None
+
+    async def _get_json(self, url: URL, token: str, what: str) -> Any:
+        """GET `url` with retries; return the parsed JSON body of a 2xx answer."""
+        if not token or not token.isascii() or any(c <= " " or c == "\x7f" for c in token):
+            raise PayNowAuthError(
+                f"PayNow {what}: the customer token is empty or has whitespace, "
+                "control or non-ASCII characters"
+            )
+        headers = {"Authorization": "Customer " + token}
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + self.retry_budget_seconds
+        timeout = self._timeout
+        attempt = 0
+        debug = log.isEnabledFor(logging.DEBUG)
+        while True:
+            attempt += 1
+            await self.rate_limiter.acquire()
+            t0 = loop.time()
+            failure: _Failure
+            retry_after: float | None = None
+            try:
+                async with self._session.get(
+                    url, headers=headers, timeout=timeout, allow_redirects=False
+                ) as resp:
+                    status = resp.status
+                    if 200 <= status < 300:
+                        body = await resp.read()
+                    else:
+                        body = await _read_error_body(resp)
+                        retry_after = (
+                            parse_retry_after(resp.headers.get("Retry-After"))
+                            if status in (429, 503)
+                            else None
+                        )
+            except TimeoutError:
+                failure = _Failure(PayNowTimeout, f"timed out after {timeout.total:g}s")
+            except aiohttp.ClientPayloadError as exc:
+                self._bad(token, what, f"response body truncated ({_exc_text(exc)})")
+            except aiohttp.ClientError as exc:
+                failure = _Failure(PayNowUnavailable, _exc_text(exc))
+            else:
+                if debug:
+                    log.debug(
+                        "PayNow GET %s -> %d, %d bytes in %.1f ms (attempt %d)",
+                        url.path_qs,
+                        status,
+                        len(body),
+                        (loop.time() - t0) * 1000,
+                        attempt,
+                    )
+                if 200 <= status < 300:
+                    try:
+                        return json.loads(body)
+                    except (ValueError, UnicodeDecodeError) as exc:
+                        kind = "truncated" if _looks_truncated(body) else "malformed"
+                        self._bad(
+                            token,
+                            what,
+                            f"{kind} JSON in HTTP {status} body of {len(body)} bytes "
+                            f"({_one_line(str(exc), 80)})",
+                        )
+                failure = self._status_failure(token, what, status, body, attempt, retry_after)
+
+            # A retryable failure: wait and try again, if attempts and budget allow.
+            now = loop.time()
+            remaining = deadline - now
+            reason = ""
+            delay = 0.0
+            if attempt >= self.max_attempts:
+                reason = f"giving up after {attempt} attempts"
+            elif failure.retry_after is not None and failure.retry_after > remaining:
+                reason = (
+                    f"giving up: Retry-After {failure.retry_after:g}s exceeds the remaining retry "
+                    f"budget ({max(remaining, 0.0):.1f}s)"
+                )
+            else:
+                delay = self._backoff(attempt, failure.retry_after)
+                if delay >= remaining:
+                    reason = (
+                        f"giving up after {attempt} attempts in {now - started:.1f}s "
+                        f"(retry budget {self.retry_budget_seconds:g}s)"
+                    )
+            if reason:
+                raise failure.cls(
+                    _scrub(f"PayNow {what}: {failure.detail}; {reason}", token),
+                    status=failure.status,
+                    code=failure.code,
+                    trace_id=failure.trace_id,
+                    attempts=attempt,
+                ) from None
+            log.warning(
+                "%s",
+                _scrub(
+                    f"PayNow {what}: {failure.detail}; retrying in {delay:.2f}s "
+                    f"(attempt {attempt + 1} of {self.max_attempts})",
+                    token,
+                ),
+            )
+            await asyncio.sleep(delay)
+            left = deadline - loop.time()
+            timeout = (
+                self._timeout
+                if left >= self.timeout_seconds
+                else aiohttp.ClientTimeout(total=max(left, 0.001))
+            )
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return retry_after
+        ceiling = min(self.backoff_max_seconds, self.backoff_base_seconds * 2 ** (attempt - 1))
+        return random.uniform(ceiling / 2, ceiling)
+
+    def _status_failure(
+        self,
+        token: str,
+        what: str,
+        status: int,
+        body: bytes,
+        attempt: int,
+        retry_after: float | None,
+    ) -> _Failure:
+        """Raise for a final status; return a `_Failure` for a retryable one."""
+        code, message, trace_id = _error_fields(body)
+        detail = f"HTTP {status}"
+        if code:
+            detail += f" {code}"
+        if message:
+            detail += f": {message}"
+        if trace_id:
+            detail += f" (trace_id {trace_id})"
+        if status in _RETRYABLE_STATUS or status >= 500:
+            cls: type[PayNowError] = PayNowRateLimited if status == 429 else PayNowUnavailable
+            return _Failure(
+                cls, detail, status=status, code=code, trace_id=trace_id, retry_after=retry_after
+            )
+        if status in (401, 403):
+            cls = PayNowAuthError
+        elif status == 404:
+            cls = PayNowNotFound
+        elif 300 <= status < 400:
+            cls = PayNowBadResponse
+            detail += " (unexpected redirect)"
+        elif 200 <= status < 300:  # pragma: no cover - handled by the caller
+            cls = PayNowBadResponse
+        else:
+            cls = PayNowHTTPError
+        raise cls(
+            _scrub(f"PayNow {what}: {detail}", token),
+            status=status,
+            code=code,
+            trace_id=trace_id,
+            attempts=attempt,
+        ) from None
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+async def _read_error_body(resp: aiohttp.ClientResponse) -> bytes:
+    """The body of an error answer; b"" if it cannot be read (it is only a detail)."""
+    try:
+        return await resp.read()
+    except (aiohttp.ClientError, TimeoutError):
+        return b""
+
+
+def _error_fields(body: bytes) -> tuple[str | None, str | None, str | None]:
+    """(code, message, trace_id) of a PayNowError body, or Nones."""
+    if not body:
+        return None, None, None
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None, None, None
+    if not isinstance(data, dict):
+        return None, None, None
+    fields = []
+    for key in ("code", "message", "trace_id"):
+        value = data.get(key)
+        fields.append(_one_line(value) if isinstance(value, str) and value.strip() else None)
+    return fields[0], fields[1], fields[2]
+
+
+def _scrub(message: str, token: str) -> str:
+    """One line, and the token (should anything echo it) replaced."""
+    message = " ".join(message.split())
+    if token and token in message:
+        message = message.replace(token, "<token>")
+    return message
+
+
+def _exc_text(exc: BaseException) -> str:
+    text = _one_line(str(exc), 160)
+    name = type(exc).__name__
+    return f"{name}: {text}" if text else name
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    return "a number"
+
+
+def _looks_truncated(body: bytes) -> bool:
+    """Did the JSON text end too early (as opposed to being garbage)?"""
+    try:
+        json.loads(body)
+    except json.JSONDecodeError as exc:
+        if not body.strip():
+            return False
+        return exc.msg.startswith("Unterminated string") or exc.pos >= len(body.rstrip())
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return False
+
+
+def _validation_summary(exc: Exception) -> str:
+    if isinstance(exc, pydantic.ValidationError):
+        errors = exc.errors(include_url=False, include_input=False, include_context=False)
+        if errors:
+            first = errors[0]
+            loc = ".".join(str(part) for part in first.get("loc", ())) or "(root)"
+            more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+            return f"failed validation: {loc}: {_one_line(str(first.get('msg', '')), 120)}{more}"
+    return f"failed validation: {_exc_text(exc)}"
