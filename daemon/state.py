@@ -22,6 +22,14 @@ from typing import Protocol
 from daemon.diff import Mark, MarkKey
 
 
+class StoreError(Exception):
+    """The store cannot be opened or cannot do what was asked.
+
+    Raised by every backend, with a one-line message that names the database
+    (never a password). When a write raises it, that write stored nothing.
+    """
+
+
 class JournalStatus(StrEnum):
     PENDING = "pending"  # to be delivered (or in flight)
     DELIVERED = "delivered"  # the server answered
@@ -100,7 +108,13 @@ class ServerCounts:
 
 
 class Store(Protocol):
-    """Everything the engine asks of the durable state. All times are aware UTC."""
+    """Everything the engine asks of the durable state.
+
+    All times are aware datetimes: given in any zone (a naive one is refused
+    with ValueError), returned in UTC. Errors of the database (locked for too
+    long, disk full, a constraint violated) come as `StoreError`.
+    Every write is durable when its method returns.
+    """
 
     async def close(self) -> None: ...
 
@@ -121,12 +135,19 @@ class Store(Protocol):
         """Atomically: upsert the customer's link row (clearing its error), the
         seen items' last state, the changed marks, and insert the journal
         entries (in order). Returns the new journal row ids in order. An entry
-        whose (item, server, cycle, event, command_index) already exists is
-        not inserted again (its id is not returned)."""
+        whose (item, server, cycle, event, command_index) already exists (or
+        comes twice) is not inserted again (its id is not returned).
+
+        Journal rows are created with `synced_at` as `created_at`, zero
+        attempts, and, if FAILED or SKIPPED, already finished at `synced_at`.
+        A mark must name an item in `seen` or stored before, and every cycle
+        must be >= 1; otherwise (or on any other database error) this raises
+        `StoreError` and nothing of the pass is stored."""
         ...
 
     async def record_error(self, label: str, error: str, at: datetime) -> None:
-        """Remember that polling this link failed (keeps its last sync time)."""
+        """Remember that polling this link failed (keeps its last sync time;
+        a link never synced is listed with no customer id)."""
         ...
 
     async def pending(self, server: str, after_id: int = 0, limit: int = 500) -> list[JournalRow]:
@@ -134,21 +155,31 @@ class Store(Protocol):
         ...
 
     async def mark_attempt(self, row_id: int) -> None:
-        """Count one delivery attempt; called right before the command is sent."""
+        """Count one delivery attempt; called right before the command is sent.
+
+        Like `mark_delivered` and `mark_failed`: a row id that does not exist
+        raises `StoreError`; a row that is no longer PENDING is left as it is
+        (its first outcome stands)."""
         ...
 
-    async def mark_delivered(self, row_id: int, at: datetime) -> None: ...
+    async def mark_delivered(self, row_id: int, at: datetime) -> None:
+        """PENDING → DELIVERED, finished at `at`."""
+        ...
 
-    async def mark_failed(self, row_id: int, reason: str, at: datetime) -> None: ...
+    async def mark_failed(self, row_id: int, reason: str, at: datetime) -> None:
+        """PENDING → FAILED (never retried), with why, finished at `at`."""
+        ...
 
     async def rows(self, server: str | None = None) -> list[JournalRow]:
         """Every journal row (of one server), in id order. For status and tests."""
         ...
 
-    async def customers(self) -> list[CustomerStatus]: ...
+    async def customers(self) -> list[CustomerStatus]:
+        """Every link ever synced or failed, by label."""
+        ...
 
     async def server_counts(self) -> list[ServerCounts]:
-        """Per server that has journal rows: counts by status."""
+        """Per server that has journal rows: counts by status, by server name."""
         ...
 
 

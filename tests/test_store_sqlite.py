@@ -1,0 +1,492 @@
+"""What only the SQLite backend promises: its file, its migrations, its crash safety.
+
+The behaviour every backend shares is in test_store_contract.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import daemon.state_sqlite as state_sqlite
+from daemon.diff import Mark, Phase
+from daemon.state import JournalEntry, SeenItem, StoreError, open_store
+from daemon.state_sqlite import Migration, SqliteStore, latest_version
+from tests.test_store_contract import T0, T1, entry, granted, run_async, seen
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def raw(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+
+
+def pragma(path: Path, name: str) -> object:
+    conn = raw(path)
+    try:
+        return conn.execute(f"PRAGMA {name}").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def tables(path: Path) -> set[str]:
+    conn = raw(path)
+    try:
+        return {r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")}
+    finally:
+        conn.close()
+
+
+def close(store: SqliteStore) -> None:
+    asyncio.run(store.close())
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "state.sqlite3"
+
+
+# --- opening ----------------------------------------------------------------------
+
+
+def test_open_store_accepts_a_path_or_an_sqlite_url(tmp_path: Path) -> None:
+    for url, file in [
+        (str(tmp_path / "a.sqlite3"), tmp_path / "a.sqlite3"),
+        (f"sqlite://{tmp_path}/b.sqlite3", tmp_path / "b.sqlite3"),
+    ]:
+        store = open_store(url)
+        assert isinstance(store, SqliteStore)
+        assert store.path == file
+        assert file.exists()
+        asyncio.run(store.close())
+
+
+def test_a_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "no" / "such" / "state.sqlite3"
+    with pytest.raises(StoreError) as caught:
+        SqliteStore(path)
+    message = str(caught.value)
+    assert str(path) in message
+    assert "does not exist" in message
+    assert "\n" not in message
+    assert not path.parent.exists()  # not created behind the operator's back
+
+
+def test_a_file_that_is_not_a_database_is_a_clear_error(db: Path) -> None:
+    db.write_text("paynow:\n  api_url: https://api.paynow.gg\n")
+    with pytest.raises(StoreError, match=str(db)):
+        SqliteStore(db)
+    assert db.read_text().startswith("paynow:")
+
+
+def test_another_programs_database_is_refused(db: Path) -> None:
+    conn = raw(db)
+    conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY)")
+    conn.close()
+    with pytest.raises(StoreError, match="not perksync's state"):
+        SqliteStore(db)
+    assert tables(db) == {"users"}
+
+
+def test_wal_and_the_connection_settings(db: Path) -> None:
+    store = SqliteStore(db, busy_timeout=2.5)
+    try:
+        assert pragma(db, "journal_mode") == "wal"  # persistent: seen by any connection
+        conn = store._conn
+        assert conn is not None
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+        assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+        assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 2500
+    finally:
+        close(store)
+
+
+def test_a_closed_store_says_so(db: Path) -> None:
+    store = SqliteStore(db)
+    close(store)
+    close(store)  # closing twice is fine
+    with pytest.raises(StoreError, match="closed"):
+        asyncio.run(store.known("100"))
+
+
+# --- migrations --------------------------------------------------------------------
+
+
+def test_a_fresh_file_gets_the_latest_schema(db: Path) -> None:
+    assert not db.exists()
+    close(SqliteStore(db))
+    assert latest_version() == len(state_sqlite.MIGRATIONS) >= 1
+    assert [m.version for m in state_sqlite.MIGRATIONS] == list(range(1, latest_version() + 1))
+    assert pragma(db, "user_version") == latest_version()
+    assert pragma(db, "application_id") == state_sqlite.APPLICATION_ID
+    assert {"links", "items", "marks", "journal"} <= tables(db)
+
+
+def _add_step(monkeypatch: pytest.MonkeyPatch, upgrade: state_sqlite.Upgrade) -> int:
+    steps = [*state_sqlite.MIGRATIONS]
+    steps.append(Migration(len(steps) + 1, "a test step", upgrade))
+    monkeypatch.setattr(state_sqlite, "MIGRATIONS", steps)
+    return len(steps)
+
+
+def test_migrations_run_once_and_only_the_missing_ones(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A database at the current version, with data in it.
+    store = SqliteStore(db)
+    asyncio.run(store.record_error("alice", "HTTP 500", T0))
+    close(store)
+    current = latest_version()
+
+    runs: list[int] = []
+
+    def step(conn: sqlite3.Connection) -> None:
+        runs.append(conn.execute("PRAGMA user_version").fetchone()[0])
+        conn.execute("CREATE TABLE extra (x TEXT NOT NULL)")
+        conn.execute("INSERT INTO extra (x) SELECT label FROM links")
+
+    new = _add_step(monkeypatch, step)
+    for _ in range(3):
+        close(SqliteStore(db))
+    assert runs == [current]  # only the new step, once, from the version before it
+    assert pragma(db, "user_version") == new
+    conn = raw(db)
+    assert conn.execute("SELECT x FROM extra").fetchall() == [("alice",)]
+    conn.close()
+    store = SqliteStore(db)
+    assert [c.label for c in asyncio.run(store.customers())] == ["alice"]
+    close(store)
+
+
+def test_a_failing_migration_step_changes_nothing(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    close(SqliteStore(db))
+    current = latest_version()
+
+    def step(conn: sqlite3.Connection) -> None:
+        conn.execute("CREATE TABLE extra (x TEXT)")
+        conn.execute("INSERT INTO no_such_table VALUES (1)")
+
+    _add_step(monkeypatch, step)
+    with pytest.raises(StoreError, match=rf"schema version {current + 1} \(a test step\)"):
+        SqliteStore(db)
+    assert pragma(db, "user_version") == current
+    assert "extra" not in tables(db)
+
+
+def test_a_database_newer_than_the_code_is_refused(db: Path) -> None:
+    store = SqliteStore(db)
+    asyncio.run(store.record_error("alice", "x", T0))
+    close(store)
+    conn = raw(db)
+    conn.execute(f"PRAGMA user_version = {latest_version() + 1}")
+    conn.close()
+    before = db.read_bytes()
+
+    with pytest.raises(StoreError) as caught:
+        SqliteStore(db)
+    message = str(caught.value)
+    assert str(db) in message
+    assert f"schema version {latest_version() + 1}" in message
+    assert f"up to {latest_version()}" in message
+    assert "\n" not in message
+    assert db.read_bytes() == before
+
+
+_OPEN_AT_ONCE = """
+import sys, time
+from pathlib import Path
+from daemon.state_sqlite import SqliteStore
+start = float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))
+SqliteStore(Path(sys.argv[1]))
+"""
+
+
+def test_processes_opening_a_fresh_file_at_once_all_succeed(db: Path) -> None:
+    # Both the switch to WAL and the first migration race here.
+    start = time.time() + 1.0
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _OPEN_AT_ONCE, str(db), str(start)],
+            cwd=REPO,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(6)
+    ]
+    errors = [p.communicate(timeout=60)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, errors
+    assert pragma(db, "user_version") == latest_version()
+
+
+# --- locking ------------------------------------------------------------------------
+
+
+def test_a_writer_waits_for_another_writer(db: Path) -> None:
+    store = SqliteStore(db)
+    other = raw(db)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO links (label) VALUES ('other')")
+    threading.Timer(0.3, lambda: other.execute("COMMIT")).start()
+    try:
+        # Blocks until the other writer commits, then goes through.
+        asyncio.run(store.record_error("alice", "x", T0))
+        assert [c.label for c in asyncio.run(store.customers())] == ["alice", "other"]
+    finally:
+        close(store)
+        other.close()
+
+
+def test_a_writer_locked_out_too_long_fails_cleanly_and_readers_still_read(db: Path) -> None:
+    store = SqliteStore(db, busy_timeout=0.2)
+    asyncio.run(store.record_error("alice", "x", T0))
+    other = raw(db)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StoreError, match="locked"):
+            asyncio.run(
+                store.commit_pass(
+                    "bob", "200", None, seen(("9", "active")), granted(("9", "s")), [], T1
+                )
+            )
+        # WAL: reading goes on while another process writes.
+        assert [c.label for c in asyncio.run(store.customers())] == ["alice"]
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    # The failed pass left no transaction open behind it.
+    asyncio.run(store.commit_pass("bob", "200", None, seen(("9", "active")), {}, [], T1))
+    assert (asyncio.run(store.known("200"))).items == frozenset({"9"})
+    close(store)
+
+
+def test_pending_reads_through_the_server_status_index(db: Path) -> None:
+    close(SqliteStore(db))
+    conn = raw(db)
+    plan = " ".join(
+        str(r[3]) for r in conn.execute("EXPLAIN QUERY PLAN " + state_sqlite._PENDING, ("s", 0, 10))
+    )
+    conn.close()
+    assert "journal_server_status" in plan
+    assert "SCAN" not in plan
+    assert "TEMP B-TREE" not in plan  # no sort: the index gives id order
+
+
+# --- crashes --------------------------------------------------------------------------
+
+# Commits pass A, then starts pass B (large enough that SQLite spills pages of the
+# open transaction into the WAL) and dies right before B's COMMIT: by os._exit, or
+# by the parent's kill -9 while it waits.
+_CRASH_WRITER = """
+import asyncio, os, sys, time
+from datetime import UTC, datetime
+from pathlib import Path
+from daemon.diff import Mark, Phase
+from daemon.state import JournalEntry, SeenItem
+from daemon.state_sqlite import SqliteStore
+
+path, how = Path(sys.argv[1]), sys.argv[2]
+store = SqliteStore(path)
+real = store._conn
+real.execute("PRAGMA cache_size = 50")
+
+class DieBeforeCommit:
+    def __getattr__(self, name):
+        return getattr(real, name)
+
+    def execute(self, sql, *args):
+        if sql == "COMMIT":
+            if how == "exit":
+                os._exit(1)
+            print("in transaction", flush=True)
+            time.sleep(600)
+        return real.execute(sql, *args)
+
+    def executemany(self, sql, rows):
+        return real.executemany(sql, rows)
+
+def entries(customer, items):
+    return [
+        JournalEntry(customer, i, "vip", "survival", "on_active", 1, 0, f"grant {i}")
+        for i in items
+    ]
+
+async def main():
+    now = datetime.now(UTC)
+    a = ["1", "2"]
+    await store.commit_pass(
+        "alice", "100", "Alice", [SeenItem(i, "vip", "active") for i in a],
+        {(i, "survival"): Mark(Phase.GRANTED, 1) for i in a}, entries("100", a), now,
+    )
+    print("A committed", flush=True)
+    store._conn = DieBeforeCommit()
+    b = [str(10**6 + n) for n in range(20000)]
+    await store.commit_pass(
+        "bob", "200", "Bob", [SeenItem(i, "vip", "active") for i in b],
+        {(i, "survival"): Mark(Phase.GRANTED, 1) for i in b}, entries("200", b), now,
+    )
+    print("B committed?!", flush=True)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("how", ["exit", "kill"])
+def test_a_crash_inside_a_pass_leaves_the_previous_state(db: Path, how: str) -> None:
+    log = db.with_name("writer.log")
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _CRASH_WRITER, str(db), how],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+    assert proc.stdout is not None
+    try:
+        assert proc.stdout.readline() == "A committed\n", log.read_text()
+        if how == "kill":
+            assert proc.stdout.readline() == "in transaction\n", log.read_text()
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    assert proc.returncode == (1 if how == "exit" else -signal.SIGKILL), log.read_text()
+    # The dead transaction had spilled pages into the log; recovery must drop them.
+    assert db.with_name(db.name + "-wal").stat().st_size > 100_000
+    asyncio.run(_after_the_crash(db))
+
+
+async def _after_the_crash(db: Path) -> None:
+    store = SqliteStore(db)
+    try:
+        assert store._conn is not None
+        assert store._conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert store._conn.execute("PRAGMA foreign_key_check").fetchall() == []
+        # Pass A is all there, pass B not at all.
+        assert [c.label for c in await store.customers()] == ["alice"]
+        assert (await store.known("100")).items == frozenset({"1", "2"})
+        assert (await store.known("200")).items == frozenset()
+        rows = await store.rows()
+        assert [(r.customer_id, r.item_id) for r in rows] == [("100", "1"), ("100", "2")]
+        # The write lock died with the process: writing goes on.
+        (new,) = await store.commit_pass(
+            "bob",
+            "200",
+            "Bob",
+            seen(("7", "active")),
+            granted(("7", "survival")),
+            [entry("7", customer_id="200")],
+            T1,
+        )
+        assert new > rows[-1].id
+    finally:
+        await store.close()
+
+
+_WRITER = """
+import asyncio, sys, time
+from datetime import UTC, datetime
+from pathlib import Path
+from daemon.diff import Mark, Phase
+from daemon.state import JournalEntry, SeenItem
+from daemon.state_sqlite import SqliteStore
+
+path, me, start = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+store = SqliteStore(path, busy_timeout=30)
+
+async def one(customer):
+    items = [f"{customer}-{n}" for n in range(3)]
+    await store.commit_pass(
+        f"label {customer}", customer, None, [SeenItem(i, "vip", "active") for i in items],
+        {(i, "survival"): Mark(Phase.GRANTED, 1) for i in items},
+        [JournalEntry(customer, i, "vip", "survival", "on_active", 1, 0, "x") for i in items],
+        datetime.now(UTC),
+    )
+
+async def main():
+    time.sleep(max(0.0, start - time.time()))
+    for n in range(150):
+        await one(f"{me}{n}")
+        await one(f"shared{n}")  # both processes commit these same passes
+    await store.close()
+
+asyncio.run(main())
+"""
+
+
+def test_two_writer_processes_lose_and_duplicate_nothing(db: Path) -> None:
+    close(SqliteStore(db))
+    start = time.time() + 1.0
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(db), name, str(start)],
+            cwd=REPO,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("p", "q")
+    ]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+
+    conn = raw(db)
+    assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    assert conn.execute("SELECT count(*) FROM links").fetchone()[0] == 450
+    assert conn.execute("SELECT count(*) FROM items").fetchone()[0] == 1350
+    assert conn.execute("SELECT count(*) FROM marks").fetchone()[0] == 1350
+    assert conn.execute("SELECT count(*) FROM journal").fetchone()[0] == 1350
+    conn.close()
+
+
+# --- size ------------------------------------------------------------------------------
+
+
+PASSES = 2_000  # 10,000 take 3-8 s here; the benchmarks measure the full size
+
+
+@run_async
+async def test_many_passes_of_five_items(db: Path) -> None:
+    store = SqliteStore(db)
+    try:
+        all_ids: list[int] = []
+        for c in range(PASSES):
+            customer = str(10**17 + c)
+            items = [f"{customer}{i}" for i in range(5)]
+            all_ids += await store.commit_pass(
+                f"label {c}",
+                customer,
+                None,
+                [SeenItem(i, "vip", "active") for i in items],
+                {(i, "survival"): Mark(Phase.GRANTED, 1) for i in items},
+                [
+                    JournalEntry(customer, i, "vip", "survival", "on_active", 1, 0, f"grant {i}")
+                    for i in items
+                ],
+                T0,
+            )
+        assert len(all_ids) == 5 * PASSES
+        assert all_ids == sorted(set(all_ids))
+        last = str(10**17 + PASSES - 1)
+        known = await store.known(last)
+        assert known.items == frozenset(f"{last}{i}" for i in range(5))
+        assert len(known.marks) == 5
+        assert len(await store.customers()) == PASSES
+        page = await store.pending("survival", after_id=all_ids[-3])
+        assert [r.id for r in page] == all_ids[-2:]
+    finally:
+        await store.close()
