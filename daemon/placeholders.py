@@ -179,7 +179,7 @@ class Refusal:
 # --------------------------------------------------------------------------- parsing
 
 
-def _show(text: str, limit: int = 60) -> str:
+def printable(text: str, limit: int = 60) -> str:
     """`text` made safe for a one-line message: non-printables as \\uXXXX escapes."""
     shown = "".join(ch if ch.isprintable() else f"\\u{ord(ch):04x}" for ch in text[:limit])
     return shown + ("…" if len(text) > limit else "")
@@ -208,7 +208,7 @@ def _resolve(name: str) -> _Field:
 
 
 def _check_name(content: str) -> None:
-    written = "{" + _show(content) + "}"
+    written = "{" + printable(content) + "}"
     if not content.strip():
         raise TemplateError(f"empty placeholder {written}")
     if "!" in content:
@@ -245,7 +245,7 @@ def parse_template(text: str) -> Template:
                 i += 2
                 continue
             raise TemplateError(
-                f"unmatched '}}' at offset {i}: {_show(text[max(0, i - 30) : i + 1])}"
+                f"unmatched '}}' at offset {i}: {printable(text[max(0, i - 30) : i + 1])}"
                 " (write '}}' for a literal brace)"
             )
         if ch != "{":
@@ -261,7 +261,7 @@ def parse_template(text: str) -> Template:
         if close == -1 or (reopen != -1 and reopen < close):
             end = close + 1 if close != -1 else len(text)
             raise TemplateError(
-                f"unclosed '{{' at offset {i}: {_show(text[i:end], 40)}"
+                f"unclosed '{{' at offset {i}: {printable(text[i:end], 40)}"
                 " (write '{{' for a literal brace)"
             )
         content = text[i + 1 : close]

@@ -1,0 +1,31 @@
+# Everything installs into ./.venv; nothing is needed on the machine but python3 (3.11+).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint check bench clean
+
+$(BIN)/perksync: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+# Run a real --sync-now pass against bundled loopback fakes of PayNow and two game servers.
+demo: $(BIN)/perksync
+	$(BIN)/python -m tests.fakes.demo
+
+# Lint, type-check and run the whole test suite (what CI runs).
+test: $(BIN)/perksync lint
+	$(BIN)/pytest -q
+
+lint: $(BIN)/perksync
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: $(BIN)/perksync
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

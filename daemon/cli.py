@@ -1,0 +1,238 @@
+"""The `perksync` command line (SPEC §3). The only place logging is configured.
+
+Exit status: 0 all done; 2 invalid configuration or command line (nothing was
+contacted); 3 the pass finished but something is not delivered; 1 anything
+unexpected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sqlite3
+import sys
+import tempfile
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+from daemon import __version__
+from daemon.config import ConfigError, Settings, config_path_from, load_settings
+from daemon.engine import PassReport, SyncPass, make_server_factory
+from daemon.paynow import PayNowClient, make_session
+from daemon.placeholders import printable
+from daemon.state import Store, StoreError, open_store
+
+log = logging.getLogger("perksync")
+
+EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_UNDELIVERED = 0, 1, 2, 3
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog="perksync",
+        description="Turn PayNow purchases into in-game perks over RCON, exactly once.",
+    )
+    parser.add_argument(
+        "command", nargs="?", choices=["status"], help="status: show customers and the journal"
+    )
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="config file (default: $PERKSYNC_CONFIG or /etc/perksync/config.yaml)",
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--sync-now", action="store_true", help="run one full pass and exit")
+    mode.add_argument("--check-config", action="store_true", help="validate the config and exit")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --sync-now: print the commands a pass would send; change nothing",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"perksync {__version__}")
+    return parser
+
+
+def setup_logging(verbose: bool) -> None:
+    # Under systemd (JOURNAL_STREAM is set) journald adds its own timestamps.
+    under_journald = bool(os.environ.get("JOURNAL_STREAM"))
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if not under_journald:
+        fmt = "%(asctime)s " + fmt
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # aiohttp's access/debug chatter is not ours to show.
+    logging.getLogger("aiohttp").setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.dry_run and not args.sync_now:
+            raise _UsageError("--dry-run goes with --sync-now")
+        if args.command == "status" and (args.sync_now or args.check_config or args.dry_run):
+            raise _UsageError("status takes no other mode flag")
+    except _UsageError as exc:
+        print(f"perksync: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    setup_logging(args.verbose)
+    path = config_path_from(args.config)
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            print(f"perksync: config error: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.check_config:
+            print(
+                f"{path}: OK ({len(settings.customers)} customers, "
+                f"{len(settings.servers)} servers, {len(settings.products)} products)"
+            )
+            return EXIT_OK
+        if args.command == "status":
+            return asyncio.run(_status(settings))
+        if args.sync_now:
+            return asyncio.run(_sync_now(settings, dry_run=args.dry_run))
+        return asyncio.run(_serve(settings))
+    except StoreError as exc:
+        log.error("state store: %s", exc)
+        return EXIT_UNEXPECTED
+    except KeyboardInterrupt:
+        return EXIT_UNEXPECTED
+    except Exception:
+        log.exception("unexpected error")
+        return EXIT_UNEXPECTED
+
+
+async def _run_pass(settings: Settings, store: Store, *, dry_run: bool) -> PassReport:
+    async with make_session() as session:
+        paynow = PayNowClient(
+            session,
+            settings.paynow.api_url,
+            timeout_seconds=settings.paynow.timeout_seconds,
+            requests_per_second=settings.paynow.requests_per_second,
+        )
+        output = (lambda line: print(line, flush=True)) if dry_run else None
+        sync = SyncPass(
+            settings, store, paynow, make_server_factory(settings), dry_run_output=output
+        )
+        return await sync.run()
+
+
+def _scratch_copy(db_path: Path, folder: str) -> str:
+    """A throw-away copy of the state for a dry run (the real file is only read)."""
+    scratch = os.path.join(folder, "dry-run.sqlite3")
+    if db_path.exists():
+        source = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+        target = sqlite3.connect(scratch)
+        try:
+            source.backup(target)
+        finally:
+            source.close()
+            target.close()
+    return scratch
+
+
+async def _sync_now(settings: Settings, *, dry_run: bool) -> int:
+    if dry_run:
+        with tempfile.TemporaryDirectory(prefix="perksync-dry-run-") as folder:
+            store = open_store(_scratch_copy(settings.state_db_path, folder))
+            try:
+                report = await _run_pass(settings, store, dry_run=True)
+            finally:
+                await store.close()
+            log.info("dry run: %s (nothing was sent or stored)", report.summary())
+            return EXIT_UNDELIVERED if report.customers_failed else EXIT_OK
+    store = open_store(str(settings.state_db_path))
+    try:
+        report = await _run_pass(settings, store, dry_run=False)
+    finally:
+        await store.close()
+    log.info("%s", report.summary())
+    return report.exit_code
+
+
+async def _serve(settings: Settings) -> int:
+    """Service mode: a pass every `sync.interval_seconds` until SIGTERM/SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    store = open_store(str(settings.state_db_path))
+    log.info("perksync %s started: %d customers, %d servers", __version__,
+             len(settings.customers), len(settings.servers))  # fmt: skip
+    try:
+        while not stop.is_set():
+            report = await _run_pass(settings, store, dry_run=False)
+            log.info("%s", report.summary())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), settings.sync.interval_seconds)
+    finally:
+        await store.close()
+    log.info("perksync stopped")
+    return EXIT_OK
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC") if moment else "never"
+
+
+async def _status(settings: Settings) -> int:
+    db_path = settings.state_db_path
+    if not db_path.exists():
+        print(f"state: {db_path} does not exist yet (no pass has run)")
+        known_customers, counts = [], []
+    else:
+        store = open_store(str(db_path))
+        try:
+            known_customers = await store.customers()
+            counts = await store.server_counts()
+        finally:
+            await store.close()
+        print(f"state: {db_path}")
+    by_label = {c.label: c for c in known_customers}
+    print(f"customers ({len(settings.customers)} linked):")
+    for index, link in enumerate(settings.customers):
+        label = link.describe(index)
+        known = by_label.get(label)
+        if known is None:
+            print(f"  {label}: never synced")
+            continue
+        who = known.customer_id or "?"
+        if known.name:
+            who += f" ({printable(known.name)})"
+        line = f"  {label}: customer {who}, last synced {_when(known.last_synced_at)}"
+        if known.last_error:
+            line += f"; last error {_when(known.last_error_at)}: {printable(known.last_error, 200)}"
+        print(line)
+    print("servers:")
+    by_server = {c.server: c for c in counts}
+    for name in sorted(set(settings.servers) | set(by_server)):
+        c = by_server.get(name)
+        note = "" if name in settings.servers else " (no longer in the config)"
+        if c is None:
+            print(f"  {name}: nothing journaled yet{note}")
+        else:
+            print(
+                f"  {name}: {c.pending} pending, {c.failed} failed, {c.skipped} skipped, "
+                f"{c.delivered} delivered{note}"
+            )
+    return EXIT_OK

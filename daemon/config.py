@@ -1,0 +1,385 @@
+"""config.yaml: the operator's settings, validated once at start-up.
+
+`load_settings(path)` reads the YAML file, lets `PERKSYNC_<SECTION>__<KEY>`
+environment variables override scalar keys (pydantic-settings), checks every
+key, resolves every secret and parses every command template, and either
+returns a complete `Settings` or raises `ConfigError` whose message names the
+offending key path (`products.vip.on_active[0]: …`). Nothing is contacted
+before this succeeds.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Self
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from adapters import PLATFORMS
+from daemon.paynow import validate_api_url
+from daemon.placeholders import Template, TemplateError, parse_template
+
+DEFAULT_CONFIG_PATH = Path("/etc/perksync/config.yaml")
+EVENT_KEYS = ("on_active", "on_expire", "on_revoke")
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid. The message is one or more lines, each `key.path: what`."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PayNowSettings(_Section):
+    api_url: str = "https://api.paynow.gg"
+    timeout_seconds: Annotated[float, Field(gt=0, le=300)] = 10.0
+    # One budget for the whole process; PayNow's storefront limits are per IP.
+    requests_per_second: Annotated[float, Field(ge=0, le=10_000)] = 20.0
+
+    @field_validator("api_url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        return validate_api_url(value)
+
+
+class SyncSettings(_Section):
+    state_db: str = "/var/lib/perksync/state.sqlite3"
+    interval_seconds: Annotated[float, Field(ge=5, le=86_400)] = 60.0
+    concurrency: Annotated[int, Field(ge=1, le=1000)] = 16
+    expiry_grace_seconds: Annotated[float, Field(ge=0, le=86_400)] = 60.0
+
+
+class HttpSettings(_Section):
+    listen: str | None = None  # "127.0.0.1:9108"; off when unset
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:9108")
+        return value
+
+
+def _exactly_one(model: BaseModel, prefix: str) -> None:
+    given = [f"{prefix}{s}" for s in ("_env", "_file", "") if getattr(model, f"{prefix}{s}")]
+    if len(given) != 1:
+        options = f"{prefix}_env, {prefix}_file or {prefix}"
+        found = f" (found {', '.join(given)})" if given else ""
+        raise ValueError(f"give exactly one of {options}{found}")
+
+
+class CustomerLink(_Section):
+    token_env: str | None = None
+    token_file: str | None = None
+    token: SecretStr | None = None
+    # Optional name for logs and `perksync status` (default: where the token comes from).
+    label: str | None = None
+
+    _token: SecretStr = PrivateAttr(default=SecretStr(""))
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Self:
+        _exactly_one(self, "token")
+        return self
+
+    @property
+    def secret(self) -> SecretStr:
+        return self._token
+
+    def describe(self, index: int) -> str:
+        if self.label:
+            return self.label
+        if self.token_env:
+            return f"token_env {self.token_env}"
+        if self.token_file:
+            return f"token_file {self.token_file}"
+        return f"customers[{index}]"
+
+
+class ServerSettings(_Section):
+    platform: str
+    host: Annotated[str, Field(min_length=1)]
+    port: Annotated[int, Field(ge=1, le=65535)]
+    password_env: str | None = None
+    password_file: str | None = None
+    password: SecretStr | None = None
+    timeout_seconds: Annotated[float, Field(gt=0, le=300)] = 5.0
+
+    _password: SecretStr = PrivateAttr(default=SecretStr(""))
+
+    @field_validator("platform")
+    @classmethod
+    def _known_platform(cls, value: str) -> str:
+        if value not in PLATFORMS:
+            raise ValueError(f"unknown platform {value!r}; use one of {', '.join(PLATFORMS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Self:
+        _exactly_one(self, "password")
+        return self
+
+    @property
+    def secret(self) -> SecretStr:
+        return self._password
+
+
+class ProductSettings(_Section):
+    servers: list[str] | None = None  # None: every server
+    on_active: list[str] = []
+    on_expire: list[str] = []
+    on_revoke: list[str] = []
+
+    _templates: dict[str, tuple[Template, ...]] = PrivateAttr(default_factory=dict)
+
+    @field_validator("servers")
+    @classmethod
+    def _not_empty(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("an empty list routes to no server; omit the key for every server")
+        return value
+
+    def templates(self, event: str) -> tuple[Template, ...]:
+        return self._templates.get(event, ())
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        extra="forbid",
+        frozen=True,
+        env_prefix="PERKSYNC_",
+        env_nested_delimiter="__",
+        nested_model_default_partial_update=True,
+    )
+
+    paynow: PayNowSettings = PayNowSettings()
+    sync: SyncSettings = SyncSettings()
+    http: HttpSettings = HttpSettings()
+    customers: list[CustomerLink] = []
+    servers: dict[str, ServerSettings] = {}
+    products: dict[str, ProductSettings] = {}
+
+    # The folder relative paths in the file are resolved against.
+    _base_dir: Path = PrivateAttr(default=Path("."))
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment overrides the file (passed in as init values).
+        return (env_settings, init_settings)
+
+    @property
+    def state_db_path(self) -> Path:
+        return self._resolve(self.sync.state_db)
+
+    def _resolve(self, value: str) -> Path:
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else self._base_dir / path
+
+    def routes_for(self, product: str) -> list[str]:
+        """The servers a product's commands go to (before per-customer routing)."""
+        spec = self.products[product]
+        return list(spec.servers) if spec.servers is not None else list(self.servers)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key given twice in one mapping (a silent override
+    of a product or server is the kind of mistake that costs money)."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            mark = key_node.start_mark
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (line {mark.line + 1})", mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def format_loc(loc: tuple[int | str, ...]) -> str:
+    """('products', 'vip', 'on_active', 0) → 'products.vip.on_active[0]'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}{where}: invalid YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def _error_lines(exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors(include_url=False, include_input=False):
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        msg = msg.removeprefix("Value error, ")
+        lines.append(f"{format_loc(err['loc'])}: {msg}")
+    return lines
+
+
+def _read_secret(
+    model: BaseModel, prefix: str, where: str, base_dir: Path, env: Mapping[str, str]
+) -> SecretStr:
+    env_name = getattr(model, f"{prefix}_env")
+    file_name = getattr(model, f"{prefix}_file")
+    if env_name:
+        value = env.get(env_name)
+        if not value:
+            raise ConfigError(f"{where}.{prefix}_env: environment variable {env_name} is not set")
+        return SecretStr(value.strip())
+    if file_name:
+        path = Path(os.path.expandvars(file_name)).expanduser()
+        path = path if path.is_absolute() else base_dir / path
+        try:
+            value = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "unreadable"
+            raise ConfigError(f"{where}.{prefix}_file: cannot read {path}: {reason}") from None
+        if not value:
+            raise ConfigError(f"{where}.{prefix}_file: {path} is empty")
+        return SecretStr(value)
+    inline: SecretStr = getattr(model, prefix)
+    if not inline.get_secret_value().strip():
+        raise ConfigError(f"{where}.{prefix}: is empty")
+    return SecretStr(inline.get_secret_value().strip())
+
+
+def _check_cross_references(settings: Settings) -> list[str]:
+    errors = []
+    for name in settings.servers:
+        if not _NAME.match(name):
+            errors.append(
+                f"servers.{name}: server names may use letters, digits, '_', '.', '-' (max 64)"
+            )
+    for slug, product in settings.products.items():
+        for i, server in enumerate(product.servers or []):
+            if server not in settings.servers:
+                known = ", ".join(settings.servers) or "none are configured"
+                errors.append(f"products.{slug}.servers[{i}]: unknown server {server!r} ({known})")
+        for event in EVENT_KEYS:
+            templates = []
+            for i, command in enumerate(getattr(product, event)):
+                try:
+                    templates.append(parse_template(command))
+                except TemplateError as exc:
+                    errors.append(f"products.{slug}.{event}[{i}]: {exc}")
+                    continue
+                if not command.strip():
+                    errors.append(f"products.{slug}.{event}[{i}]: empty command")
+            product._templates[event] = tuple(templates)
+    if settings.products and not settings.servers:
+        errors.append("servers: no server is configured, so no product can be delivered")
+    seen_tokens: dict[str, int] = {}
+    for i, link in enumerate(settings.customers):
+        key = link.token_env or link.token_file or ""
+        if key and key in seen_tokens:
+            errors.append(f"customers[{i}]: the same token source as customers[{seen_tokens[key]}]")
+        seen_tokens.setdefault(key, i)
+    return errors
+
+
+def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
+    """Load, validate and resolve the configuration, or raise ConfigError."""
+    env = os.environ if env is None else env
+    data = _read_yaml(path)
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_error_lines(exc))) from None
+    base_dir = path.resolve().parent
+    settings._base_dir = base_dir
+    errors = _check_cross_references(settings)
+    for i, link in enumerate(settings.customers):
+        try:
+            link._token = _read_secret(link, "token", f"customers[{i}]", base_dir, env)
+        except ConfigError as exc:
+            errors.append(str(exc))
+    for name, server in settings.servers.items():
+        try:
+            server._password = _read_secret(server, "password", f"servers.{name}", base_dir, env)
+        except ConfigError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return settings
+
+
+def config_path_from(cli_value: str | None, env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    if cli_value:
+        return Path(cli_value)
+    if env.get("PERKSYNC_CONFIG"):
+        return Path(env["PERKSYNC_CONFIG"])
+    return DEFAULT_CONFIG_PATH
+
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "EVENT_KEYS",
+    "ConfigError",
+    "CustomerLink",
+    "HttpSettings",
+    "PayNowSettings",
+    "ProductSettings",
+    "ServerSettings",
+    "Settings",
+    "SyncSettings",
+    "config_path_from",
+    "format_loc",
+    "load_settings",
+]

@@ -1,0 +1,161 @@
+"""A loopback world for end-to-end runs: the PayNow fake and RCON fakes on a
+background event loop, plus a config.yaml pointing at them.
+
+The CLI under test runs as a real subprocess (`python -m daemon`), so the fakes
+live in their own thread; tests (and the demo) change the world between passes
+with plain method calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from tests.fakes.paynow_api import FakePayNow
+from tests.fakes.rcon_server import FakeRconServer
+
+REPO = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
+
+RCON_PASSWORD = "rcon-pw-SECRET"
+
+
+class World:
+    """PayNow + game servers on loopback. Use as a context manager."""
+
+    def __init__(self, folder: Path, servers: Mapping[str, str]) -> None:
+        """`servers`: name → platform ("minecraft" or "source")."""
+        self.folder = folder
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.paynow = FakePayNow()
+        self.platforms = dict(servers)
+        self.rcon = {
+            name: FakeRconServer(
+                "minecraft" if platform == "minecraft" else "srcds", password=RCON_PASSWORD
+            )
+            for name, platform in servers.items()
+        }
+        self.tokens: list[str] = []
+
+    def __enter__(self) -> World:
+        self._thread.start()
+        self.call(self.paynow.start())
+        for server in self.rcon.values():
+            self.call(server.start())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            for server in self.rcon.values():
+                self.call(server.stop())
+            self.call(self.paynow.stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(5)
+            self.loop.close()
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 10.0) -> T:
+        """Run a coroutine on the fakes' loop and wait for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def sync(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a plain function on the fakes' loop (their data is not thread-safe)."""
+        future: Future[T] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        self.loop.call_soon_threadsafe(run)
+        return future.result(10)
+
+    # --- the world's content ---------------------------------------------------
+
+    def add_customer(
+        self, *, platform: str = "minecraft", name: str | None = None, **kwargs: Any
+    ) -> tuple[str, dict[str, Any]]:
+        token = FakePayNow.new_token()
+        customer = self.sync(
+            self.paynow.add_customer, token, platform=platform, name=name, **kwargs
+        )
+        self.tokens.append(token)
+        return token, customer
+
+    def add_item(self, token: str, product: str, state: str = "active", **kwargs: Any) -> str:
+        item = self.sync(self.paynow.add_item, token, None, product=product, state=state, **kwargs)
+        return str(item["id"])
+
+    def set_state(self, token: str, item_id: str, state: str, reason: str | None = None) -> None:
+        self.sync(self.paynow.set_state, token, item_id, state, reason)
+
+    def received(self, server: str) -> list[str]:
+        return self.sync(lambda: list(self.rcon[server].commands))
+
+    # --- config and CLI ---------------------------------------------------------
+
+    def config(
+        self,
+        products: Mapping[str, Any],
+        *,
+        extra: Mapping[str, Any] | None = None,
+        servers: Sequence[str] | None = None,
+    ) -> Path:
+        """Write config.yaml for the current customers; return its path."""
+        secrets = self.folder / "secrets"
+        secrets.mkdir(exist_ok=True)
+        customers = []
+        for index, token in enumerate(self.tokens):
+            path = secrets / f"token{index}"
+            path.write_text(token + "\n")
+            customers.append({"token_file": f"secrets/token{index}"})
+        (secrets / "rcon").write_text(RCON_PASSWORD)
+        data: dict[str, Any] = {
+            "paynow": {"api_url": self.paynow.url, "timeout_seconds": 2},
+            "sync": {"state_db": "state.sqlite3"},
+            "customers": customers,
+            "servers": {
+                name: {
+                    "platform": self.platforms[name],
+                    "host": "127.0.0.1",
+                    "port": self.rcon[name].port,
+                    "password_file": "secrets/rcon",
+                    "timeout_seconds": 2,
+                }
+                for name in (servers if servers is not None else self.rcon)
+            },
+            "products": dict(products),
+        }
+        for key, value in (extra or {}).items():
+            data.setdefault(key, {}).update(value)
+        path = self.folder / "config.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+        return path
+
+    def run_cli(
+        self, *args: str, env: Mapping[str, str] | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        """Run `python -m daemon --config <folder>/config.yaml ARGS` and wait."""
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("PERKSYNC_")}
+        full_env["PYTHONPATH"] = str(REPO)
+        full_env.update(env or {})
+        return subprocess.run(
+            [sys.executable, "-m", "daemon", "--config", str(self.folder / "config.yaml"), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=full_env,
+            cwd=self.folder,
+            check=False,
+        )

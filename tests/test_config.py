@@ -1,0 +1,193 @@
+"""config.yaml loading: every error names its key path; secrets resolve; nothing leaks."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from daemon.config import ConfigError, config_path_from, format_loc, load_settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+GOOD = """
+paynow:
+  api_url: http://127.0.0.1:9
+sync:
+  state_db: state.sqlite3
+customers:
+  - token_env: TOKEN_A
+  - token_file: tokens/b
+    label: bob
+servers:
+  survival:
+    platform: minecraft
+    host: 127.0.0.1
+    port: 25575
+    password_env: MC_PASS
+  jail:
+    platform: source
+    host: 127.0.0.1
+    port: 27015
+    password: inline-secret
+products:
+  vip:
+    servers: [survival]
+    on_active: ["lp user {customer.minecraft_uuid} parent add vip"]
+    on_expire: ["lp user {customer.minecraft_uuid} parent remove vip"]
+  kit:
+    on_active: ["give {customer.minecraft.name} diamond 1", "sm_give {customer.steam_id2}"]
+"""
+
+ENV = {"TOKEN_A": "tok-a-SECRET", "MC_PASS": "mc-SECRET"}
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(textwrap.dedent(text))
+    (tmp_path / "tokens").mkdir(exist_ok=True)
+    (tmp_path / "tokens" / "b").write_text("tok-b-SECRET\n")
+    return path
+
+
+def error_of(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text), env=ENV if env is None else env)
+    return str(info.value)
+
+
+def test_good_config_loads_and_resolves(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, GOOD), env=ENV)
+    assert settings.customers[0].secret.get_secret_value() == "tok-a-SECRET"
+    assert settings.customers[1].secret.get_secret_value() == "tok-b-SECRET"
+    assert settings.customers[1].describe(1) == "bob"
+    assert settings.customers[0].describe(0) == "token_env TOKEN_A"
+    assert settings.servers["survival"].secret.get_secret_value() == "mc-SECRET"
+    assert settings.servers["jail"].secret.get_secret_value() == "inline-secret"
+    assert settings.state_db_path == tmp_path.resolve() / "state.sqlite3"
+    assert settings.routes_for("vip") == ["survival"]
+    assert settings.routes_for("kit") == ["survival", "jail"]
+    assert [t.text for t in settings.products["kit"].templates("on_active")] == [
+        "give {customer.minecraft.name} diamond 1",
+        "sm_give {customer.steam_id2}",
+    ]
+    assert settings.products["kit"].templates("on_revoke") == ()
+    assert settings.sync.interval_seconds == 60
+    assert settings.sync.concurrency == 16
+
+
+def test_secrets_never_in_repr(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, GOOD), env=ENV)
+    dumped = repr(settings) + str(settings.model_dump())
+    for secret in ("tok-a-SECRET", "tok-b-SECRET", "mc-SECRET", "inline-secret"):
+        assert secret not in dumped
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (("paynow:\n", "paynow:\n  colour: blue\n"), "paynow.colour: unknown key"),
+        (("products:\n", "products:\n  bad:\n    on_grant: [x]\n"), "products.bad.on_grant: unknown key"),
+        (
+            ("parent add vip", "parent add {customer.nmae}"),
+            "products.vip.on_active[0]: ",
+        ),
+        (("servers: [survival]", "servers: [survivl]"), "products.vip.servers[0]: unknown server"),
+        (("platform: source", "platform: bedrock"), "servers.jail.platform: "),
+        (("port: 25575", "port: 70000"), "servers.survival.port: "),
+        (("port: 25575", "port: many"), "servers.survival.port: "),
+        (("api_url: http://127.0.0.1:9", "api_url: http://paynow.example"), "paynow.api_url: "),
+        (("password: inline-secret", "password_env: NOPE"), "servers.jail.password_env: environment variable NOPE is not set"),
+        (("token_file: tokens/b", "token_file: tokens/missing"), "customers[1].token_file: cannot read"),
+        (("  - token_env: TOKEN_A\n", "  - token_env: TOKEN_A\n    token: abc\n"), "customers[0]: "),
+        (("    port: 27015\n", "    port: 27015\n    password_env: MC_PASS\n"), "servers.jail: "),
+        (("    servers: [survival]\n", "    servers: []\n"), "products.vip.servers: "),
+        (("sync:\n", "sync:\n  interval_seconds: 0\n"), "sync.interval_seconds: "),
+    ],
+)  # fmt: skip
+def test_errors_name_the_key_path(tmp_path: Path, change: tuple[str, str], expected: str) -> None:
+    old, new = change
+    assert old in GOOD
+    message = error_of(tmp_path, GOOD.replace(old, new, 1))
+    assert expected in message, message
+    assert "Traceback" not in message
+
+
+def test_unknown_placeholder_message_names_it(tmp_path: Path) -> None:
+    message = error_of(tmp_path, GOOD.replace("parent add vip", "parent add {customer.nmae}", 1))
+    assert message.startswith("products.vip.on_active[0]: ")
+    assert "customer.nmae" in message
+
+
+def test_missing_secret_message_never_shows_other_secrets(tmp_path: Path) -> None:
+    message = error_of(tmp_path, GOOD, env={"TOKEN_A": "tok-a-SECRET"})
+    assert message == "servers.survival.password_env: environment variable MC_PASS is not set"
+
+
+def test_several_errors_each_on_own_line(tmp_path: Path) -> None:
+    text = GOOD.replace("servers: [survival]", "servers: [nope]").replace(
+        "password: inline-secret", "password_env: NOPE"
+    )
+    lines = error_of(tmp_path, text).splitlines()
+    assert any(line.startswith("products.vip.servers[0]:") for line in lines)
+    assert any(line.startswith("servers.jail.password_env:") for line in lines)
+
+
+def test_duplicate_yaml_key_is_an_error(tmp_path: Path) -> None:
+    text = GOOD.replace("  kit:\n", "  vip:\n")
+    message = error_of(tmp_path, text)
+    assert "duplicate key 'vip'" in message
+
+
+def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "paynow:\n  api_url: [unclosed\n")
+    assert "config.yaml:" in message and "invalid YAML" in message
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_settings(tmp_path / "absent.yaml", env={})
+
+
+def test_environment_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PERKSYNC_SYNC__INTERVAL_SECONDS", "30")
+    monkeypatch.setenv("PERKSYNC_PAYNOW__TIMEOUT_SECONDS", "3")
+    settings = load_settings(write(tmp_path, GOOD), env=ENV)
+    assert settings.sync.interval_seconds == 30
+    assert settings.paynow.timeout_seconds == 3
+    assert settings.paynow.api_url == "http://127.0.0.1:9"
+
+
+def test_bad_environment_override_names_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PERKSYNC_SYNC__CONCURRENCY", "lots")
+    message = error_of(tmp_path, GOOD)
+    assert message.startswith("sync.concurrency: ")
+
+
+def test_config_path_precedence() -> None:
+    assert config_path_from("x.yaml", {"PERKSYNC_CONFIG": "y.yaml"}) == Path("x.yaml")
+    assert config_path_from(None, {"PERKSYNC_CONFIG": "y.yaml"}) == Path("y.yaml")
+    assert config_path_from(None, {}) == Path("/etc/perksync/config.yaml")
+
+
+def test_format_loc() -> None:
+    assert format_loc(("products", "vip", "on_active", 0)) == "products.vip.on_active[0]"
+    assert format_loc(("customers", 2, "token_env")) == "customers[2].token_env"
+
+
+def test_example_config_is_valid(tmp_path: Path) -> None:
+    """The annotated config.yaml operators start from must load (given its secrets)."""
+    text = (REPO / "config.yaml").read_text()
+    text = text.replace("/etc/perksync/tokens/bob", str(tmp_path / "bob"))
+    text = text.replace("/etc/perksync/rcon/jailbreak", str(tmp_path / "jb"))
+    (tmp_path / "bob").write_text("t")
+    (tmp_path / "jb").write_text("p")
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    env = {"PAYNOW_TOKEN_ALICE": "a", "SURVIVAL_RCON_PASSWORD": "p"}
+    settings = load_settings(path, env=env)
+    assert set(settings.servers) == {"survival", "jailbreak"}
+    assert set(settings.products) == {"vip", "jailbreak-warden"}
