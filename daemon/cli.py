@@ -22,7 +22,7 @@ from pathlib import Path
 
 from daemon import __version__
 from daemon.config import ConfigError, Settings, config_path_from, load_settings
-from daemon.engine import PassReport, SyncPass, make_server_factory
+from daemon.engine import Engine, PassReport, SyncPass, make_server_factory
 from daemon.paynow import PayNowClient, make_session
 from daemon.placeholders import printable
 from daemon.state import Store, StoreError, open_store
@@ -131,9 +131,8 @@ async def _run_pass(settings: Settings, store: Store, *, dry_run: bool) -> PassR
             requests_per_second=settings.paynow.requests_per_second,
         )
         output = (lambda line: print(line, flush=True)) if dry_run else None
-        sync = SyncPass(
-            settings, store, paynow, make_server_factory(settings), dry_run_output=output
-        )
+        engine = Engine(settings, store, paynow)
+        sync = SyncPass(engine, make_server_factory(settings), dry_run_output=output)
         return await sync.run()
 
 

@@ -23,6 +23,8 @@ from daemon.models import KNOWN_STATES, InventoryItem, parse_timestamp
 class Phase(StrEnum):
     GRANTED = "granted"
     ENDED = "ended"
+    # on_expire ran locally at expires_at (+ grace) before the API said `used`.
+    LAPSED = "lapsed"
 
 
 class EventKind(StrEnum):
@@ -77,11 +79,18 @@ def _happened_at(item: InventoryItem, kind: EventKind) -> datetime:
     return parse_timestamp(stamp or item.added_at)
 
 
+def effective_expiry(item: InventoryItem) -> datetime | None:
+    """When the item ends: PayNow's override if set, else its natural expiry."""
+    stamp = item.override_expires_at or item.expires_at
+    return parse_timestamp(stamp) if stamp else None
+
+
 def diff_inventory(
     known_marks: Mapping[MarkKey, Mark],
     known_items: Collection[str],
     items: Sequence[InventoryItem],
     routes: Mapping[str, Sequence[str]],
+    now: datetime | None = None,
 ) -> DiffResult:
     """Work out the events of one customer's whole inventory.
 
@@ -98,6 +107,11 @@ def diff_inventory(
     copy has the same state, and not at all this pass if they disagree; a
     server listed twice for a product counts once. Either would otherwise
     run `on_active` twice, or both `on_expire` and `on_revoke`, in one pass.
+
+    A LAPSED mark (the service ran on_expire locally when expires_at passed)
+    is granted again, as a new cycle, only when the API shows the item
+    active with an expiry after `now` (a renewal); seen `used` or `revoked`
+    it just becomes ENDED: its perk was already taken back once.
     """
     result = DiffResult()
     states: dict[str, set[str]] = {}
@@ -119,24 +133,33 @@ def diff_inventory(
             key = (item.id, server)
             mark = known_marks.get(key)
             if item.state in GRANTING_STATES:
+                cycle = 0
                 if mark is None:
-                    new = Mark(Phase.GRANTED, 1)
-                    result.marks[key] = new
+                    cycle = 1
+                elif mark.phase is Phase.LAPSED and _renewed(item, now):
+                    cycle = mark.cycle + 1
+                if cycle:
+                    result.marks[key] = Mark(Phase.GRANTED, cycle)
+                    happened = _happened_at(item, EventKind.ACTIVE)
+                    result.events.append(Event(item, server, EventKind.ACTIVE, cycle, happened))
+            elif item.state in _ENDING and mark is not None:
+                if mark.phase is Phase.GRANTED:
+                    kind = _ENDING[item.state]
+                    result.marks[key] = Mark(Phase.ENDED, mark.cycle)
                     result.events.append(
-                        Event(
-                            item, server, EventKind.ACTIVE, 1, _happened_at(item, EventKind.ACTIVE)
-                        )
+                        Event(item, server, kind, mark.cycle, _happened_at(item, kind))
                     )
-            elif item.state in _ENDING and mark is not None and mark.phase is Phase.GRANTED:
-                kind = _ENDING[item.state]
-                result.marks[key] = Mark(Phase.ENDED, mark.cycle)
-                result.events.append(
-                    Event(item, server, kind, mark.cycle, _happened_at(item, kind))
-                )
+                elif mark.phase is Phase.LAPSED:
+                    result.marks[key] = Mark(Phase.ENDED, mark.cycle)
     result.disappeared = sorted(set(known_items) - seen, key=_flake_order)
     result.duplicates = sorted(duplicated, key=_flake_order)
     result.events.sort(key=lambda e: (e.happened_at, _flake_order(e.item.id), e.server))
     return result
+
+
+def _renewed(item: InventoryItem, now: datetime | None) -> bool:
+    expiry = effective_expiry(item)
+    return expiry is None or now is None or expiry > now
 
 
 def _flake_order(item_id: str) -> tuple[int, str]:

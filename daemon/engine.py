@@ -1,41 +1,40 @@
-"""One sync pass: poll every linked customer, journal the events, deliver.
+"""Polling, local expiry and delivery: the parts shared by `--sync-now` and the service.
 
-The pass runs two kinds of tasks side by side:
-- a bounded pool of pollers: for each customer, read the whole inventory,
-  diff it against the store (a pure function), render the commands and commit
-  marks + journal rows in one transaction;
-- one delivery worker per server: it opens one connection, delivers that
-  server's pending journal rows in id order (older passes' leftovers come
-  first, since ids only grow), and keeps going as pollers add rows, until
-  polling is over and nothing is left.
+- `Engine.poll` reads one customer's whole inventory, diffs it against the
+  store (a pure function), renders the commands and commits marks + journal
+  rows in one transaction, then wakes the servers concerned.
+- `Engine.sweep_expiries` runs `on_expire` for granted items whose
+  `expires_at` (+ grace) has passed, from the stored JSON, without the API.
+- `ServerWorker` delivers one server's pending journal rows in id order (older
+  passes' leftovers first, since ids only grow) over one connection.
+- `SyncPass` is one `--sync-now` pass: a bounded pool of pollers beside one
+  worker per server, which keeps delivering as pollers add rows until polling
+  is over and nothing is left.
 
 A customer whose inventory cannot be read changes nothing in the store. A
-server that cannot be reached keeps its rows pending for a later pass.
+server that cannot be reached keeps its rows pending for a later attempt.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from adapters import PLATFORMS
-from adapters.base import (
-    CommandTooLong,
-    GameServer,
-    RconAuthError,
-    RconConnectError,
-    RconError,
-)
+from adapters.base import CommandTooLong, GameServer, RconAuthError, RconError
 from daemon.config import CustomerLink, Settings
-from daemon.diff import Event, diff_inventory
+from daemon.diff import Event, EventKind, Mark, MarkKey, Phase, diff_inventory, effective_expiry
 from daemon.models import Customer, InventoryItem
-from daemon.paynow import PayNowClient, PayNowError
+from daemon.paynow import PayNowAuthError, PayNowClient, PayNowError
 from daemon.placeholders import Refusal, printable, render
 from daemon.state import JournalEntry, JournalRow, JournalStatus, SeenItem, Store
+from daemon.telemetry import NullTelemetry, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +47,12 @@ def utcnow() -> datetime:
 
 @dataclass(slots=True)
 class PassReport:
-    """What one pass did; `exit_code` follows SPEC §3."""
+    """What happened since it was created; `exit_code` follows SPEC §3."""
 
     customers_ok: int = 0
     customers_failed: dict[str, str] = field(default_factory=dict)  # label → error
     journaled: int = 0
+    expired_locally: int = 0
     delivered: Counter[str] = field(default_factory=Counter)  # server → count
     failed: Counter[str] = field(default_factory=Counter)  # server → newly failed rows
     skipped: Counter[str] = field(default_factory=Counter)  # server → null-placeholder skips
@@ -61,10 +61,8 @@ class PassReport:
 
     @property
     def exit_code(self) -> int:
-        problems = (
-            self.customers_failed or sum(self.failed.values()) or any(self.pending_left.values())
-        )
-        return 3 if problems else 0
+        undelivered = sum(self.failed.values()) or any(self.pending_left.values())
+        return 3 if self.customers_failed or undelivered else 0
 
     def summary(self) -> str:
         total_customers = self.customers_ok + len(self.customers_failed)
@@ -76,6 +74,8 @@ class PassReport:
             f"{sum(self.skipped.values())} skipped",
             f"{sum(self.pending_left.values())} pending",
         ]
+        if self.expired_locally:
+            parts.insert(1, f"{self.expired_locally} expired locally")
         pending = ", ".join(f"{s}: {n}" for s, n in sorted(self.pending_left.items()) if n)
         text = "pass done: " + ", ".join(parts)
         return f"{text} ({pending})" if pending else text
@@ -104,6 +104,8 @@ def journal_entries(
     entries = []
     for event in events:
         item: InventoryItem = event.item
+        if event.server not in settings.servers or item.product.slug not in settings.products:
+            continue  # removed from the config since (a reload): nothing to run
         platform = PLATFORMS[settings.servers[event.server].platform]
         templates = settings.products[item.product.slug].templates(event.kind.value)
         for index, template in enumerate(templates):
@@ -138,189 +140,329 @@ def journal_entries(
     return entries
 
 
-def _describe_customer(customer: Customer) -> str:
+def describe_customer(customer: Customer) -> str:
     # The name comes from the customer: never let it put a line break in a log line.
     return f"{customer.id} ({printable(customer.name)})" if customer.name else customer.id
 
 
-class SyncPass:
-    """One pass over every linked customer and every server."""
+class Engine:
+    """Polls customers, expires items locally and journals the commands.
+
+    `settings` may be replaced between polls (a reload); a `ServerWorker` per
+    server registers itself to be woken when rows for it are journaled.
+    """
 
     def __init__(
         self,
         settings: Settings,
         store: Store,
         paynow: PayNowClient,
-        server_factory: ServerFactory,
         *,
-        dry_run_output: Callable[[str], None] | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.paynow = paynow
-        self.server_factory = server_factory
-        # In a dry run, commands are printed through this instead of being sent.
-        self.dry_run_output = dry_run_output
+        self.telemetry: Telemetry = telemetry or NullTelemetry()
         self.report = PassReport()
-        self._wake = {name: asyncio.Event() for name in settings.servers}
-        self._polling_done = asyncio.Event()
-        self._names: dict[str, str] = {}  # customer id → display text for log lines
+        self.names: dict[str, str] = {}  # customer id → display text for log lines
+        self.wakers: dict[str, asyncio.Event] = {}  # server → its worker's wake-up
+        self._auth_logged: set[str] = set()  # labels whose token rejection was logged
 
-    async def run(self) -> PassReport:
-        workers = [
-            asyncio.create_task(self._deliver(name), name=f"deliver-{name}")
-            for name in self.settings.servers
-        ]
-        try:
-            await self._poll_all(self.settings.customers)
-        finally:
-            self._polling_done.set()
-            for wake in self._wake.values():
-                wake.set()
-            await asyncio.gather(*workers)
-        for counts in await self.store.server_counts():
-            if counts.pending:
-                self.report.pending_left[counts.server] = counts.pending
-        return self.report
+    def wake(self, server: str) -> None:
+        waker = self.wakers.get(server)
+        if waker is not None:
+            waker.set()
 
     # --- polling -------------------------------------------------------------
 
-    async def _poll_all(self, links: Sequence[CustomerLink]) -> None:
-        queue = iter(enumerate(links))
-
-        async def poller() -> None:
-            for index, link in queue:
-                await self._poll_one(index, link)
-
-        size = min(self.settings.sync.concurrency, len(links)) or 1
-        await asyncio.gather(*(poller() for _ in range(size)))
-
-    async def _poll_one(self, index: int, link: CustomerLink) -> None:
+    async def poll(self, index: int, link: CustomerLink) -> bool:
+        """Poll one linked customer; False if its inventory could not be read."""
         label = link.describe(index)
         token = link.secret.get_secret_value()
         try:
             customer = await self.paynow.fetch_customer(token)
             items = await self.paynow.fetch_inventory(token)
         except PayNowError as exc:
-            log.error("customer %s: %s; nothing changed for this customer", label, exc)
-            self.report.customers_failed[label] = str(exc)
+            self._poll_failed(label, exc.kind, str(exc))
+            if isinstance(exc, PayNowAuthError) and label in self._auth_logged:
+                log.debug("customer %s: %s (still)", label, exc)
+            else:
+                log.error("customer %s: %s; nothing changed for this customer", label, exc)
+            if isinstance(exc, PayNowAuthError):
+                self._auth_logged.add(label)
             await self.store.record_error(label, str(exc), utcnow())
-            return
+            return False
+        self._auth_logged.discard(label)
         try:
             await self._apply(label, customer, items)
         except Exception as exc:  # one broken customer never stops the others
             log.exception("customer %s: unexpected error; nothing changed for this customer", label)
-            self.report.customers_failed[label] = f"unexpected error: {exc.__class__.__name__}"
-            return
+            self._poll_failed(label, "unexpected", f"unexpected error: {exc.__class__.__name__}")
+            return False
         self.report.customers_ok += 1
+        self.report.customers_failed.pop(label, None)
+        self.telemetry.poll_succeeded(label, time.time())
+        return True
+
+    def _poll_failed(self, label: str, kind: str, error: str) -> None:
+        self.report.customers_failed[label] = error
+        self.telemetry.poll_failed(label, kind)
 
     async def _apply(self, label: str, customer: Customer, items: list[InventoryItem]) -> None:
-        self._names[customer.id] = _describe_customer(customer)
+        self.names[customer.id] = describe_customer(customer)
         known = await self.store.known(customer.id)
-        result = diff_inventory(
-            known.marks, known.items, items, customer_routes(self.settings, customer)
-        )
+        routes = customer_routes(self.settings, customer)
+        now = utcnow()
+        result = diff_inventory(known.marks, known.items, items, routes, now)
         for item_id in result.disappeared:
             log.info("customer %s: item %s is no longer listed (no command runs)", label, item_id)
         for item_id, state in result.unknown_states:
             log.warning("customer %s: item %s has unknown state %r; ignored", label, item_id, state)
+        for item_id in result.duplicates:
+            log.warning("customer %s: item %s is listed more than once", label, item_id)
         entries = journal_entries(self.settings, customer, result.events)
-        seen = [SeenItem(item.id, item.product.slug, item.state) for item in items]
+        # The JSON is kept only where local expiry may need to render from it.
+        seen = [
+            SeenItem(
+                item.id,
+                item.product.slug,
+                item.state,
+                expiry := effective_expiry(item),
+                json.dumps(item.raw, separators=(",", ":")) if expiry is not None else None,
+            )
+            for item in items
+        ]
         await self.store.commit_pass(
-            label, customer.id, customer.name, seen, result.marks, entries, utcnow()
+            label,
+            customer.id,
+            customer.name,
+            seen,
+            result.marks,
+            entries,
+            now,
+            json.dumps(customer.raw, separators=(",", ":")),
         )
+        self._journaled(entries)
+
+    def _journaled(self, entries: Sequence[JournalEntry]) -> None:
         for entry in entries:
+            who = self.names.get(entry.customer_id, entry.customer_id)
             if entry.status is JournalStatus.PENDING:
                 self.report.journaled += 1
-                self._wake[entry.server].set()
-            elif entry.status is JournalStatus.SKIPPED:
-                self.report.skipped[entry.server] += 1
-                log.warning(
-                    "skipped server=%s customer=%s product=%s event=%s command #%d: %s",
-                    entry.server, self._names[customer.id], entry.product, entry.event,
-                    entry.command_index + 1, entry.reason,
-                )  # fmt: skip
-            else:
-                self.report.failed[entry.server] += 1
-                log.error(
-                    "refused server=%s customer=%s product=%s event=%s command #%d: %s",
-                    entry.server, self._names[customer.id], entry.product, entry.event,
-                    entry.command_index + 1, entry.reason,
-                )  # fmt: skip
+                self.wake(entry.server)
+                continue
+            outcome = "skipped" if entry.status is JournalStatus.SKIPPED else "failed"
+            getattr(self.report, outcome)[entry.server] += 1
+            self.telemetry.command_finished(entry.server, outcome)
+            level = logging.WARNING if outcome == "skipped" else logging.ERROR
+            log.log(
+                level,
+                "%s server=%s customer=%s product=%s event=%s command #%d: %s",
+                "skipped" if outcome == "skipped" else "refused",
+                entry.server, who, entry.product, entry.event, entry.command_index + 1,
+                entry.reason,
+            )  # fmt: skip
 
-    # --- delivery ------------------------------------------------------------
+    # --- local expiry --------------------------------------------------------
 
-    async def _deliver(self, name: str) -> None:
-        """Deliver `name`'s pending rows in id order over one connection."""
-        wake = self._wake[name]
-        server: GameServer | None = None
-        after_id = 0
-        try:
-            while True:
-                wake.clear()
-                rows = await self.store.pending(name, after_id=after_id)
-                if not rows:
-                    if self._polling_done.is_set():
-                        return
-                    await wake.wait()
+    async def sweep_expiries(self) -> int:
+        """Run on_expire for granted items whose expiry (+ grace) has passed.
+
+        Works from the stored JSON, so it needs no API; the item's mark becomes
+        LAPSED, and a later `used` from the API runs nothing again.
+        """
+        now = utcnow()
+        cutoff = now - timedelta(seconds=self.settings.sync.expiry_grace_seconds)
+        due = await self.store.due_expiries(cutoff)
+        if not due:
+            return 0
+        marks: dict[MarkKey, Mark] = {}
+        entries: list[JournalEntry] = []
+        for expiry in due:
+            item = InventoryItem.from_api(json.loads(expiry.item_raw))
+            key = (item.id, expiry.server)
+            if key in marks:
+                continue
+            customer = Customer.from_api(json.loads(expiry.customer_raw))
+            self.names.setdefault(customer.id, describe_customer(customer))
+            marks[key] = Mark(Phase.LAPSED, expiry.cycle)
+            event = Event(item, expiry.server, EventKind.EXPIRE, expiry.cycle, expiry.expires_at)
+            entries.extend(journal_entries(self.settings, customer, [event]))
+            log.info(
+                "customer %s: item %s (%s) expired at %s; taking the perk back on %s",
+                expiry.label, item.id, item.product.slug,
+                expiry.expires_at.isoformat(timespec="seconds"), expiry.server,
+            )  # fmt: skip
+        await self.store.commit_expiry(marks, entries, now)
+        self.report.expired_locally += len(marks)
+        self._journaled(entries)
+        return len(marks)
+
+
+class ServerWorker:
+    """Delivers one server's pending journal rows, in id order, over one connection."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        name: str,
+        server_factory: ServerFactory,
+        *,
+        dry_run_output: Callable[[str], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.name = name
+        self.server_factory = server_factory
+        # In a dry run, commands are printed through this instead of being sent.
+        self.dry_run_output = dry_run_output
+        self.wake = asyncio.Event()
+        engine.wakers[name] = self.wake
+        self.server: GameServer | None = None
+        self.last_error: str | None = None
+        self.auth_refused = False
+        self._after_id = 0  # dry run only: rows printed stay pending
+
+    async def deliver_available(self, stopping: asyncio.Event | None = None) -> bool:
+        """Deliver every row pending now; False if the server failed (rows stay pending).
+
+        Stops between two commands (never in the middle of one) once `stopping` is set.
+        """
+        store = self.engine.store
+        while True:
+            rows = await store.pending(self.name, after_id=self._after_id)
+            if not rows:
+                self.engine.telemetry.backlog(self.name, 0)
+                return True
+            for row in rows:
+                if stopping is not None and stopping.is_set():
+                    return True
+                if self.dry_run_output is not None:
+                    self._after_id = row.id
+                    self.dry_run_output(f"{self.name}: {row.command}")
                     continue
-                for row in rows:
-                    after_id = row.id
-                    if self.dry_run_output is not None:
-                        self.dry_run_output(f"{name}: {row.command}")
-                        continue
-                    if server is None:
-                        server = await self._connect(name)
-                        if server is None:
-                            return
-                    if not await self._send(name, server, row):
-                        return
-        finally:
-            if server is not None:
-                await server.close()
+                if not await self._send(row):
+                    return False
 
-    async def _connect(self, name: str) -> GameServer | None:
-        server = self.server_factory(name)
+    async def close(self) -> None:
+        if self.server is not None:
+            server, self.server = self.server, None
+            await server.close()
+
+    async def _connect(self) -> GameServer | None:
+        server = self.server_factory(self.name)
         try:
             await server.connect()
-        except RconAuthError as exc:
-            self._unreachable(name, f"password refused ({exc})")
-        except (RconConnectError, RconError) as exc:
-            self._unreachable(name, str(exc))
-        else:
-            return server
-        await server.close()
-        return None
+        except RconError as exc:
+            self.auth_refused = isinstance(exc, RconAuthError)
+            reason = f"password refused ({exc})" if self.auth_refused else str(exc)
+            self._failed(reason)
+            await server.close()
+            return None
+        self.auth_refused = False
+        return server
 
-    def _unreachable(self, name: str, reason: str) -> None:
-        self.report.unreachable[name] = reason
-        log.error("server %s: %s; its commands stay pending for a later pass", name, reason)
+    def _failed(self, reason: str) -> None:
+        if reason != self.last_error:
+            log.error("server %s: %s; its commands stay pending", self.name, reason)
+        self.last_error = reason
+        self.engine.report.unreachable[self.name] = reason
+        self.engine.telemetry.delivery_failed(self.name, reason)
 
-    async def _send(self, name: str, server: GameServer, row: JournalRow) -> bool:
-        """Deliver one row; False when the server is unusable for the rest of the pass."""
-        who = self._names.get(row.customer_id, row.customer_id)
-        await self.store.mark_attempt(row.id)
+    async def _send(self, row: JournalRow) -> bool:
+        """Deliver one row; False when the server is unusable for now."""
+        engine = self.engine
+        if self.server is None:
+            self.server = await self._connect()
+            if self.server is None:
+                return False
+        who = engine.names.get(row.customer_id, row.customer_id)
+        await engine.store.mark_attempt(row.id)
         try:
-            reply = await server.run(row.command)
+            reply = await self.server.run(row.command)
         except CommandTooLong as exc:
-            await self.store.mark_failed(row.id, str(exc), utcnow())
-            self.report.failed[name] += 1
-            log.error("refused server=%s customer=%s: %s", name, who, exc)
+            await engine.store.mark_failed(row.id, str(exc), utcnow())
+            engine.report.failed[self.name] += 1
+            engine.telemetry.command_finished(self.name, "failed")
+            log.error("refused server=%s customer=%s: %s", self.name, who, exc)
             return True
         except RconError as exc:
             # The command may or may not have run; it stays pending and is sent
-            # again next pass (the one in flight when the link broke).
-            self._unreachable(name, f"{exc} while sending command #{row.id}")
+            # again later (the one in flight when the link broke).
+            await self.close()
+            self._failed(f"{exc} while sending journal row {row.id}")
             return False
-        await self.store.mark_delivered(row.id, utcnow())
-        self.report.delivered[name] += 1
+        if self.last_error is not None:
+            log.info("server %s: delivering again", self.name)
+            self.last_error = None
+        await engine.store.mark_delivered(row.id, utcnow())
+        engine.report.delivered[self.name] += 1
+        engine.report.unreachable.pop(self.name, None)
+        engine.telemetry.command_finished(self.name, "delivered")
         log.info(
             "delivered server=%s customer=%s product=%s event=%s: %s",
-            name, who, row.product, row.event, row.command,
+            self.name, who, row.product, row.event, row.command,
         )  # fmt: skip
         if reply.strip():
-            log.debug("server %s replied: %s", name, reply.strip()[:500])
+            log.debug("server %s replied: %s", self.name, printable(reply.strip(), 500))
         return True
+
+
+class SyncPass:
+    """One `--sync-now` pass over every linked customer and every server."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        server_factory: ServerFactory,
+        *,
+        dry_run_output: Callable[[str], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.workers = [
+            ServerWorker(engine, name, server_factory, dry_run_output=dry_run_output)
+            for name in engine.settings.servers
+        ]
+        self._polling_done = asyncio.Event()
+
+    async def run(self) -> PassReport:
+        tasks = [asyncio.create_task(self._deliver(w)) for w in self.workers]
+        try:
+            await self._poll_all(self.engine.settings.customers)
+            # After the polls, so that a renewal they just saw is not expired.
+            await self.engine.sweep_expiries()
+        finally:
+            self._polling_done.set()
+            for worker in self.workers:
+                worker.wake.set()
+            await asyncio.gather(*tasks)
+        report = self.engine.report
+        for counts in await self.engine.store.server_counts():
+            if counts.pending:
+                report.pending_left[counts.server] = counts.pending
+        return report
+
+    async def _poll_all(self, links: Sequence[CustomerLink]) -> None:
+        queue = iter(enumerate(links))
+
+        async def poller() -> None:
+            for index, link in queue:
+                await self.engine.poll(index, link)
+
+        size = min(self.engine.settings.sync.concurrency, len(links)) or 1
+        await asyncio.gather(*(poller() for _ in range(size)))
+
+    async def _deliver(self, worker: ServerWorker) -> None:
+        """Keep delivering as rows arrive; one connection; stop at the first failure."""
+        try:
+            while True:
+                worker.wake.clear()
+                done = self._polling_done.is_set()
+                if not await worker.deliver_available() or done:
+                    return
+                await worker.wake.wait()
+        finally:
+            await worker.close()
 
 
 def make_server_factory(settings: Settings) -> ServerFactory:
@@ -336,7 +478,3 @@ def make_server_factory(settings: Settings) -> ServerFactory:
         )
 
     return factory
-
-
-def pending_by_server(counts: Mapping[str, int]) -> str:
-    return ", ".join(f"{server}: {n}" for server, n in sorted(counts.items()))

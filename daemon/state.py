@@ -78,6 +78,22 @@ class SeenItem:
     item_id: str
     product: str
     state: str
+    # When the item ends (override_expires_at, else expires_at); for local expiry.
+    expires_at: datetime | None = None
+    # The item's JSON as the API sent it, to render on_expire without the API.
+    raw: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DueExpiry:
+    """A granted item whose expiry has passed: on_expire runs without asking the API."""
+
+    label: str
+    customer_raw: str
+    item_raw: str
+    server: str
+    cycle: int
+    expires_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +147,7 @@ class Store(Protocol):
         marks: Mapping[MarkKey, Mark],
         entries: Sequence[JournalEntry],
         synced_at: datetime,
+        customer_raw: str | None = None,
     ) -> list[int]:
         """Atomically: upsert the customer's link row (clearing its error), the
         seen items' last state, the changed marks, and insert the journal
@@ -143,6 +160,18 @@ class Store(Protocol):
         A mark must name an item in `seen` or stored before, and every cycle
         must be >= 1; otherwise (or on any other database error) this raises
         `StoreError` and nothing of the pass is stored."""
+        ...
+
+    async def due_expiries(self, cutoff: datetime) -> list[DueExpiry]:
+        """GRANTED marks of items last seen active/renewed whose expiry is at or
+        before `cutoff` (now minus the grace), with the JSON to render from."""
+        ...
+
+    async def commit_expiry(
+        self, marks: Mapping[MarkKey, Mark], entries: Sequence[JournalEntry], at: datetime
+    ) -> list[int]:
+        """Atomically store the marks and journal entries of local expiries
+        (same duplicate rule as commit_pass). Returns the new row ids."""
         ...
 
     async def record_error(self, label: str, error: str, at: datetime) -> None:

@@ -41,6 +41,7 @@ from typing import Any, Final
 from daemon.diff import Mark, MarkKey, Phase
 from daemon.state import (
     CustomerStatus,
+    DueExpiry,
     JournalEntry,
     JournalRow,
     JournalStatus,
@@ -154,6 +155,30 @@ def _v1(conn: sqlite3.Connection) -> None:
     )
 
 
+@migration("local expiry: item expiry and JSON, customer JSON, the 'lapsed' phase")
+def _v2(conn: sqlite3.Connection) -> None:
+    _run(
+        conn,
+        [
+            "ALTER TABLE items ADD COLUMN expires_at TEXT",
+            "ALTER TABLE items ADD COLUMN raw TEXT",
+            "ALTER TABLE links ADD COLUMN customer_raw TEXT",
+            "CREATE INDEX items_expiry ON items (expires_at) WHERE expires_at IS NOT NULL",
+            # SQLite cannot change a CHECK constraint in place: rebuild marks.
+            """CREATE TABLE marks_v2 (
+                item_id TEXT NOT NULL REFERENCES items (item_id),
+                server  TEXT NOT NULL,
+                phase   TEXT NOT NULL CHECK (phase IN ('granted', 'ended', 'lapsed')),
+                cycle   INTEGER NOT NULL CHECK (cycle >= 1),
+                PRIMARY KEY (item_id, server)
+            ) STRICT, WITHOUT ROWID""",
+            "INSERT INTO marks_v2 SELECT item_id, server, phase, cycle FROM marks",
+            "DROP TABLE marks",
+            "ALTER TABLE marks_v2 RENAME TO marks",
+        ],
+    )
+
+
 # --- times -------------------------------------------------------------------
 
 
@@ -174,12 +199,14 @@ def _dt_or_none(text: str | None) -> datetime | None:
 # --- statements (module constants, so sqlite3's statement cache reuses them) ---
 
 _UPSERT_LINK = """
-INSERT INTO links (label, customer_id, name, last_synced_at, last_error, last_error_at)
-VALUES (?, ?, ?, ?, NULL, NULL)
+INSERT INTO links (label, customer_id, name, last_synced_at, last_error, last_error_at,
+                   customer_raw)
+VALUES (?, ?, ?, ?, NULL, NULL, ?)
 ON CONFLICT (label) DO UPDATE SET
     customer_id = excluded.customer_id,
     name = excluded.name,
     last_synced_at = excluded.last_synced_at,
+    customer_raw = coalesce(excluded.customer_raw, links.customer_raw),
     last_error = NULL,
     last_error_at = NULL
 """
@@ -192,13 +219,27 @@ ON CONFLICT (label) DO UPDATE SET
 """
 
 _UPSERT_ITEM = """
-INSERT INTO items (item_id, customer_id, product, state, first_seen_at, last_seen_at)
-VALUES (?1, ?2, ?3, ?4, ?5, ?5)
+INSERT INTO items (item_id, customer_id, product, state, first_seen_at, last_seen_at,
+                   expires_at, raw)
+VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7)
 ON CONFLICT (item_id) DO UPDATE SET
     customer_id = excluded.customer_id,
     product = excluded.product,
     state = excluded.state,
-    last_seen_at = excluded.last_seen_at
+    last_seen_at = excluded.last_seen_at,
+    expires_at = excluded.expires_at,
+    raw = coalesce(excluded.raw, items.raw)
+"""
+
+_DUE_EXPIRIES = """
+SELECT l.label, l.customer_raw, i.raw, m.server, m.cycle, i.expires_at
+FROM items AS i
+JOIN marks AS m ON m.item_id = i.item_id AND m.phase = 'granted'
+JOIN links AS l ON l.customer_id = i.customer_id
+WHERE i.expires_at IS NOT NULL AND i.expires_at <= ?
+  AND i.state IN ('active', 'renewed')
+  AND i.raw IS NOT NULL AND l.customer_raw IS NOT NULL
+ORDER BY i.expires_at, i.item_id, m.server
 """
 
 _UPSERT_MARK = """
@@ -428,9 +469,50 @@ class SqliteStore:
         marks: Mapping[MarkKey, Mark],
         entries: Sequence[JournalEntry],
         synced_at: datetime,
+        customer_raw: str | None = None,
     ) -> list[int]:
         at = _ts(synced_at)
-        item_rows = [(s.item_id, customer_id, s.product, s.state, at) for s in seen]
+        item_rows = [
+            (
+                s.item_id,
+                customer_id,
+                s.product,
+                s.state,
+                at,
+                None if s.expires_at is None else _ts(s.expires_at),
+                s.raw,
+            )
+            for s in seen
+        ]
+        with self._transaction(f"store the pass of {label} (customer {customer_id})") as conn:
+            conn.execute(_UPSERT_LINK, (label, customer_id, customer_name, at, customer_raw))
+            if item_rows:
+                conn.executemany(_UPSERT_ITEM, item_rows)
+            return self._journal(conn, marks, entries, at)
+
+    async def due_expiries(self, cutoff: datetime) -> list[DueExpiry]:
+        with self._errors("read the items due to expire") as conn:
+            return [
+                DueExpiry(label, customer_raw, item_raw, server, cycle, _dt(expires_at))
+                for label, customer_raw, item_raw, server, cycle, expires_at in conn.execute(
+                    _DUE_EXPIRIES, (_ts(cutoff),)
+                )
+            ]
+
+    async def commit_expiry(
+        self, marks: Mapping[MarkKey, Mark], entries: Sequence[JournalEntry], at: datetime
+    ) -> list[int]:
+        with self._transaction("store local expiries") as conn:
+            return self._journal(conn, marks, entries, _ts(at))
+
+    @staticmethod
+    def _journal(
+        conn: sqlite3.Connection,
+        marks: Mapping[MarkKey, Mark],
+        entries: Sequence[JournalEntry],
+        at: str,
+    ) -> list[int]:
+        """Store marks and journal entries inside the caller's transaction."""
         mark_rows = [
             (item_id, server, str(mark.phase), mark.cycle)
             for (item_id, server), mark in marks.items()
@@ -452,22 +534,17 @@ class SqliteStore:
             )
             for e in entries
         ]
-        with self._transaction(f"store the pass of {label} (customer {customer_id})") as conn:
-            conn.execute(_UPSERT_LINK, (label, customer_id, customer_name, at))
-            if item_rows:
-                conn.executemany(_UPSERT_ITEM, item_rows)
-            if mark_rows:
-                conn.executemany(_UPSERT_MARK, mark_rows)
-            if not entry_rows:
-                return []
-            # We hold the write lock and ids only grow: the rows above the
-            # current maximum are exactly the ones this statement inserts.
-            last = conn.execute("SELECT coalesce(max(id), 0) FROM journal").fetchone()[0]
-            conn.executemany(_INSERT_ENTRY, entry_rows)
-            return [
-                r[0]
-                for r in conn.execute("SELECT id FROM journal WHERE id > ? ORDER BY id", (last,))
-            ]
+        if mark_rows:
+            conn.executemany(_UPSERT_MARK, mark_rows)
+        if not entry_rows:
+            return []
+        # We hold the write lock and ids only grow: the rows above the
+        # current maximum are exactly the ones this statement inserts.
+        last = conn.execute("SELECT coalesce(max(id), 0) FROM journal").fetchone()[0]
+        conn.executemany(_INSERT_ENTRY, entry_rows)
+        return [
+            r[0] for r in conn.execute("SELECT id FROM journal WHERE id > ? ORDER BY id", (last,))
+        ]
 
     async def record_error(self, label: str, error: str, at: datetime) -> None:
         with self._errors(f"record the error of {label}") as conn:
