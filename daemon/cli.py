@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
-import signal
 import sqlite3
 import sys
 import tempfile
@@ -26,6 +24,7 @@ from daemon.engine import Engine, PassReport, SyncPass, make_server_factory
 from daemon.paynow import PayNowClient, make_session
 from daemon.placeholders import printable
 from daemon.state import Store, StoreError, open_store
+from daemon.state_lock import LockedError, state_lock
 
 log = logging.getLogger("perksync")
 
@@ -109,9 +108,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
         if args.command == "status":
             return asyncio.run(_status(settings))
-        if args.sync_now:
-            return asyncio.run(_sync_now(settings, dry_run=args.dry_run))
-        return asyncio.run(_serve(settings))
+        if args.sync_now and args.dry_run:
+            return asyncio.run(_sync_now(settings, dry_run=True))
+        with state_lock(settings.state_db_path):
+            if args.sync_now:
+                return asyncio.run(_sync_now(settings, dry_run=False))
+            return asyncio.run(_serve(path, settings))
+    except LockedError as exc:
+        log.error("%s", exc)
+        return EXIT_UNEXPECTED
     except StoreError as exc:
         log.error("state store: %s", exc)
         return EXIT_UNEXPECTED
@@ -169,25 +174,15 @@ async def _sync_now(settings: Settings, *, dry_run: bool) -> int:
     return report.exit_code
 
 
-async def _serve(settings: Settings) -> int:
-    """Service mode: a pass every `sync.interval_seconds` until SIGTERM/SIGINT."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+async def _serve(config_path: Path, settings: Settings) -> int:
+    """Service mode (daemon/service.py) until SIGTERM/SIGINT."""
+    from daemon.service import Service  # APScheduler and prometheus only here
+
     store = open_store(str(settings.state_db_path))
-    log.info("perksync %s started: %d customers, %d servers", __version__,
-             len(settings.customers), len(settings.servers))  # fmt: skip
     try:
-        while not stop.is_set():
-            report = await _run_pass(settings, store, dry_run=False)
-            log.info("%s", report.summary())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), settings.sync.interval_seconds)
+        return await Service(config_path, settings, store).run()
     finally:
         await store.close()
-    log.info("perksync stopped")
-    return EXIT_OK
 
 
 def _when(moment: datetime | None) -> str:

@@ -61,7 +61,7 @@ class PayNowSettings(_Section):
 
 class SyncSettings(_Section):
     state_db: str = "/var/lib/perksync/state.sqlite3"
-    interval_seconds: Annotated[float, Field(ge=5, le=86_400)] = 60.0
+    interval_seconds: Annotated[float, Field(ge=1, le=86_400)] = 60.0
     concurrency: Annotated[int, Field(ge=1, le=1000)] = 16
     expiry_grace_seconds: Annotated[float, Field(ge=0, le=86_400)] = 60.0
 

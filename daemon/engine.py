@@ -167,7 +167,7 @@ class Engine:
         self.report = PassReport()
         self.names: dict[str, str] = {}  # customer id → display text for log lines
         self.wakers: dict[str, asyncio.Event] = {}  # server → its worker's wake-up
-        self._auth_logged: set[str] = set()  # labels whose token rejection was logged
+        self.auth_failures: set[str] = set()  # labels whose token PayNow rejects (logged once)
 
     def wake(self, server: str) -> None:
         waker = self.wakers.get(server)
@@ -185,15 +185,15 @@ class Engine:
             items = await self.paynow.fetch_inventory(token)
         except PayNowError as exc:
             self._poll_failed(label, exc.kind, str(exc))
-            if isinstance(exc, PayNowAuthError) and label in self._auth_logged:
+            if isinstance(exc, PayNowAuthError) and label in self.auth_failures:
                 log.debug("customer %s: %s (still)", label, exc)
             else:
                 log.error("customer %s: %s; nothing changed for this customer", label, exc)
             if isinstance(exc, PayNowAuthError):
-                self._auth_logged.add(label)
+                self.auth_failures.add(label)
             await self.store.record_error(label, str(exc), utcnow())
             return False
-        self._auth_logged.discard(label)
+        self.auth_failures.discard(label)
         try:
             await self._apply(label, customer, items)
         except Exception as exc:  # one broken customer never stops the others

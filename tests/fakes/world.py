@@ -143,6 +143,30 @@ class World:
         path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
         return path
 
+    def start_service(
+        self, *args: str, env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen[str]:
+        """Start `python -m daemon --config <folder>/config.yaml` (service mode).
+
+        Its log goes to <folder>/service.log (appended, so restarts add to it).
+        """
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("PERKSYNC_")}
+        full_env["PYTHONPATH"] = str(REPO)
+        full_env.update(env or {})
+        log = (self.folder / "service.log").open("a")
+        return subprocess.Popen(
+            [sys.executable, "-m", "daemon", "--config", str(self.folder / "config.yaml"), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=full_env,
+            cwd=self.folder,
+        )
+
+    def service_log(self) -> str:
+        path = self.folder / "service.log"
+        return path.read_text() if path.exists() else ""
+
     def run_cli(
         self, *args: str, env: Mapping[str, str] | None = None, timeout: float = 60
     ) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,303 @@
+"""Service mode (plain `perksync`) as a subprocess against the loopback fakes.
+
+SIGTERM, SIGHUP with good and bad configs, kill -9 at random moments, a server
+down then back, the API down then back, local expiry with the API down, a new
+activation reaching the server within one interval, systemd notifications.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fakes.paynow_api import iso
+from tests.fakes.world import RCON_PASSWORD, World
+
+VIP: dict[str, Any] = {
+    "on_active": ["lp user {customer.minecraft_uuid} parent add vip {item.id}"],
+    "on_expire": ["lp user {customer.minecraft_uuid} parent remove vip {item.id}"],
+    "on_revoke": ["lp user {customer.minecraft_uuid} parent remove vip {item.id}"],
+}
+FAST = {"sync": {"interval_seconds": 1, "expiry_grace_seconds": 0}}
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    with World(tmp_path, {"survival": "minecraft"}) as w:
+        yield w
+
+
+@pytest.fixture
+def services(world: World) -> Iterator[list[subprocess.Popen[str]]]:
+    """Started services are killed at the end of the test, whatever happened."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = world.service_log()
+    assert "Traceback" not in log, log
+    assert RCON_PASSWORD not in log
+    for token in world.tokens:
+        assert token not in log
+
+
+def start(world: World, services: list[subprocess.Popen[str]], **env: str) -> subprocess.Popen[str]:
+    proc = world.start_service(env=env)
+    services.append(proc)
+    return proc
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return check()
+
+
+def grant(world: World, token: str, item: str) -> str:
+    uuid = world.paynow.customer(token)["minecraft_uuid"]
+    return f"lp user {uuid} parent add vip {item}"
+
+
+def remove(world: World, token: str, item: str) -> str:
+    uuid = world.paynow.customer(token)["minecraft_uuid"]
+    return f"lp user {uuid} parent remove vip {item}"
+
+
+def test_new_activation_reaches_the_server_within_one_interval(
+    world: World, services: list[subprocess.Popen[str]]
+) -> None:
+    token, _ = world.add_customer(platform="minecraft")
+    first = world.add_item(token, "vip")
+    world.config({"vip": VIP}, extra={"sync": {"interval_seconds": 2}})
+    start(world, services)
+    assert wait_until(lambda: world.received("survival") == [grant(world, token, first)])
+    second = world.add_item(token, "vip")
+    added = time.monotonic()
+    assert wait_until(lambda: grant(world, token, second) in world.received("survival"))
+    # One interval (2 s) plus jitter (0.2 s) plus a little slack for a busy machine.
+    assert time.monotonic() - added < 2 + 0.2 + 1.5
+    assert world.received("survival") == [grant(world, token, first), grant(world, token, second)]
+
+
+def test_sigterm_finishes_the_command_in_flight_and_exits_0(
+    world: World, services: list[subprocess.Popen[str]]
+) -> None:
+    token, _ = world.add_customer(platform="minecraft")
+    items = [world.add_item(token, "vip") for _ in range(6)]
+    world.config({"vip": VIP}, extra=FAST)
+    world.sync(setattr, world.rcon["survival"], "latency", 0.8)
+    proc = start(world, services)
+    assert wait_until(lambda: len(world.received("survival")) >= 1)
+    sent_at = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0
+    assert time.monotonic() - sent_at < 10
+    assert "perksync stopped" in world.service_log()
+    delivered_before = len(world.received("survival"))
+    assert delivered_before < len(items)
+    # The rest is delivered by the next run; nothing twice (the stop was clean).
+    world.sync(setattr, world.rcon["survival"], "latency", 0.0)
+    result = world.run_cli("--sync-now")
+    assert result.returncode == 0, result.stderr
+    assert sorted(world.received("survival")) == sorted(grant(world, token, i) for i in items)
+
+
+def test_sighup_reloads_and_a_bad_config_keeps_the_old_one(
+    world: World, services: list[subprocess.Popen[str]]
+) -> None:
+    token, customer = world.add_customer(platform="minecraft", name="hugo")
+    vip = world.add_item(token, "vip")
+    world.add_item(token, "kit")
+    world.config({"vip": VIP}, extra=FAST)
+    proc = start(world, services)
+    assert wait_until(lambda: world.received("survival") == [grant(world, token, vip)])
+
+    kit = {"on_active": ["give {customer.name} diamond 1"]}
+    world.config({"vip": VIP, "kit": kit}, extra=FAST)
+    proc.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: "give hugo diamond 1" in world.received("survival"))
+    assert "config reloaded" in world.service_log()
+
+    broken = {"vip": VIP, "kit": {"on_active": ["give {customer.nmae} diamond 1"]}}
+    world.config(broken, extra=FAST)
+    proc.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: "config reload rejected" in world.service_log())
+    assert "products.kit.on_active[0]: unknown placeholder {customer.nmae}" in world.service_log()
+    # Still running on the old config: a new purchase is delivered.
+    again = world.add_item(token, "vip")
+    assert wait_until(lambda: grant(world, token, again) in world.received("survival"))
+    assert proc.poll() is None
+    assert world.received("survival").count("give hugo diamond 1") == 1
+    assert customer["name"] == "hugo"
+
+
+def test_server_down_then_back_gets_its_backlog_once(
+    world: World, services: list[subprocess.Popen[str]]
+) -> None:
+    token, _ = world.add_customer(platform="minecraft")
+    items = [world.add_item(token, "vip") for _ in range(3)]
+    world.config({"vip": VIP}, extra=FAST)
+    world.call(world.rcon["survival"].go_down())
+    start(world, services)
+    assert wait_until(lambda: "server survival:" in world.service_log())
+    time.sleep(2)
+    world.call(world.rcon["survival"].come_up())
+    expected = sorted(grant(world, token, i) for i in items)
+    assert wait_until(lambda: sorted(world.received("survival")) == expected, timeout=20)
+    time.sleep(2.5)  # more polls and retries: still exactly once
+    assert sorted(world.received("survival")) == expected
+
+
+def test_api_down_then_back(world: World, services: list[subprocess.Popen[str]]) -> None:
+    token, _ = world.add_customer(platform="minecraft")
+    item = world.add_item(token, "vip")
+    world.config({"vip": VIP}, extra=FAST)
+    world.sync(world.paynow.fault, None, "status", status=503, times=None)
+    start(world, services)
+    assert wait_until(lambda: world.sync(world.paynow.count) >= 2)
+    assert world.received("survival") == []
+    world.sync(world.paynow.clear_faults)
+    assert wait_until(lambda: world.received("survival") == [grant(world, token, item)], 30)
+
+
+def test_local_expiry_runs_with_the_api_down_and_never_twice(
+    world: World, services: list[subprocess.Popen[str]]
+) -> None:
+    token, _ = world.add_customer(platform="minecraft")
+    item = world.add_item(token, "vip", expirable=True)
+    soon = datetime.now(UTC) + timedelta(seconds=3)
+    world.sync(world.paynow.update_item, token, item, expires_at=iso(soon))
+    world.config({"vip": VIP}, extra=FAST)
+    start(world, services)
+    assert wait_until(lambda: world.received("survival") == [grant(world, token, item)])
+    world.sync(world.paynow.fault, None, "status", status=503, times=None)
+    assert wait_until(lambda: remove(world, token, item) in world.received("survival"))
+    assert datetime.now(UTC) >= soon
+    assert "expired at" in world.service_log()
+    # The API comes back and reports the item used: nothing runs again.
+    world.sync(world.paynow.clear_faults)
+    world.set_state(token, item, "used")
+    time.sleep(3)
+    assert world.received("survival") == [grant(world, token, item), remove(world, token, item)]
+
+
+def test_renewal_after_local_expiry_grants_again_once(
+    world: World, services: list[subprocess.Popen[str]]
+) -> None:
+    token, _ = world.add_customer(platform="minecraft")
+    item = world.add_item(token, "vip", expirable=True)
+    soon = datetime.now(UTC) + timedelta(seconds=2)
+    world.sync(world.paynow.update_item, token, item, expires_at=iso(soon))
+    world.config({"vip": VIP}, extra=FAST)
+    start(world, services)
+    assert wait_until(lambda: remove(world, token, item) in world.received("survival"))
+    later = datetime.now(UTC) + timedelta(days=30)
+    world.sync(world.paynow.update_item, token, item, expires_at=iso(later))
+    expected = [grant(world, token, item), remove(world, token, item), grant(world, token, item)]
+    assert wait_until(lambda: world.received("survival") == expected)
+    time.sleep(2.5)
+    assert world.received("survival") == expected
+
+
+def test_kill_9_at_random_moments_loses_nothing(
+    world: World, services: list[subprocess.Popen[str]]
+) -> None:
+    rng = random.Random(20261125)
+    tokens = [world.add_customer(platform="minecraft")[0] for _ in range(4)]
+    items = {t: [world.add_item(t, "vip") for _ in range(15)] for t in tokens}
+    world.config({"vip": VIP}, extra=FAST)
+    world.sync(setattr, world.rcon["survival"], "latency", 0.02)
+    kills = 0
+    for _ in range(6):
+        proc = start(world, services)
+        time.sleep(rng.uniform(0.4, 1.6))
+        proc.kill()
+        proc.wait()
+        kills += 1
+    proc = start(world, services)
+    expected = {grant(world, t, i) for t in tokens for i in items[t]}
+    assert wait_until(lambda: set(world.received("survival")) >= expected, timeout=40)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0
+    received = world.received("survival")
+    assert set(received) == expected  # nothing lost, nothing invented
+    assert len(received) - len(expected) <= kills  # at most one repeat per kill
+    # Each customer's grants arrived in journal order (item order) despite the kills.
+    for token in tokens:
+        own = [c for c in dict.fromkeys(received) if c.startswith(grant(world, token, "")[:-1])]
+        assert own == [grant(world, token, i) for i in items[token]]
+
+
+def test_rejected_token_is_logged_once(world: World, services: list[subprocess.Popen[str]]) -> None:
+    good, _ = world.add_customer(platform="minecraft")
+    item = world.add_item(good, "vip")
+    bad, _ = world.add_customer(platform="minecraft")
+    world.config({"vip": VIP}, extra=FAST)
+    world.sync(world.paynow.remove_customer, bad)
+    start(world, services)
+    assert wait_until(lambda: world.received("survival") == [grant(world, good, item)])
+    time.sleep(3)  # three more intervals
+    rejected = [
+        line for line in world.service_log().splitlines() if "token_file secrets/token1" in line
+    ]
+    assert len(rejected) == 1, rejected
+    assert world.sync(world.paynow.count, None, bad) == 1
+
+
+def test_second_delivering_process_is_refused(
+    world: World, services: list[subprocess.Popen[str]]
+) -> None:
+    token, _ = world.add_customer(platform="minecraft")
+    world.add_item(token, "vip")
+    world.config({"vip": VIP}, extra=FAST)
+    start(world, services)
+    assert wait_until(lambda: len(world.received("survival")) == 1)
+    result = world.run_cli("--sync-now")
+    assert result.returncode == 1
+    assert "another perksync (pid" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert world.run_cli("status").returncode == 0  # reading is fine
+
+
+def test_systemd_notifications(
+    world: World, services: list[subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    token, _ = world.add_customer(platform="minecraft")
+    world.add_item(token, "vip")
+    world.config({"vip": VIP}, extra=FAST)
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(10)
+    try:
+        proc = start(world, services, NOTIFY_SOCKET=path, WATCHDOG_USEC="1000000")
+        messages: list[str] = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (
+            any("READY=1" in m for m in messages)
+            and sum("WATCHDOG=1" in m for m in messages) >= 2
+            and any("STATUS=" in m for m in messages)
+        ):
+            messages.append(sock.recv(4096).decode())
+        assert any("READY=1" in m for m in messages), messages
+        assert sum("WATCHDOG=1" in m for m in messages) >= 2, messages
+        proc.send_signal(signal.SIGTERM)
+        while "STOPPING=1" not in messages[-1]:
+            messages.append(sock.recv(4096).decode())
+        assert proc.wait(timeout=10) == 0
+    finally:
+        sock.close()
