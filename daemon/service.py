@@ -183,6 +183,8 @@ class Service:
                 self.auth_rejected.pop(label, None)
             elif label in self.engine.auth_failures:
                 self.auth_rejected[label] = time.monotonic()
+        except asyncio.CancelledError:
+            return  # stopping: a poll commits atomically, so nothing half-done remains
         finally:
             self.polling.discard(label)
             if task is not None:
