@@ -36,6 +36,7 @@ from daemon.placeholders import Template, TemplateError, parse_template
 DEFAULT_CONFIG_PATH = Path("/etc/perksync/config.yaml")
 EVENT_KEYS = ("on_active", "on_expire", "on_revoke")
 
+_VARIABLE = re.compile(r"\$\{(\w+)\}|\$(\w+)")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -283,7 +284,12 @@ def _read_secret(
             raise ConfigError(f"{where}.{prefix}_env: environment variable {env_name} is not set")
         return SecretStr(value.strip())
     if file_name:
-        path = Path(os.path.expandvars(file_name)).expanduser()
+        unset = [m[1] or m[2] for m in _VARIABLE.finditer(file_name) if (m[1] or m[2]) not in env]
+        if unset:
+            raise ConfigError(f"{where}.{prefix}_file: environment variable {unset[0]} is not set")
+        # ${CREDENTIALS_DIRECTORY} is how systemd's LoadCredential= is reached.
+        expanded = _VARIABLE.sub(lambda m: env[m[1] or m[2]], file_name)
+        path = Path(expanded).expanduser()
         path = path if path.is_absolute() else base_dir / path
         try:
             value = path.read_text(encoding="utf-8").strip()

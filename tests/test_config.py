@@ -191,3 +191,21 @@ def test_example_config_is_valid(tmp_path: Path) -> None:
     settings = load_settings(path, env=env)
     assert set(settings.servers) == {"survival", "jailbreak"}
     assert set(settings.products) == {"vip", "jailbreak-warden"}
+
+
+def test_credentials_directory_is_expanded(tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "bob").write_text("tok-from-credentials\n")
+    text = GOOD.replace("token_file: tokens/b", "token_file: ${CREDENTIALS_DIRECTORY}/bob")
+    env = {**ENV, "CREDENTIALS_DIRECTORY": str(creds)}
+    settings = load_settings(write(tmp_path, text), env=env)
+    assert settings.customers[1].secret.get_secret_value() == "tok-from-credentials"
+
+
+def test_unset_variable_in_secret_path_is_named(tmp_path: Path) -> None:
+    text = GOOD.replace("token_file: tokens/b", "token_file: ${CREDENTIALS_DIRECTORY}/bob")
+    message = error_of(tmp_path, text)
+    assert (
+        message == "customers[1].token_file: environment variable CREDENTIALS_DIRECTORY is not set"
+    )
