@@ -36,6 +36,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from daemon import __version__, notify
 from daemon.config import ConfigError, CustomerLink, Settings, load_settings
 from daemon.engine import Engine, PassReport, ServerWorker
+from daemon.http_api import start_http, stop_http
 from daemon.metrics import PrometheusTelemetry
 from daemon.paynow import PayNowClient, RateLimiter, make_session
 from daemon.state import Store
@@ -66,6 +67,7 @@ class Service:
         self.workers: dict[str, ServerWorker] = {}
         self.worker_tasks: dict[str, asyncio.Task[None]] = {}
         self.polling: set[str] = set()  # labels being polled right now
+        self.job_labels: dict[str, str] = {}  # scheduler job id → link label
         self.poll_tasks: set[asyncio.Task[Any]] = set()
         self.auth_rejected: dict[str, float] = {}  # label → monotonic time of the 401/403
         self.semaphore = asyncio.Semaphore(settings.sync.concurrency)
@@ -96,8 +98,6 @@ class Service:
             )  # fmt: skip
             self.scheduler.start()
             if self.settings.http.listen:
-                from daemon.http_api import start_http
-
                 http_runner = await start_http(self.settings.http.listen, self.telemetry)
             log.info(
                 "perksync %s started: %d customers every %gs, %d servers",
@@ -111,7 +111,7 @@ class Service:
             await self._shutdown()
         finally:
             if http_runner is not None:
-                await http_runner.cleanup()
+                await stop_http(http_runner)
             await self.session.close()
         log.info("perksync stopped")
         return 0
@@ -149,7 +149,9 @@ class Service:
         links = self.settings.customers
         now = datetime.now(UTC)
         jitter = min(interval * 0.1, 5.0)
+        self.job_labels.clear()
         for index, link in enumerate(links):
+            self.job_labels[f"poll:{index}"] = link.describe(index)
             # Spread the first runs evenly over one interval.
             first = now + timedelta(seconds=interval * index / max(1, len(links)))
             self.scheduler.add_job(
@@ -191,7 +193,9 @@ class Service:
                 self.poll_tasks.discard(task)
 
     def _skipped(self, event: JobExecutionEvent) -> None:
-        self.telemetry.poll_skipped(str(event.job_id))
+        label = self.job_labels.get(str(event.job_id))
+        if label is not None:
+            self.telemetry.poll_skipped(label)
 
     async def _sweep(self) -> None:
         assert self.engine is not None

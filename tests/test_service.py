@@ -301,3 +301,38 @@ def test_systemd_notifications(
         assert proc.wait(timeout=10) == 0
     finally:
         sock.close()
+
+
+def test_healthz_and_metrics_on_loopback(
+    world: World, services: list[subprocess.Popen[str]]
+) -> None:
+    import urllib.request
+
+    from tests.fakes.rcon_server import unused_port
+
+    token, _ = world.add_customer(platform="minecraft")
+    world.add_item(token, "vip")
+    port = unused_port()
+    world.config({"vip": VIP}, extra={**FAST, "http": {"listen": f"127.0.0.1:{port}"}})
+    start(world, services)
+    assert wait_until(lambda: len(world.received("survival")) == 1)
+
+    def get(path: str) -> tuple[int, str]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+
+    def delivered_metric() -> bool:
+        try:
+            return (
+                'perksync_commands_total{outcome="delivered",server="survival"} 1.0'
+                in get("/metrics")[1]
+            )
+        except OSError:
+            return False
+
+    assert wait_until(delivered_metric)
+    assert get("/healthz") == (200, "ok\n")
+    metrics = get("/metrics")[1]
+    assert "perksync_last_successful_sync_timestamp_seconds{customer=" in metrics
+    assert 'perksync_journal_backlog{server="survival"}' in metrics
+    assert token not in metrics
