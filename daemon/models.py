@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Self
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
 
@@ -25,14 +25,27 @@ _TIMESTAMP = re.compile(
     r"^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?"
     r"(Z|z|[+-]\d{2}:?\d{2})$"
 )
+# The shape the API sends: `T`, 0-6 fractional digits, `Z` or `+hh:mm`, ASCII
+# digits only. `datetime.fromisoformat` parses exactly this the same way.
+_CANONICAL = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}"
+    r"(?:\.[0-9]{1,6})?(?:Z|[+-][0-9]{2}:[0-9]{2})"
+)
 
 
 def parse_timestamp(text: str) -> datetime:
     """Parse an ISO 8601 timestamp with 0-9 fractional digits into an aware UTC datetime.
 
     `datetime.fromisoformat` rejects more than 6 fractional digits on some
-    versions, and the API sends anything from none to nanoseconds.
+    versions, and the API sends anything from none to nanoseconds; it also
+    accepts forms that are not timestamps (a bare date, week dates, no zone).
+    So it only parses what `_CANONICAL` has checked is the usual shape (about
+    5x faster than the general path: every item of every pass goes through
+    here); the general path handles the rest.
     """
+    if _CANONICAL.fullmatch(text):
+        moment = datetime.fromisoformat(text)
+        return moment if moment.tzinfo is UTC else moment.astimezone(UTC)
     match = _TIMESTAMP.match(text)
     if match is None:
         raise ValueError(f"not an ISO 8601 timestamp: {text[:40]!r}")
@@ -66,7 +79,10 @@ def _timestamp(value: Any) -> Any:
     return value
 
 
-Flake = Annotated[str, Field(pattern=r"^[0-9]{1,20}$"), BeforeValidator(_flake)]
+# Validated inside pydantic-core (no Python call per field: a page of 100 items
+# has about 900 flakes): a bare integer becomes its decimal string, anything
+# else but a string of 1-20 ASCII digits is refused.
+Flake = Annotated[str, Field(pattern=r"^[0-9]{1,20}$", coerce_numbers_to_str=True)]
 # The constraint must sit on the `str` branch: on `str | None` pydantic raises a
 # TypeError (not a ValidationError) when the API sends null.
 OptionalFlake = Flake | None
@@ -97,7 +113,24 @@ class GenericProfile(_ApiObject):
     avatar_url: str | None = None
 
 
-class Customer(_ApiObject):
+class _RawApiObject(_ApiObject):
+    """A top-level API object that keeps the JSON it was read from."""
+
+    _raw: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @property
+    def raw(self) -> dict[str, Any]:
+        """The JSON object exactly as the API sent it (for placeholders)."""
+        return self._raw
+
+    @classmethod
+    def from_api(cls, data: Any) -> Self:
+        obj = cls.model_validate(data)
+        obj._raw = data
+        return obj
+
+
+class Customer(_RawApiObject):
     id: Flake
     store_id: Flake
     profile: GenericProfile | None = None
@@ -112,19 +145,6 @@ class Customer(_ApiObject):
     updated_at: OptionalTimestamp = None
     metadata: dict[str, str] | None = None
 
-    _raw: dict[str, Any] = PrivateAttr(default_factory=dict)
-
-    @property
-    def raw(self) -> dict[str, Any]:
-        """The JSON object exactly as the API sent it (for placeholders)."""
-        return self._raw
-
-    @classmethod
-    def from_api(cls, data: Any) -> Customer:
-        customer = cls.model_validate(data)
-        customer._raw = data
-        return customer
-
 
 class PartialProduct(_ApiObject):
     id: Flake
@@ -134,7 +154,7 @@ class PartialProduct(_ApiObject):
     name: str
 
 
-class InventoryItem(_ApiObject):
+class InventoryItem(_RawApiObject):
     id: Flake
     store_id: Flake
     customer_id: Flake
@@ -154,19 +174,6 @@ class InventoryItem(_ApiObject):
     removed_at: OptionalTimestamp = None
     revoked_at: OptionalTimestamp = None
     revoke_reason: str | None = None
-
-    _raw: dict[str, Any] = PrivateAttr(default_factory=dict)
-
-    @property
-    def raw(self) -> dict[str, Any]:
-        """The JSON object exactly as the API sent it (for placeholders)."""
-        return self._raw
-
-    @classmethod
-    def from_api(cls, data: Any) -> InventoryItem:
-        item = cls.model_validate(data)
-        item._raw = data
-        return item
 
 
 # Placeholder paths that exist on every Customer / InventoryItem, as the API
