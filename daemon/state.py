@@ -163,8 +163,9 @@ class Store(Protocol):
         ...
 
     async def due_expiries(self, cutoff: datetime) -> list[DueExpiry]:
-        """GRANTED marks of items last seen active/renewed whose expiry is at or
-        before `cutoff` (now minus the grace), with the JSON to render from."""
+        """GRANTED marks of items last seen `active` (not `renewed`: that keeps
+        the perk) whose expiry is at or before `cutoff` (now minus the grace),
+        with the JSON to render from."""
         ...
 
     async def commit_expiry(

@@ -237,7 +237,7 @@ FROM items AS i
 JOIN marks AS m ON m.item_id = i.item_id AND m.phase = 'granted'
 JOIN links AS l ON l.customer_id = i.customer_id
 WHERE i.expires_at IS NOT NULL AND i.expires_at <= ?
-  AND i.state IN ('active', 'renewed')
+  AND i.state = 'active'  -- a `renewed` item keeps its perk (SPEC §7)
   AND i.raw IS NOT NULL AND l.customer_raw IS NOT NULL
 ORDER BY i.expires_at, i.item_id, m.server
 """

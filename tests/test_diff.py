@@ -330,3 +330,38 @@ def test_item_listed_twice_in_different_states_runs_nothing() -> None:
     assert result.marks == {}
     assert result.duplicates == [ITEM_A]
     assert result.disappeared == []
+
+
+# --------------------------------------------------------------- local expiry
+
+LAPSED = {(ITEM_A, "survival"): Mark(Phase.LAPSED, 1)}
+AFTER_EXPIRY = datetime(2023, 5, 12, tzinfo=UTC)  # the item's expires_at has passed
+
+
+def test_lapsed_item_still_active_with_the_old_expiry_runs_nothing() -> None:
+    result = diff_inventory(LAPSED, {ITEM_A}, [item(state="active")], VIP_ON_SURVIVAL, AFTER_EXPIRY)
+    assert result.events == []
+    assert result.marks == {}
+
+
+def test_lapsed_item_renewed_to_a_later_expiry_is_granted_again_as_a_new_cycle() -> None:
+    renewed = item(state="active", expires_at="2023-06-11T21:52:53Z")
+    result = diff_inventory(LAPSED, {ITEM_A}, [renewed], VIP_ON_SURVIVAL, AFTER_EXPIRY)
+    assert kinds(result) == [(ITEM_A, "survival", EventKind.ACTIVE)]
+    assert result.events[0].cycle == 2
+    assert result.marks == {(ITEM_A, "survival"): Mark(Phase.GRANTED, 2)}
+
+
+def test_override_expiry_counts_for_a_renewal() -> None:
+    extended = item(state="active", override_expires_at="2023-06-11T21:52:53Z")
+    result = diff_inventory(LAPSED, {ITEM_A}, [extended], VIP_ON_SURVIVAL, AFTER_EXPIRY)
+    assert [e.cycle for e in result.events] == [2]
+
+
+def test_lapsed_item_then_used_or_revoked_runs_nothing_more() -> None:
+    for state in ("used", "revoked"):
+        result = diff_inventory(
+            LAPSED, {ITEM_A}, [item(state=state)], VIP_ON_SURVIVAL, AFTER_EXPIRY
+        )
+        assert result.events == []
+        assert result.marks == {(ITEM_A, "survival"): Mark(Phase.ENDED, 1)}

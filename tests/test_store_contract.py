@@ -740,3 +740,65 @@ async def test_two_stores_on_the_same_database(opener: Opener) -> None:
         )
         == []
     )
+
+
+# --- local expiry ------------------------------------------------------------------
+
+
+def expiring(item_id: str, state: str, expires_at: datetime | None) -> SeenItem:
+    return SeenItem(item_id, "vip", state, expires_at, f'{{"id": "{item_id}"}}')
+
+
+@run_async
+async def test_due_expiries_are_granted_active_items_past_the_cutoff(opener: Opener) -> None:
+    store = opener()
+    await store.commit_pass(
+        "alice",
+        "100",
+        "Alice",
+        [
+            expiring("1", "active", T1),  # due
+            expiring("2", "active", T2),  # not yet
+            expiring("3", "renewed", T0),  # renewed keeps the perk
+            expiring("4", "active", T0),  # never granted
+            expiring("5", "active", None),  # never expires
+            SeenItem("6", "vip", "active", T0, None),  # no JSON to render from
+        ],
+        {
+            **granted(("1", "survival"), ("1", "jailbreak"), ("2", "survival")),
+            **granted(("3", "survival"), ("5", "survival"), ("6", "survival")),
+        },
+        [],
+        T0,
+        '{"id": "100"}',
+    )
+    due = await store.due_expiries(T1)
+    assert [(d.item_raw, d.server, d.cycle) for d in due] == [
+        ('{"id": "1"}', "jailbreak", 1),
+        ('{"id": "1"}', "survival", 1),
+    ]
+    assert {(d.label, d.customer_raw, d.expires_at) for d in due} == {
+        ("alice", '{"id": "100"}', T1)
+    }
+    assert await store.due_expiries(T0) == []
+
+
+@run_async
+async def test_commit_expiry_lapses_the_marks_and_journals_the_commands(opener: Opener) -> None:
+    store = opener()
+    await store.commit_pass(
+        "alice", "100", "Alice", [expiring("1", "active", T0)],
+        granted(("1", "survival")), [entry("1")], T0, '{"id": "100"}',
+    )  # fmt: skip
+    new = await store.commit_expiry(
+        {("1", "survival"): Mark(Phase.LAPSED, 1)}, [entry("1", event="on_expire")], T1
+    )
+    assert len(new) == 1
+    assert (await store.known("100")).marks == {("1", "survival"): Mark(Phase.LAPSED, 1)}
+    assert [r.event for r in await store.pending("survival")] == ["on_active", "on_expire"]
+    assert await store.due_expiries(T2) == []
+    # Committing the same expiry again journals nothing new.
+    again = await store.commit_expiry(
+        {("1", "survival"): Mark(Phase.LAPSED, 1)}, [entry("1", event="on_expire")], T2
+    )
+    assert again == []

@@ -490,3 +490,35 @@ async def test_many_passes_of_five_items(db: Path) -> None:
         assert [r.id for r in page] == all_ids[-2:]
     finally:
         await store.close()
+
+
+def test_migration_2_keeps_the_marks_of_a_version_1_database(tmp_path: Path) -> None:
+    """A file written by schema version 1 is upgraded in place, marks intact."""
+    import sqlite3
+
+    from daemon.state_sqlite import MIGRATIONS, SqliteStore
+
+    path = tmp_path / "v1.sqlite3"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN")
+    MIGRATIONS[0].upgrade(conn)
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute(
+        "INSERT INTO items VALUES ('1', '100', 'vip', 'active', '2024-01-01', '2024-01-01')"
+    )
+    conn.execute("INSERT INTO marks VALUES ('1', 'survival', 'granted', 1)")
+    conn.execute("COMMIT")
+    conn.close()
+
+    store = SqliteStore(path)
+    try:
+        known = asyncio.run(store.known("100"))
+    finally:
+        asyncio.run(store.close())
+    assert known.marks == {("1", "survival"): Mark(Phase.GRANTED, 1)}
+    check = sqlite3.connect(path)
+    assert check.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) >= 2
+    # The rebuilt table accepts the new phase.
+    check.execute("UPDATE marks SET phase = 'lapsed'")
+    check.commit()
+    check.close()
