@@ -229,3 +229,59 @@ def test_one_item_through_any_state_sequence(states: list[str], servers: list[st
             assert kinds == [EventKind.ACTIVE, end], server
         else:
             assert kinds == [EventKind.ACTIVE], server
+
+
+# --- with local expiry --------------------------------------------------------------
+
+# A step is either a poll (an item's state and expiry in minutes) or a sweep of the
+# local expiry at some time (minutes).
+poll_steps = st.tuples(
+    st.just("poll"),
+    st.sampled_from(("usable", "active", "renewed", "used", "revoked")),
+    st.none() | st.integers(0, 100),
+    st.integers(0, 100),
+)
+sweep_steps = st.tuples(st.just("sweep"), st.just(""), st.none(), st.integers(0, 100))
+lifetimes = st.lists(st.one_of(poll_steps, sweep_steps), min_size=1, max_size=12)
+
+
+@cache
+def expiring_item(state: str, expires: int | None) -> InventoryItem:
+    base = make_item("101", state, 1, 2)
+    data = dict(base.raw, expires_at=_stamp(expires))
+    return InventoryItem.from_api(data)
+
+
+@SETTINGS
+@given(lifetimes)
+def test_local_expiry_and_polls_alternate_grant_and_end(
+    steps: list[tuple[str, str, int | None, int]],
+) -> None:
+    """Whatever mix of polls and local-expiry sweeps (as the engine runs them): per
+    item and server the commands alternate grant, end, grant, end…, each cycle has
+    at most one grant and one end, and a renewal grants again only after a lapse."""
+    key = ("101", "survival")
+    marks: dict[MarkKey, Mark] = {}
+    history: list[tuple[str, int]] = []  # (kind, cycle)
+    state, expires = "usable", None
+    for action, new_state, new_expiry, minute in steps:
+        now = EPOCH + timedelta(minutes=minute)
+        if action == "poll":
+            state, expires = new_state, new_expiry
+            result = diff_inventory(
+                marks, {"101"}, [expiring_item(state, expires)], {"vip": ["survival"]}, now
+            )
+            history += [(e.kind.value, e.cycle) for e in result.events]
+            marks.update(result.marks)
+        else:
+            # The sweep: a granted item last seen active whose expiry has passed.
+            mark = marks.get(key)
+            due = expires is not None and EPOCH + timedelta(minutes=expires) <= now
+            if mark is not None and mark.phase is Phase.GRANTED and state == "active" and due:
+                history.append(("on_expire", mark.cycle))
+                marks[key] = Mark(Phase.LAPSED, mark.cycle)
+    kinds = [kind for kind, _ in history]
+    assert kinds[::2] == ["on_active"] * len(kinds[::2])
+    assert all(kind in ("on_expire", "on_revoke") for kind in kinds[1::2])
+    cycles = [cycle for _, cycle in history]
+    assert cycles == [i // 2 + 1 for i in range(len(history))]
