@@ -437,9 +437,7 @@ class SyncPass:
                 worker.wake.set()
             await asyncio.gather(*tasks)
         report = self.engine.report
-        for counts in await self.engine.store.server_counts():
-            if counts.pending:
-                report.pending_left[counts.server] = counts.pending
+        report.pending_left = await self.engine.store.pending_counts()
         return report
 
     async def _poll_all(self, links: Sequence[CustomerLink]) -> None:

@@ -303,8 +303,9 @@ class Service:
         while True:
             notify.watchdog()
             try:
-                for counts in await self.store.server_counts():
-                    self.telemetry.backlog(counts.server, counts.pending)
+                pending = await self.store.pending_counts()
+                for server in self.settings.servers:
+                    self.telemetry.backlog(server, pending.get(server, 0))
             except Exception:
                 log.exception("cannot read the journal backlog")
             notify.status(self.telemetry.summary())

@@ -208,6 +208,11 @@ class Store(Protocol):
         """Every link ever synced or failed, by label."""
         ...
 
+    async def pending_counts(self) -> dict[str, int]:
+        """Server → number of PENDING rows (servers with none are left out).
+        Cheap however long the journal is: the service asks every few seconds."""
+        ...
+
     async def server_counts(self) -> list[ServerCounts]:
         """Per server that has journal rows: counts by status, by server name."""
         ...

@@ -609,6 +609,14 @@ class SqliteStore:
                 )
             ]
 
+    async def pending_counts(self) -> dict[str, int]:
+        with self._errors("count the pending commands") as conn:
+            return dict(
+                conn.execute(
+                    "SELECT server, count(*) FROM journal WHERE status = 'pending' GROUP BY server"
+                ).fetchall()
+            )
+
     async def server_counts(self) -> list[ServerCounts]:
         counts: dict[str, dict[str, int]] = {}
         with self._errors("count the journal") as conn:

@@ -802,3 +802,15 @@ async def test_commit_expiry_lapses_the_marks_and_journals_the_commands(opener: 
         {("1", "survival"): Mark(Phase.LAPSED, 1)}, [entry("1", event="on_expire")], T2
     )
     assert again == []
+
+
+@run_async
+async def test_pending_counts_only_count_pending_rows(opener: Opener) -> None:
+    store = opener()
+    assert await store.pending_counts() == {}
+    ids_ = await first_pass(store)
+    assert await store.pending_counts() == {"survival": 2, "jailbreak": 2}
+    await store.mark_delivered(ids_[0], T1)
+    await store.mark_failed(ids_[2], "no", T1)
+    await store.mark_delivered(ids_[3], T1)
+    assert await store.pending_counts() == {"survival": 1}
