@@ -1,0 +1,88 @@
+"""The floor of the poll pass: a bare aiohttp loop making the very same requests.
+
+    python -m bench.floor --url URL --tokens FILE --concurrency C
+
+For every customer (one line of FILE: the token, then the `after` cursors of
+its later inventory pages, as `bench.fakes` writes them) it requests the
+customer, then every inventory page, exactly as `PayNowClient` does (same
+URLs, headers, connection pool and per-request timeout), `concurrency`
+customers at a time, one customer after the other per worker as the engine's
+pollers do, and does nothing with the answers but read them. It imports
+nothing of perksync, so its start-up is aiohttp's alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+import aiohttp
+from yarl import URL
+
+
+async def run(
+    url: str, lines: list[list[str]], concurrency: int, request_timeout: float
+) -> dict[str, int]:
+    # The same pool and session settings as daemon.paynow.make_session().
+    connector = aiohttp.TCPConnector(
+        limit=100, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30.0
+    )
+    session = aiohttp.ClientSession(
+        connector=connector,
+        headers={"User-Agent": "perksync/0.1.0", "Accept": "application/json"},
+        cookie_jar=aiohttp.DummyCookieJar(),
+        timeout=aiohttp.ClientTimeout(total=None),
+        raise_for_status=False,
+        trust_env=False,
+    )
+    per_request = aiohttp.ClientTimeout(total=request_timeout)
+    customer_url = URL(url + "/v1/store/customer", encoded=True)
+    items = f"{url}/v1/store/customer/delivery/items?limit=100&asc=true"
+    first_page = URL(items, encoded=True)
+    stats = {"requests": 0, "bytes": 0, "errors": 0}
+    queue = iter(lines)
+
+    async def get(target: URL, headers: dict[str, str]) -> None:
+        async with session.get(
+            target, headers=headers, timeout=per_request, allow_redirects=False
+        ) as resp:
+            body = await resp.read()
+            stats["requests"] += 1
+            stats["bytes"] += len(body)
+            if resp.status != 200:
+                stats["errors"] += 1
+
+    async def worker() -> None:
+        for token, *cursors in queue:
+            headers = {"Authorization": "Customer " + token}
+            await get(customer_url, headers)
+            await get(first_page, headers)
+            for after in cursors:
+                await get(URL(f"{items}&after={after}", encoded=True), headers)
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(min(concurrency, len(lines)) or 1)))
+    finally:
+        await session.close()
+    return stats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.floor")
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--tokens", required=True)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--timeout", type=float, default=30.0)
+    args = parser.parse_args()
+    with open(args.tokens) as f:
+        lines = [line.split() for line in f if line.strip()]
+    stats = asyncio.run(run(args.url, lines, args.concurrency, args.timeout))
+    json.dump(stats, sys.stdout)
+    sys.stdout.write("\n")
+    sys.exit(1 if stats["errors"] else 0)
+
+
+if __name__ == "__main__":
+    main()

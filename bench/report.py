@@ -1,0 +1,279 @@
+"""Targets, the growth analysis and the Markdown report of a bench run."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import os
+import platform
+import statistics
+import subprocess
+from collections.abc import Callable
+from typing import Any
+
+from bench.procs import REPO, SOURCE_VARIABLE, perksync_source
+
+# Issue 4's targets.
+POLL_MAX_RATIO = 1.3  # warm pass wall time / bare aiohttp loop wall time
+POLL_MAX_RSS_MB = 150.0
+RCON_MIN_VS_MCRCON = 10.0  # our commands/s / mcrcon's
+RCON_MAX_BARE_RATIO = 2.0  # bare loop's commands/s / ours
+LINEAR_SLACK = 1.25  # a later marginal cost may exceed the first one by this much
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    try:
+        commit = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=REPO, capture_output=True, text=True, timeout=10, check=False,
+        ).stdout.strip()  # fmt: skip
+    except OSError:
+        commit = ""
+    source = perksync_source()
+    return {
+        "perksync_source": None if source == REPO.resolve() else str(source),
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "memory_gb": round(mem_gb, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "commit": commit or "unknown",
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def poll_verdict(poll: dict[str, Any]) -> dict[str, bool]:
+    peak = max(p["process"]["peak_rss_mb"] for p in [poll["cold"], *poll["warm"]])
+    return {
+        "wall_within_1.3x_floor": poll["ratio_wall"] <= POLL_MAX_RATIO,
+        "peak_rss_under_150mb": peak < POLL_MAX_RSS_MB,
+    }
+
+
+def rcon_verdict(rcon: dict[str, Any]) -> dict[str, bool]:
+    return {
+        "at_least_10x_mcrcon": rcon["ours_vs_mcrcon"] >= RCON_MIN_VS_MCRCON,
+        "within_2x_bare_loop": rcon["bare_vs_ours"] <= RCON_MAX_BARE_RATIO,
+    }
+
+
+def growth_analysis(points: list[dict[str, Any]]) -> dict[str, Any]:
+    """Marginal cost per added customer between consecutive sizes, and a verdict.
+
+    Growth is called linear (or better) when no later marginal cost exceeds
+    the first one by more than LINEAR_SLACK: a cost that grew faster than
+    linearly would show as a rising marginal cost.
+    """
+    points = sorted(points, key=lambda p: p["customers"])
+    metrics: dict[str, Callable[[dict[str, Any]], float]] = {
+        "warm_wall_s": lambda p: p["warm_median"]["wall_s"],
+        "warm_cpu_s": lambda p: p["warm_median"]["cpu_s"],
+        "cold_wall_s": lambda p: p["cold"]["process"]["wall_s"],
+        "peak_rss_mb": lambda p: max(x["process"]["peak_rss_mb"] for x in [p["cold"], *p["warm"]]),
+        "config_rss_mb": lambda p: p["check_config"]["peak_rss_mb"],
+    }
+    out: dict[str, Any] = {"sizes": [p["customers"] for p in points], "marginal": {}}
+    verdict = {}
+    for name, get in metrics.items():
+        marginals = []
+        for a, b in itertools.pairwise(points):
+            added = b["customers"] - a["customers"]
+            scale = 1e6 if name.endswith("_s") else 1024  # µs or KiB per customer
+            marginals.append((get(b) - get(a)) / added * scale)
+        out["marginal"][name] = marginals
+        if len(marginals) >= 2 and marginals[0] > 0:
+            verdict[name] = all(m <= marginals[0] * LINEAR_SLACK for m in marginals[1:])
+    out["linear"] = verdict
+    return out
+
+
+def _f(value: float, digits: int = 2) -> str:
+    return f"{value:,.{digits}f}"
+
+
+def _ok(flag: bool) -> str:
+    return "**met**" if flag else "**missed**"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [
+        "# perksync benchmark results",
+        "",
+        f"{m['date']}, commit `{m['commit']}`; {m['cpu']}, {m['cores']} cores, "
+        f"{m['memory_gb']} GB RAM, Linux {m['kernel']}, Python {m['python']}.",
+        f"Reproduce: `{results['command']}` (total run time {_f(results['elapsed_s'], 0)} s; "
+        f"load average {m['loadavg_at_start'][0]:g} before, "
+        f"{results.get('loadavg_at_end', ['?'])[0]} after).",
+        "",
+        *(
+            [f"perksync measured from `{m['perksync_source']}` (`{SOURCE_VARIABLE}`).", ""]
+            if m.get("perksync_source")
+            else []
+        ),
+        "Every figure is one child process measured from fork to exit with `os.wait4` (by a "
+        "small middleman, `bench/spawn.py`, so that the peak RSS is the child's own): wall "
+        "time, CPU time (user + sys) and peak RSS (`ru_maxrss`), interpreter start-up "
+        "included. The fakes (PayNow, RCON) run in processes of their own; on this machine "
+        f"they share its {m['cores']} cores with the process measured. Details: "
+        "`bench/README.md`.",
+    ]
+    poll = results.get("poll")
+    if poll:
+        lines += _poll_section(poll)
+    rcon = results.get("rcon")
+    if rcon:
+        lines += _rcon_section(rcon)
+    growth = results.get("growth")
+    if growth:
+        lines += _growth_section(growth)
+    lines += [
+        "",
+        "## Idle service",
+        "",
+        results.get("idle_note")
+        or "Not measured: the service mode is being built (TODO(idle-bench) in "
+        "`bench/idle.py`; `python -m bench idle` runs it on request).",
+    ]
+    idle = results.get("idle")
+    if idle:
+        lines += [
+            "",
+            f"{idle['customers']:,} customers, interval {idle['interval_s']} s, sampled "
+            f"{_f(idle['seconds'], 0)} s after a {idle['warmup_s']} s warm-up: "
+            f"CPU {_f(idle['cpu_percent_of_one_core'])} % of one core, RSS "
+            f"{_f(idle['rss_mb_avg'], 1)} MB on average ({_f(idle['rss_mb_max'], 1)} MB max, "
+            f"peak {_f(idle['peak_rss_mb'], 1)} MB).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _poll_section(poll: dict[str, Any]) -> list[str]:
+    n = poll["customers"]
+    warm = poll["warm"][0]
+    wp, fl, cold = poll["warm_median"], poll["floor"], poll["cold"]
+    check = poll["check_config"]
+    verdict = poll_verdict(poll)
+    peak = max(p["process"]["peak_rss_mb"] for p in [cold, *poll["warm"]])
+    warm_fake = statistics.median(w["fakes_cpu_s"]["paynow"] for w in poll["warm"])
+    return [
+        "",
+        f"## Poll pass: {n:,} customers × {poll['items_per_customer']} items",
+        "",
+        f"`perksync --sync-now` with `sync.concurrency: {poll['concurrency']}` and no rate "
+        f"limit, {poll['http_requests_per_pass']:,} HTTP requests per pass (the customer and "
+        "one inventory page each). The compared pass is a warm one: "
+        f"{warm['changed_customers']:,} customers (a tenth) changed state since the last pass "
+        f"({warm['expected_commands']:,} commands). The floor is a bare aiohttp loop making "
+        "the same requests with the same concurrency and doing nothing with the answers "
+        f"(median of {len(fl['runs'])} runs).",
+        "",
+        "| process | wall s | CPU s | peak RSS MB | PayNow fake's CPU s meanwhile |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        f"| perksync, warm pass (median of {len(poll['warm'])}) | {_f(wp['wall_s'])} | "
+        f"{_f(wp['cpu_s'])} | {_f(wp['peak_rss_mb'], 1)} | {_f(warm_fake)} |",
+        f"| bare aiohttp loop (floor) | {_f(fl['wall_s'])} | {_f(fl['cpu_s'])} | "
+        f"{_f(fl['peak_rss_mb'], 1)} | {_f(fl['fake_paynow_cpu_s'])} |",
+        f"| **ratio** | **{_f(poll['ratio_wall'])}×** | {_f(poll['ratio_cpu'])}× | | |",
+        f"| perksync, cold pass ({cold['expected_commands']:,} commands delivered) | "
+        f"{_f(cold['process']['wall_s'])} | {_f(cold['process']['cpu_s'])} | "
+        f"{_f(cold['process']['peak_rss_mb'], 1)} | {_f(cold['fakes_cpu_s']['paynow'])} |",
+        f"| `perksync --check-config` (start-up and loading the config of {n:,} "
+        f"customers, part of every pass) | {_f(check['wall_s'])} | {_f(check['cpu_s'])} | "
+        f"{_f(check['peak_rss_mb'], 1)} | |",
+        "",
+        f"Every pass delivered exactly the expected commands: "
+        f"{all(p['delivered_exactly'] for p in [cold, *poll['warm']])}.",
+        f"Targets: wall ≤ {POLL_MAX_RATIO}× the floor: {_ok(verdict['wall_within_1.3x_floor'])} "
+        f"({_f(poll['ratio_wall'])}×); peak RSS < {POLL_MAX_RSS_MB:g} MB: "
+        f"{_ok(verdict['peak_rss_under_150mb'])} ({_f(peak, 1)} MB).",
+    ]
+
+
+def _rcon_section(rcon: dict[str, Any]) -> list[str]:
+    names = {
+        "ours": "perksync (`MinecraftServer.run`)",
+        "bare": "bare asyncio socket loop",
+        "mcrcon": "mcrcon 0.7.0",
+    }
+    verdict = rcon_verdict(rcon)
+    lines = [
+        "",
+        f"## RCON throughput: {rcon['commands']:,} commands, one connection",
+        "",
+        "To one fake vanilla-Minecraft RCON server in its own process; each client in its "
+        "own process, one after the other; the timed loop excludes connecting. CPU is the "
+        "client process's only.",
+        "",
+        "| client | commands/s | CPU µs/command | loop wall s |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for key in ("ours", "bare", "mcrcon"):
+        c = rcon["clients"][key]
+        lines.append(
+            f"| {names[key]} | {_f(c['commands_per_s'], 0)} | "
+            f"{_f(c['cpu_us_per_command'], 1)} | {_f(c['wall_s'])} |"
+        )
+    lines += [
+        "",
+        f"Targets: ≥ {RCON_MIN_VS_MCRCON:g}× mcrcon: {_ok(verdict['at_least_10x_mcrcon'])} "
+        f"({_f(rcon['ours_vs_mcrcon'], 1)}×); within {RCON_MAX_BARE_RATIO:g}× of the bare "
+        f"loop: {_ok(verdict['within_2x_bare_loop'])} (the bare loop is "
+        f"{_f(rcon['bare_vs_ours'])}× as fast).",
+    ]
+    return lines
+
+
+def _growth_section(growth: dict[str, Any]) -> list[str]:
+    points = sorted(growth["points"], key=lambda p: p["customers"])
+    lines = [
+        "",
+        "## Growth",
+        "",
+        "The same poll scenario at each size (one warm pass; the floor is measured beside it).",
+        "",
+        "| customers | config load s | cold pass s (commands) | warm pass wall s | "
+        "warm CPU s | floor wall s | CPU µs / customer (warm) | peak RSS MB | "
+        "config-only RSS MB |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for p in points:
+        warm = p["warm_median"]
+        peak = max(x["process"]["peak_rss_mb"] for x in [p["cold"], *p["warm"]])
+        lines.append(
+            f"| {p['customers']:,} | {_f(p['check_config']['wall_s'])} | "
+            f"{_f(p['cold']['process']['wall_s'])} ({p['cold']['expected_commands']:,}) | "
+            f"{_f(warm['wall_s'])} | {_f(warm['cpu_s'])} | {_f(p['floor']['wall_s'])} | "
+            f"{_f(warm['cpu_s'] / p['customers'] * 1e6, 0)} | {_f(peak, 1)} | "
+            f"{_f(p['check_config']['peak_rss_mb'], 1)} |"
+        )
+    analysis = growth["analysis"]
+    sizes = analysis["sizes"]
+    steps = [f"{a:,}→{b:,}" for a, b in itertools.pairwise(sizes)]
+    lines += ["", "Marginal cost per added customer:", ""]
+    lines.append("| | " + " | ".join(steps) + " | linear or better |")
+    lines.append("| --- |" + " ---: |" * len(steps) + " :---: |")
+    labels = {
+        "warm_wall_s": "warm pass wall, µs",
+        "warm_cpu_s": "warm pass CPU, µs",
+        "cold_wall_s": "cold pass wall, µs",
+        "peak_rss_mb": "peak RSS, KiB",
+        "config_rss_mb": "config-only RSS, KiB",
+    }
+    for key, label in labels.items():
+        values = " | ".join(_f(v, 1) for v in analysis["marginal"][key])
+        linear = analysis["linear"].get(key)
+        mark = "n/a" if linear is None else ("yes" if linear else "**no**")
+        lines.append(f"| {label} | {values} | {mark} |")
+    return lines

@@ -1,0 +1,111 @@
+"""Smoke run of the benchmarks (bench/) at a tiny size.
+
+`python -m bench` as a whole, with 50 customers, 200 RCON commands and growth
+at 20 and 50 customers: the result files exist and have the expected
+structure, and every perksync pass delivered exactly the commands expected
+from the fake's data. Timings are only checked to be there: they are the
+benchmark's business, not a test's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+
+from bench.__main__ import main
+from bench.report import markdown
+
+pytestmark = pytest.mark.timeout(300)
+
+CUSTOMERS = 50
+
+
+def _process_ok(process: dict[str, Any]) -> None:
+    assert process["returncode"] == 0
+    for key in ("wall_s", "user_s", "sys_s", "cpu_s", "peak_rss_mb"):
+        assert math.isfinite(process[key]) and process[key] >= 0, key
+    assert process["peak_rss_mb"] > 0
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["--customers", str(CUSTOMERS), "--rounds", "1", "--commands", "200"]
+    assert main([*argv, "--sizes", f"20,{CUSTOMERS}", "--out", str(out)]) == 0
+    assert (out / "latest.md").read_text().startswith("# perksync benchmark results")
+    data: dict[str, Any] = json.loads((out / "latest.json").read_text())
+    return data
+
+
+def test_poll_pass_delivers_exactly_the_expected_commands(results: dict[str, Any]) -> None:
+    poll = results["poll"]
+    assert poll["customers"] == CUSTOMERS
+    cold = poll["cold"]
+    _process_ok(cold["process"])
+    # Two configured products of five: vip and crate-key, one of each per customer.
+    assert cold["expected_commands"] == cold["received_commands"] == 2 * CUSTOMERS
+    assert cold["delivered_exactly"]
+    assert f"{CUSTOMERS} customers polled (0 failed)" in cold["summary"]
+    [warm] = poll["warm"]
+    _process_ok(warm["process"])
+    # Customers 0, 10, 20, 30, 40 change: 0, 20, 40 expire (1 command each),
+    # 10 and 30 are charged back (2 commands each).
+    assert warm["changed_customers"] == 5
+    assert warm["expected_commands"] == warm["received_commands"] == 7
+    assert warm["delivered_exactly"]
+    assert "7 commands journaled, 7 delivered, 0 failed, 0 skipped, 0 pending" in warm["summary"]
+
+
+def test_floor_makes_the_same_requests_as_perksync(results: dict[str, Any]) -> None:
+    poll = results["poll"]
+    floor = poll["floor"]
+    assert len(floor["runs"]) == 2  # before and after the warm pass
+    for run in floor["runs"]:
+        _process_ok(run)
+    # 2 perksync passes + 2 floor runs, each reading every customer and one page.
+    served = poll["fake_requests_served"]
+    assert served == {
+        "/v1/store/customer": 4 * CUSTOMERS,
+        "/v1/store/customer/delivery/items": 4 * CUSTOMERS,
+    }
+    assert poll["http_requests_per_pass"] == 2 * CUSTOMERS
+    assert poll["ratio_wall"] > 0 and poll["ratio_cpu"] > 0
+    _process_ok(poll["check_config"])
+    assert set(poll["verdict"]) == {"wall_within_1.3x_floor", "peak_rss_under_150mb"}
+
+
+def test_rcon_clients_each_ran_every_command(results: dict[str, Any]) -> None:
+    rcon = results["rcon"]
+    assert set(rcon["clients"]) == {"ours", "bare", "mcrcon"}
+    for client in rcon["clients"].values():
+        assert client["commands"] == client["executed_by_server"] == 200
+        assert client["commands_per_s"] > 0 and client["cpu_us_per_command"] >= 0
+        _process_ok(client["process"])
+    assert rcon["ours_vs_mcrcon"] > 0 and rcon["bare_vs_ours"] > 0
+    assert set(rcon["verdict"]) == {"at_least_10x_mcrcon", "within_2x_bare_loop"}
+
+
+def test_growth_reuses_the_poll_run_and_analyses_the_sizes(results: dict[str, Any]) -> None:
+    growth = results["growth"]
+    sizes = [p["customers"] for p in growth["points"]]
+    assert sizes == [20, CUSTOMERS]
+    assert growth["points"][1] == results["poll"]  # the same run, not measured twice
+    small = growth["points"][0]
+    assert small["cold"]["delivered_exactly"] and small["warm"][0]["delivered_exactly"]
+    assert small["cold"]["expected_commands"] == 40
+    analysis = growth["analysis"]
+    assert analysis["sizes"] == [20, CUSTOMERS]
+    for values in analysis["marginal"].values():
+        assert len(values) == 1
+
+
+def test_report_names_the_machine_and_the_command(results: dict[str, Any]) -> None:
+    text = markdown(results)
+    assert results["machine"]["cores"] >= 1
+    assert results["command"].startswith("python -m bench ")
+    for heading in ("## Poll pass", "## RCON throughput", "## Growth", "## Idle service"):
+        assert heading in text
+    assert "TODO(idle-bench)" in text
