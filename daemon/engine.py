@@ -221,6 +221,13 @@ class Engine:
             log.warning("customer %s: item %s has unknown state %r; ignored", label, item_id, state)
         for item_id in result.duplicates:
             log.warning("customer %s: item %s is listed more than once", label, item_id)
+        expiries = {item.id: effective_expiry(item) for item in items}
+        if not result.marks and len(known.states) == len(items):
+            stored = known.states
+            if all(stored.get(i.id) == (i.state, expiries[i.id]) for i in items):
+                # The usual poll: nothing changed. Only the sync time is written.
+                await self.store.touch(label, customer.id, customer.name, now)
+                return
         entries = journal_entries(self.settings, customer, result.events)
         # The JSON is kept only where local expiry may need to render from it.
         seen = [
@@ -228,8 +235,8 @@ class Engine:
                 item.id,
                 item.product.slug,
                 item.state,
-                expiry := effective_expiry(item),
-                json.dumps(item.raw, separators=(",", ":")) if expiry is not None else None,
+                expiries[item.id],
+                json.dumps(item.raw, separators=(",", ":")) if expiries[item.id] else None,
             )
             for item in items
         ]

@@ -13,7 +13,7 @@ neither: the next pass then recomputes exactly the same events.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
@@ -102,6 +102,9 @@ class KnownCustomer:
 
     items: frozenset[str]
     marks: Mapping[MarkKey, Mark]
+    # Item id → (state, expires_at) as last stored: lets a pass that changed
+    # nothing skip rewriting them.
+    states: Mapping[str, tuple[str, datetime | None]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +163,13 @@ class Store(Protocol):
         A mark must name an item in `seen` or stored before, and every cycle
         must be >= 1; otherwise (or on any other database error) this raises
         `StoreError` and nothing of the pass is stored."""
+        ...
+
+    async def touch(
+        self, label: str, customer_id: str, customer_name: str | None, synced_at: datetime
+    ) -> None:
+        """Record a pass that changed nothing: the link's sync time (clearing its
+        error), id and name; items, marks and journal stay as they are."""
         ...
 
     async def due_expiries(self, cutoff: datetime) -> list[DueExpiry]:

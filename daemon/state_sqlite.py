@@ -257,9 +257,20 @@ ON CONFLICT (item_id, server, cycle, event, command_index) DO NOTHING
 """
 
 _KNOWN = """
-SELECT i.item_id, m.server, m.phase, m.cycle
+SELECT i.item_id, i.state, i.expires_at, m.server, m.phase, m.cycle
 FROM items AS i LEFT JOIN marks AS m ON m.item_id = i.item_id
 WHERE i.customer_id = ?
+"""
+
+_TOUCH_LINK = """
+INSERT INTO links (label, customer_id, name, last_synced_at, last_error, last_error_at)
+VALUES (?, ?, ?, ?, NULL, NULL)
+ON CONFLICT (label) DO UPDATE SET
+    customer_id = excluded.customer_id,
+    name = excluded.name,
+    last_synced_at = excluded.last_synced_at,
+    last_error = NULL,
+    last_error_at = NULL
 """
 
 _ROW_COLUMNS = """id, customer_id, item_id, product, server, event, cycle, command_index,
@@ -451,14 +462,23 @@ class SqliteStore:
             self._conn = None
 
     async def known(self, customer_id: str) -> KnownCustomer:
-        items: set[str] = set()
+        states: dict[str, tuple[str, datetime | None]] = {}
         marks: dict[MarkKey, Mark] = {}
         with self._errors(f"read customer {customer_id}") as conn:
-            for item_id, server, phase, cycle in conn.execute(_KNOWN, (customer_id,)):
-                items.add(item_id)
+            for item_id, state, expires_at, server, phase, cycle in conn.execute(
+                _KNOWN, (customer_id,)
+            ):
+                if item_id not in states:
+                    states[item_id] = (state, _dt_or_none(expires_at))
                 if server is not None:
                     marks[(item_id, server)] = Mark(Phase(phase), cycle)
-        return KnownCustomer(items=frozenset(items), marks=marks)
+        return KnownCustomer(items=frozenset(states), marks=marks, states=states)
+
+    async def touch(
+        self, label: str, customer_id: str, customer_name: str | None, synced_at: datetime
+    ) -> None:
+        with self._errors(f"record the pass of {label} (customer {customer_id})") as conn:
+            conn.execute(_TOUCH_LINK, (label, customer_id, customer_name, _ts(synced_at)))
 
     async def commit_pass(
         self,

@@ -814,3 +814,26 @@ async def test_pending_counts_only_count_pending_rows(opener: Opener) -> None:
     await store.mark_failed(ids_[2], "no", T1)
     await store.mark_delivered(ids_[3], T1)
     assert await store.pending_counts() == {"survival": 1}
+
+
+@run_async
+async def test_known_tells_each_items_state_and_expiry(opener: Opener) -> None:
+    store = opener()
+    await store.commit_pass(
+        "alice", "100", "Alice", [expiring("1", "active", T1), *seen(("2", "usable"))],
+        {}, [], T0,
+    )  # fmt: skip
+    assert (await store.known("100")).states == {"1": ("active", T1), "2": ("usable", None)}
+
+
+@run_async
+async def test_touch_records_the_sync_and_nothing_else(opener: Opener) -> None:
+    store = opener()
+    await first_pass(store)
+    await store.record_error("alice", "HTTP 503", T1)
+    before = await snapshot(store)
+    await store.touch("alice", "100", "Alice B.", T2)
+    (link,) = await store.customers()
+    assert link == CustomerStatus("alice", "100", "Alice B.", T2, None, None)
+    after = await snapshot(store)
+    assert after[:3] == before[:3] and after[4:] == before[4:]  # all but the links
