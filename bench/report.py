@@ -32,14 +32,14 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    source = perksync_source()
     try:
         commit = subprocess.run(
             ["git", "describe", "--always", "--dirty"],
-            cwd=REPO, capture_output=True, text=True, timeout=10, check=False,
+            cwd=source, capture_output=True, text=True, timeout=10, check=False,
         ).stdout.strip()  # fmt: skip
     except OSError:
         commit = ""
-    source = perksync_source()
     return {
         "perksync_source": None if source == REPO.resolve() else str(source),
         "cpu": model,
@@ -118,7 +118,11 @@ def markdown(results: dict[str, Any]) -> str:
         f"{results.get('loadavg_at_end', ['?'])[0]} after).",
         "",
         *(
-            [f"perksync measured from `{m['perksync_source']}` (`{SOURCE_VARIABLE}`).", ""]
+            [
+                f"perksync measured from a checkout of that commit, `{m['perksync_source']}` "
+                f"(`{SOURCE_VARIABLE}`).",
+                "",
+            ]
             if m.get("perksync_source")
             else []
         ),
