@@ -145,6 +145,19 @@ def describe_customer(customer: Customer) -> str:
     return f"{customer.id} ({printable(customer.name)})" if customer.name else customer.id
 
 
+# A link's customer is read again at least every this many polls (a newly
+# linked Minecraft or Steam account changes where its perks go).
+CUSTOMER_REFRESH_POLLS = 10
+
+
+@dataclass(slots=True)
+class _Recent:
+    customer_id: str
+    name: str | None
+    routes: dict[str, list[str]]
+    polls_left: int = CUSTOMER_REFRESH_POLLS
+
+
 class Engine:
     """Polls customers, expires items locally and journals the commands.
 
@@ -159,6 +172,7 @@ class Engine:
         paynow: PayNowClient,
         *,
         telemetry: Telemetry | None = None,
+        cache_customers: bool = False,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -168,6 +182,16 @@ class Engine:
         self.names: dict[str, str] = {}  # customer id → display text for log lines
         self.wakers: dict[str, asyncio.Event] = {}  # server → its worker's wake-up
         self.auth_failures: set[str] = set()  # labels whose token PayNow rejects (logged once)
+        # Service mode: what the last full poll of each link learned of its
+        # customer, so most polls need one request instead of two.
+        self._recent: dict[str, _Recent] | None = {} if cache_customers else None
+        self._missing_logged: set[str] = set()
+
+    def use_settings(self, settings: Settings) -> None:
+        """A reload: routes learned under the old settings no longer hold."""
+        self.settings = settings
+        if self._recent is not None:
+            self._recent.clear()
 
     def wake(self, server: str) -> None:
         waker = self.wakers.get(server)
@@ -180,9 +204,20 @@ class Engine:
         """Poll one linked customer; False if its inventory could not be read."""
         label = link.describe(index)
         token = link.secret.get_secret_value()
+        recent = self._recent.get(label) if self._recent is not None else None
         try:
-            customer = await self.paynow.fetch_customer(token)
-            items = await self.paynow.fetch_inventory(token)
+            if recent is not None and recent.polls_left > 0:
+                # The usual service poll: the inventory alone tells whether
+                # anything changed; only then is the customer read again.
+                items = await self.paynow.fetch_inventory(token)
+                if await self._unchanged(label, recent, items):
+                    recent.polls_left -= 1
+                    self._poll_ok(label)
+                    return True
+                customer = await self.paynow.fetch_customer(token)
+            else:
+                customer = await self.paynow.fetch_customer(token)
+                items = await self.paynow.fetch_inventory(token)
         except PayNowError as exc:
             self._poll_failed(label, exc.kind, str(exc))
             if isinstance(exc, PayNowAuthError) and label in self.auth_failures:
@@ -200,9 +235,29 @@ class Engine:
             log.exception("customer %s: unexpected error; nothing changed for this customer", label)
             self._poll_failed(label, "unexpected", f"unexpected error: {exc.__class__.__name__}")
             return False
+        if self._recent is not None:
+            self._recent[label] = _Recent(
+                customer.id, customer.name, customer_routes(self.settings, customer)
+            )
+        self._poll_ok(label)
+        return True
+
+    def _poll_ok(self, label: str) -> None:
         self.report.customers_ok += 1
         self.report.customers_failed.pop(label, None)
         self.telemetry.poll_succeeded(label, time.time())
+
+    async def _unchanged(self, label: str, recent: _Recent, items: list[InventoryItem]) -> bool:
+        """True (and the sync recorded) if these items change nothing stored."""
+        known = await self.store.known(recent.customer_id)
+        now = utcnow()
+        if len(known.states) != len(items):
+            return False
+        if any(known.states.get(i.id) != (i.state, effective_expiry(i)) for i in items):
+            return False
+        if diff_inventory(known.marks, known.items, items, recent.routes, now).marks:
+            return False
+        await self.store.touch(label, recent.customer_id, recent.name, now)
         return True
 
     def _poll_failed(self, label: str, kind: str, error: str) -> None:
@@ -216,7 +271,11 @@ class Engine:
         now = utcnow()
         result = diff_inventory(known.marks, known.items, items, routes, now)
         for item_id in result.disappeared:
-            log.info("customer %s: item %s is no longer listed (no command runs)", label, item_id)
+            if item_id not in self._missing_logged:  # once per process, not every poll
+                self._missing_logged.add(item_id)
+                log.info(
+                    "customer %s: item %s is no longer listed (no command runs)", label, item_id
+                )
         for item_id, state in result.unknown_states:
             log.warning("customer %s: item %s has unknown state %r; ignored", label, item_id, state)
         for item_id in result.duplicates:

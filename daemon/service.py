@@ -85,7 +85,11 @@ class Service:
         http_runner = None
         try:
             self.engine = Engine(
-                self.settings, self.store, self._paynow(), telemetry=self.telemetry
+                self.settings,
+                self.store,
+                self._paynow(),
+                telemetry=self.telemetry,
+                cache_customers=True,
             )
             for name in self.settings.servers:
                 self._start_worker(name)
@@ -264,7 +268,7 @@ class Service:
         if new.http.listen != old.http.listen:
             log.warning("http.listen changed: restart perksync to apply it")
         self.settings = new
-        self.engine.settings = new
+        self.engine.use_settings(new)
         self.rate_limiter = RateLimiter(new.paynow.requests_per_second)
         self.engine.paynow = self._paynow()
         self.semaphore = asyncio.Semaphore(new.sync.concurrency)

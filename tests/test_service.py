@@ -336,3 +336,23 @@ def test_healthz_and_metrics_on_loopback(
     assert "perksync_last_successful_sync_timestamp_seconds{customer=" in metrics
     assert 'perksync_journal_backlog{server="survival"}' in metrics
     assert token not in metrics
+
+
+def test_unchanged_polls_read_only_the_inventory(
+    world: World, services: list[subprocess.Popen[str]]
+) -> None:
+    token, _ = world.add_customer(platform="minecraft", name="olga")
+    world.add_item(token, "vip")
+    kit = {"on_active": ["give {customer.name} diamond 1"]}
+    world.config({"vip": VIP, "kit": kit}, extra=FAST)
+    start(world, services)
+    assert wait_until(lambda: len(world.received("survival")) == 1)
+    time.sleep(4)  # four more intervals, nothing changes
+    customer_reads = world.sync(world.paynow.count, "customer", token)
+    inventory_reads = world.sync(world.paynow.count, "items", token)
+    assert inventory_reads >= 4
+    assert customer_reads <= 2  # the first poll, perhaps one refresh
+    # A change reads the customer again, so commands use its current name.
+    world.sync(world.paynow.update_customer, token, name="olga2")
+    world.add_item(token, "kit")
+    assert wait_until(lambda: "give olga2 diamond 1" in world.received("survival"))
