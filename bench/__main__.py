@@ -1,12 +1,16 @@
 """`python -m bench`: run the benchmarks and write bench/results/latest.{md,json}.
 
-    python -m bench                       # everything (poll, rcon, growth): ~10 minutes
+    python -m bench                       # poll, rcon, growth: ~7 minutes
     python -m bench poll --customers 10000
     python -m bench rcon --commands 5000
     python -m bench growth --sizes 1000,10000,50000
-    python -m bench idle                  # TODO(idle-bench): service mode, on request only
+    python -m bench idle                  # service mode, opt-in: ~8 minutes
 
 A single part writes `<part>-latest.{md,json}` instead of `latest.{md,json}`.
+The idle part is not in the default run (it would take it past ~15 minutes):
+`python -m bench idle` also folds its results into an existing
+`latest.{json,md}`, and a default run keeps the idle results it finds there
+(the report names the date and commit they were measured at).
 """
 
 from __future__ import annotations
@@ -21,12 +25,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.idle import DEFAULT_RATE_LIMITS, run_idle
 from bench.poll import run_poll
 from bench.procs import REPO
 from bench.rcon import run_rcon
-from bench.report import growth_analysis, machine, markdown, poll_verdict, rcon_verdict
+from bench.report import (
+    growth_analysis,
+    idle_verdict,
+    machine,
+    markdown,
+    poll_verdict,
+    rcon_verdict,
+)
 
-PARTS = ("poll", "rcon", "growth")  # what `python -m bench` runs ("idle" waits: see bench.idle)
+PARTS = ("poll", "rcon", "growth")  # what `python -m bench` runs; "idle" is opt-in (~8 min)
 
 
 def pass_timeout(customers: int) -> float:
@@ -36,6 +48,10 @@ def pass_timeout(customers: int) -> float:
 
 def _sizes(text: str) -> list[int]:
     return sorted({int(part) for part in text.split(",") if part.strip()})
+
+
+def _rates(text: str) -> tuple[float, ...]:
+    return tuple(float(part) for part in text.split(",") if part.strip())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--sizes", type=_sizes, default=[1000, 10_000, 50_000], help="growth: customer counts"
     )
     parser.add_argument("--minutes", type=float, default=3.0, help="idle: minutes sampled")
+    parser.add_argument("--interval", type=float, default=60.0, help="idle: sync.interval_seconds")
+    parser.add_argument(
+        "--rate-limits",
+        type=_rates,
+        default=DEFAULT_RATE_LIMITS,
+        help="idle: paynow.requests_per_second of each service run (0: no limit)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     return parser
 
@@ -95,11 +118,31 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         points = [poll(n, 1) for n in args.sizes]
         results["growth"] = {"points": points, "analysis": growth_analysis(points)}
     if "idle" in parts:
-        from bench.idle import run_idle  # TODO(idle-bench): see bench/idle.py
-
-        _say(f"idle service: {args.customers:,} customers, {args.minutes:g} minutes ...")
-        results["idle"] = run_idle(args.customers, minutes=args.minutes)
-        results["idle_note"] = "Measured with `python -m bench idle` (service mode)."
+        _say(
+            f"idle service: {args.customers:,} customers every {args.interval:g} s, "
+            f"{args.minutes:g} minutes sampled, rate limits {args.rate_limits} ..."
+        )
+        idle = run_idle(
+            args.customers,
+            minutes=args.minutes,
+            interval_s=args.interval,
+            rate_limits=args.rate_limits,
+            concurrency=args.concurrency,
+        )
+        m = results["machine"]
+        idle["measured"] = {
+            "command": results["command"],
+            **{k: m[k] for k in ("date", "commit", "loadavg_at_start")},
+        }
+        for one in idle["runs"]:
+            one["verdict"] = idle_verdict(one)
+            st = one["steady"]
+            _say(
+                f"  requests_per_second {one['requests_per_second']:g}: "
+                f"{st['polls_per_min']:,.0f} polls/min, CPU {st['cpu_percent_of_one_core']:.2f} %,"
+                f" RSS {st['rss_mb_avg']:.1f} MB avg, peak {one['peak_rss_mb']:.1f} MB"
+            )
+        results["idle"] = idle
     results["elapsed_s"] = time.perf_counter() - started
     results["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return results
@@ -124,10 +167,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = run(args, argv)
     stem = "latest" if args.part == "all" else f"{args.part}-latest"
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(results))
-    _say(f"wrote {args.out / (stem + '.md')} and {stem}.json")
+    latest = args.out / "latest.json"
+    previous = json.loads(latest.read_text()) if latest.exists() else None
+    if stem == "latest" and "idle" not in results and previous and previous.get("idle"):
+        results["idle"] = previous["idle"]  # opt-in part: keep the last one measured
+    _write(args.out, stem, results)
+    if args.part == "idle" and previous is not None:
+        previous["idle"] = results["idle"]  # fold it into the full report
+        _write(args.out, "latest", previous)
     return 0
+
+
+def _write(out: Path, stem: str, results: dict[str, Any]) -> None:
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(markdown(results))
+    _say(f"wrote {out / (stem + '.md')} and {stem}.json")
 
 
 if __name__ == "__main__":

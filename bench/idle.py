@@ -1,35 +1,52 @@
 """Idle cost of the service: CPU and RSS of `perksync` in service mode, from /proc.
 
-TODO(idle-bench): hook only. The service mode is being built in another issue
-(daemon/service.py); until it has landed, `python -m bench` does not run this
-part and the report says so. `python -m bench idle` runs it on request. Once
-the service is done: check that it starts with the config written here (10,000
-customers, `sync.interval_seconds: 60`), add "idle" to `bench.__main__.PARTS`
-run by default, and put its targets (under 3 % of one core, RSS under 150 MB)
-in `bench.report`.
+One fake PayNow process serves N customers with 5 items each and one fake
+Minecraft RCON process takes the commands (the same fakes and config as the
+poll pass, `bench.poll.write_config`), with `sync.interval_seconds` (60 s)
+and `http.listen` on a free loopback port (for `/metrics`). For each rate
+limit asked for (by default 20 requests/s, perksync's default, and 0, no
+limit) a fresh `python -m daemon --config ...` (service mode: no flag) runs
+with a fresh state database against the same fakes:
 
-What it does: start the fakes (`bench.fakes`), write the config, start
-`python -m daemon --config ...` (service mode: no flag) as a child, let it run
-for `warmup_s` (the first pass), then sample `/proc/<pid>/stat` (utime +
-stime, in clock ticks) and `/proc/<pid>/status` (VmRSS, VmHWM) every
-`sample_s` for `minutes`, then SIGTERM it and wait.
+1. the first interval (start-up, loading the config, scheduling N jobs and
+   the first polls, which deliver every active item's commands): its CPU is
+   reported on its own;
+2. the steady window (`minutes`): `/proc/<pid>/stat` utime + stime at both
+   ends (average CPU, % of one core), `/proc/<pid>/status` VmRSS every
+   `sample_s` (average and max) and VmHWM (peak, whole run) at the end; the
+   requests the PayNow fake served and perksync's `perksync_polls_total`
+   (ok / failed / skipped) at both ends, so polls per minute are counted, not
+   assumed; the PayNow fake's CPU meanwhile;
+3. SIGTERM, and the exit status and how long stopping took.
+
+Nothing changes in the fake's data, so after the first interval every poll
+finds its customer unchanged: that is the idle state being measured.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 from bench.poll import RCON_PASSWORD, write_config
-from bench.procs import Fake, child_env
+from bench.procs import Fake, child_env, perksync_source
 
 _TICKS = os.sysconf("SC_CLK_TCK")
+
+CUSTOMER_PATH = "/v1/store/customer"
+ITEMS_PATH = "/v1/store/customer/delivery/items"
+DEFAULT_RATE_LIMITS = (20.0, 0.0)  # perksync's default, and no limit
 
 
 def proc_cpu_seconds(pid: int) -> float:
@@ -51,64 +68,211 @@ def proc_memory_mb(pid: int) -> dict[str, float]:
     return out
 
 
-def sample(pid: int, seconds: float, every: float = 1.0) -> dict[str, Any]:
-    """Average CPU (% of one core) and RSS of `pid` over `seconds`."""
-    cpu0, t0 = proc_cpu_seconds(pid), time.monotonic()
-    rss = []
-    while time.monotonic() - t0 < seconds:
-        time.sleep(every)
-        rss.append(proc_memory_mb(pid)["VmRSS"])
-    cpu1, t1 = proc_cpu_seconds(pid), time.monotonic()
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+_POLLS = re.compile(r'^perksync_polls_total\{outcome="(\w+)"\}\s+(\S+)', re.MULTILINE)
+
+
+def scrape_polls(port: int, timeout: float = 10.0) -> dict[str, int] | None:
+    """perksync_polls_total by outcome from the service's /metrics (None if unreachable)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    return {outcome: int(float(value)) for outcome, value in _POLLS.findall(text)}
+
+
+def _delta(after: dict[str, int] | None, before: dict[str, int] | None) -> dict[str, int] | None:
+    if after is None or before is None:
+        return None
+    return {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(after) | set(before))}
+
+
+class _Watch:
+    """Samples one live process: CPU between marks, VmRSS every `every` seconds."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], log: Path, every: float) -> None:
+        self.proc = proc
+        self.log = log
+        self.every = every
+
+    def alive(self) -> None:
+        if self.proc.poll() is not None:
+            tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-10:])
+            raise RuntimeError(f"the service exited with {self.proc.returncode}:\n{tail}")
+
+    def wait(self, until: float, rss: list[float] | None = None) -> None:
+        """Sleep until time.monotonic() reaches `until`, sampling VmRSS into `rss`."""
+        while (left := until - time.monotonic()) > 0:
+            time.sleep(min(self.every, left))
+            self.alive()
+            if rss is not None:
+                rss.append(proc_memory_mb(self.proc.pid)["VmRSS"])
+
+
+def _requests(paynow: Fake) -> dict[str, int]:
+    served: dict[str, int] = json.loads(paynow.ask("requests"))
+    return served
+
+
+def run_service(
+    folder: Path,
+    paynow: Fake,
+    rcon: Fake,
+    customers: int,
+    *,
+    requests_per_second: float,
+    minutes: float,
+    interval_s: float,
+    warmup_s: float,
+    concurrency: int,
+    sample_s: float,
+) -> dict[str, Any]:
+    """One service run against the running fakes, in `folder` (its config and state)."""
+    folder.mkdir()
+    http_port = _free_port()
+    config = write_config(folder, paynow.port, rcon.port, concurrency, folder.parent / "tokens.txt")
+    text = config.read_text()
+    rate = f"  requests_per_second: {requests_per_second:g}\n"
+    text = text.replace("  requests_per_second: 0\n", rate, 1)
+    text = text.replace("sync:\n", f"sync:\n  interval_seconds: {interval_s:g}\n", 1)
+    text = text.replace("servers:\n", f"http:\n  listen: 127.0.0.1:{http_port}\n" + "servers:\n", 1)
+    config.write_text(text)
+    rcon.ask("clear")
+    log = folder / "service.log"
+    with log.open("w") as out:
+        requests0 = _requests(paynow)
+        t0 = time.monotonic()
+        service = subprocess.Popen(
+            [sys.executable, "-m", "daemon", "--config", str(config)],
+            cwd=folder, env=child_env(perksync=True), stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        watch = _Watch(service, log, sample_s)
+        try:
+            # 1. The first interval: start-up, the config, the first polls.
+            watch.wait(t0 + warmup_s)
+            t1, cpu1 = time.monotonic(), proc_cpu_seconds(service.pid)
+            requests1, polls1 = _requests(paynow), scrape_polls(http_port)
+            commands_first = int(rcon.ask("count"))
+            fake1 = paynow.cpu()
+            # 2. The steady window, with a CPU mark every interval.
+            rss: list[float] = []
+            marks = [(t1, cpu1)]
+            end = t1 + minutes * 60
+            while (now := time.monotonic()) < end - 0.5:
+                watch.wait(min(end, now + interval_s), rss)
+                marks.append((time.monotonic(), proc_cpu_seconds(service.pid)))
+            t2, cpu2 = marks[-1]
+            requests2, polls2 = _requests(paynow), scrape_polls(http_port)
+            fake2 = paynow.cpu()
+            commands_steady = int(rcon.ask("count")) - commands_first
+            peak = proc_memory_mb(service.pid)["VmHWM"]
+        finally:
+            # 3. Stop it.
+            stop0 = time.monotonic()
+            if service.poll() is None:
+                service.send_signal(signal.SIGTERM)
+            try:
+                service.wait(30)
+            except subprocess.TimeoutExpired:
+                service.kill()
+                service.wait(10)
+            stop_s = time.monotonic() - stop0
+    steady_s = t2 - t1
+    # Every poll reads the inventory (one page at 5 items); the customer itself
+    # is read on a first poll, when the inventory changed, and every few polls.
+    polls_first = requests1.get(ITEMS_PATH, 0) - requests0.get(ITEMS_PATH, 0)
+    customers_first = requests1.get(CUSTOMER_PATH, 0) - requests0.get(CUSTOMER_PATH, 0)
+    polls = requests2.get(ITEMS_PATH, 0) - requests1.get(ITEMS_PATH, 0)
+    customer_reads = requests2.get(CUSTOMER_PATH, 0) - requests1.get(CUSTOMER_PATH, 0)
+    cpu_s = cpu2 - cpu1
     return {
-        "seconds": t1 - t0,
-        "cpu_percent_of_one_core": 100 * (cpu1 - cpu0) / (t1 - t0),
-        "rss_mb_avg": sum(rss) / len(rss),
-        "rss_mb_max": max(rss),
-        "peak_rss_mb": proc_memory_mb(pid)["VmHWM"],
+        "requests_per_second": requests_per_second,
+        "first_interval": {
+            "seconds": t1 - t0,
+            "cpu_s": cpu1,
+            "cpu_percent_of_one_core": 100 * cpu1 / (t1 - t0),
+            "polls": polls_first,  # inventory requests the fake served
+            "customer_requests": customers_first,
+            "commands_delivered": commands_first,
+            "polls_metric": polls1,
+        },
+        "steady": {
+            "seconds": steady_s,
+            "cpu_s": cpu_s,
+            "cpu_percent_of_one_core": 100 * cpu_s / steady_s,
+            "cpu_percent_per_interval": [
+                100 * (c2 - c1) / (b - a) for (a, c1), (b, c2) in itertools.pairwise(marks)
+            ],
+            "rss_mb_avg": sum(rss) / len(rss),
+            "rss_mb_max": max(rss),
+            "polls": polls,
+            "customer_requests": customer_reads,
+            "http_requests_per_s": (polls + customer_reads) / steady_s,
+            "polls_per_min": polls / steady_s * 60,
+            "polls_metric": _delta(polls2, polls1),
+            "cpu_us_per_poll": cpu_s / polls * 1e6 if polls else None,
+            "commands_delivered": commands_steady,
+            "fake_paynow_cpu_percent": 100 * (fake2 - fake1) / steady_s,
+        },
+        "peak_rss_mb": peak,
+        "exit_code": service.returncode,
+        "stop_s": stop_s,
     }
+
+
+def _dirty() -> list[str]:
+    """Uncommitted changes to the measured daemon/ and adapters/ (`git status`)."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--", "daemon", "adapters"],
+            cwd=perksync_source(), capture_output=True, text=True, timeout=10, check=False,
+        ).stdout  # fmt: skip
+    except OSError:
+        return []
+    return [line.strip() for line in out.splitlines()]
 
 
 def run_idle(
     customers: int = 10_000,
     *,
     minutes: float = 3.0,
-    interval_s: int = 60,
+    interval_s: float = 60,
     warmup_s: float | None = None,
+    rate_limits: tuple[float, ...] = DEFAULT_RATE_LIMITS,
     concurrency: int = 16,
+    sample_s: float = 1.0,
 ) -> dict[str, Any]:
-    """TODO(idle-bench): the service is not finished; see the module docstring."""
+    """The service at each rate limit in turn, against the same fakes; a JSON-able dict."""
     warmup = interval_s if warmup_s is None else warmup_s
+    started = time.perf_counter()
+    runs = []
     with tempfile.TemporaryDirectory(prefix="perksync-idle-") as tmp:
         folder = Path(tmp)
         with (
             Fake(["paynow", "--customers", str(customers), "--workdir", str(folder)]) as paynow,
             Fake(["rcon", "--password", RCON_PASSWORD]) as rcon,
         ):
-            tokens = folder / "tokens.txt"
-            config = write_config(folder, paynow.port, rcon.port, concurrency, tokens)
-            interval = f"sync:\n  interval_seconds: {interval_s}\n"
-            config.write_text(config.read_text().replace("sync:\n", interval, 1))
-            with (folder / "service.log").open("w") as log:
-                service = subprocess.Popen(
-                    [sys.executable, "-m", "daemon", "--config", str(config)],
-                    cwd=folder, env=child_env(perksync=True), stdout=log, stderr=subprocess.STDOUT,
+            for index, rate in enumerate(rate_limits):
+                one = run_service(
+                    folder / f"run-{index}", paynow, rcon, customers,
+                    requests_per_second=rate, minutes=minutes, interval_s=interval_s,
+                    warmup_s=warmup, concurrency=concurrency, sample_s=sample_s,
                 )  # fmt: skip
-                try:
-                    time.sleep(warmup)
-                    if service.poll() is not None:
-                        raise RuntimeError(f"the service exited with {service.returncode}")
-                    result = sample(service.pid, minutes * 60)
-                finally:
-                    service.send_signal(signal.SIGTERM)
-                    try:
-                        service.wait(30)
-                    except subprocess.TimeoutExpired:
-                        service.kill()
-                        service.wait(10)
+                runs.append(one)
     return {
         "customers": customers,
+        "items_per_customer": 5,
         "interval_s": interval_s,
         "warmup_s": warmup,
         "minutes": minutes,
-        **result,
+        "concurrency": concurrency,
+        "perksync_changes": _dirty(),
+        "runs": runs,
+        "elapsed_s": time.perf_counter() - started,
     }

@@ -3,7 +3,8 @@
 `python -m bench` as a whole, with 50 customers, 200 RCON commands and growth
 at 20 and 50 customers: the result files exist and have the expected
 structure, and every perksync pass delivered exactly the commands expected
-from the fake's data. Timings are only checked to be there: they are the
+from the fake's data. `python -m bench idle` (opt-in) with 20 customers every
+2 s, for a few seconds. Timings are only checked to be there: they are the
 benchmark's business, not a test's.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -108,4 +110,27 @@ def test_report_names_the_machine_and_the_command(results: dict[str, Any]) -> No
     assert results["command"].startswith("python -m bench ")
     for heading in ("## Poll pass", "## RCON throughput", "## Growth", "## Idle service"):
         assert heading in text
-    assert "TODO(idle-bench)" in text
+    # The idle part is opt-in: not in this run, and the report says how to run it.
+    assert "idle" not in results
+    assert "python -m bench idle" in text
+
+
+def test_idle_service_runs_each_rate_limit(tmp_path: Path) -> None:
+    customers = 20
+    argv = ["idle", "--customers", str(customers), "--interval", "2", "--minutes", "0.05"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    assert not (tmp_path / "latest.json").exists()  # nothing to fold the results into
+    assert "## Idle service" in (tmp_path / "idle-latest.md").read_text()
+    idle = json.loads((tmp_path / "idle-latest.json").read_text())["idle"]
+    assert idle["customers"] == customers and idle["interval_s"] == 2
+    assert [run["requests_per_second"] for run in idle["runs"]] == [20, 0]
+    for run in idle["runs"]:
+        assert run["exit_code"] == 0
+        first, steady = run["first_interval"], run["steady"]
+        # Each customer's first poll delivers its vip and crate-key, once; nothing after.
+        assert first["commands_delivered"] + steady["commands_delivered"] == 2 * customers
+        assert first["polls"] > 0 and steady["polls"] > 0
+        assert steady["polls_metric"]["failed"] == 0
+        assert steady["cpu_percent_of_one_core"] >= 0 and first["cpu_s"] > 0
+        assert 0 < steady["rss_mb_avg"] <= steady["rss_mb_max"] <= run["peak_rss_mb"]
+        assert set(run["verdict"]) == {"cpu_under_3pct", "rss_under_150mb"}
