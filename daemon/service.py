@@ -149,8 +149,15 @@ class Service:
     # --- polling ---------------------------------------------------------------
 
     def _schedule_customers(self) -> None:
-        interval = self.settings.sync.interval_seconds
         links = self.settings.customers
+        rate = self.settings.paynow.requests_per_second
+        interval = effective_interval(self.settings.sync.interval_seconds, len(links), rate)
+        if interval > self.settings.sync.interval_seconds:
+            log.warning(
+                "%d customers at paynow.requests_per_second %g cannot all be polled every "
+                "%gs; polling each every %.0fs instead (raise the rate limit if PayNow allows)",
+                len(links), rate, self.settings.sync.interval_seconds, interval,
+            )  # fmt: skip
         now = datetime.now(UTC)
         jitter = min(interval * 0.1, 5.0)
         self.job_labels.clear()
@@ -318,6 +325,15 @@ class Service:
                 _log_summary(report)
                 next_summary = time.monotonic() + self.settings.sync.interval_seconds
             await asyncio.sleep(tick)
+
+
+def effective_interval(interval: float, customers: int, requests_per_second: float) -> float:
+    """The poll period the rate limit allows: a steady poll is one request, and one
+    in ten also reads the customer. Scheduling faster would only make polls queue
+    behind the limiter and the scheduler skip them by the thousand."""
+    if requests_per_second <= 0:
+        return interval
+    return max(interval, customers * 1.1 / requests_per_second)
 
 
 def _labels(settings: Settings) -> list[str]:

@@ -356,3 +356,24 @@ def test_unchanged_polls_read_only_the_inventory(
     world.sync(world.paynow.update_customer, token, name="olga2")
     world.add_item(token, "kit")
     assert wait_until(lambda: "give olga2 diamond 1" in world.received("survival"))
+
+
+def test_interval_stretches_to_what_the_rate_limit_allows() -> None:
+    from daemon.service import effective_interval
+
+    assert effective_interval(60, 10_000, 20) == pytest.approx(550)
+    assert effective_interval(60, 1_000, 20) == 60
+    assert effective_interval(60, 10_000, 0) == 60  # no limit
+
+
+def test_too_many_customers_for_the_rate_limit_is_warned_about(
+    world: World, services: list[subprocess.Popen[str]]
+) -> None:
+    token, _ = world.add_customer(platform="minecraft")
+    world.add_item(token, "vip")
+    extra = {"sync": {"interval_seconds": 1}, "paynow": {"requests_per_second": 0.5}}
+    world.config({"vip": VIP}, extra=extra)
+    start(world, services)
+    assert wait_until(
+        lambda: "cannot all be polled every 1s; polling each every 2s" in world.service_log()
+    )
