@@ -33,7 +33,14 @@ from daemon.diff import Event, EventKind, Mark, MarkKey, Phase, diff_inventory, 
 from daemon.models import Customer, InventoryItem
 from daemon.paynow import PayNowAuthError, PayNowClient, PayNowError
 from daemon.placeholders import Refusal, printable, render
-from daemon.state import JournalEntry, JournalRow, JournalStatus, SeenItem, Store
+from daemon.state import (
+    JournalEntry,
+    JournalRow,
+    JournalStatus,
+    KnownCustomer,
+    SeenItem,
+    Store,
+)
 from daemon.telemetry import NullTelemetry, Telemetry
 
 log = logging.getLogger(__name__)
@@ -140,6 +147,14 @@ def journal_entries(
     return entries
 
 
+def same_as_stored(known: KnownCustomer, items: Sequence[InventoryItem]) -> bool:
+    """Whether the inventory lists exactly the stored items, in their stored state
+    and expiry (then a poll has nothing to write but its sync time)."""
+    return len(known.states) == len(items) and all(
+        known.states.get(item.id) == (item.state, effective_expiry(item)) for item in items
+    )
+
+
 def describe_customer(customer: Customer) -> str:
     # The name comes from the customer: never let it put a line break in a log line.
     return f"{customer.id} ({printable(customer.name)})" if customer.name else customer.id
@@ -235,10 +250,6 @@ class Engine:
             log.exception("customer %s: unexpected error; nothing changed for this customer", label)
             self._poll_failed(label, "unexpected", f"unexpected error: {exc.__class__.__name__}")
             return False
-        if self._recent is not None:
-            self._recent[label] = _Recent(
-                customer.id, customer.name, customer_routes(self.settings, customer)
-            )
         self._poll_ok(label)
         return True
 
@@ -251,9 +262,7 @@ class Engine:
         """True (and the sync recorded) if these items change nothing stored."""
         known = await self.store.known(recent.customer_id)
         now = utcnow()
-        if len(known.states) != len(items):
-            return False
-        if any(known.states.get(i.id) != (i.state, effective_expiry(i)) for i in items):
+        if not same_as_stored(known, items):
             return False
         if diff_inventory(known.marks, known.items, items, recent.routes, now).marks:
             return False
@@ -268,6 +277,8 @@ class Engine:
         self.names[customer.id] = describe_customer(customer)
         known = await self.store.known(customer.id)
         routes = customer_routes(self.settings, customer)
+        if self._recent is not None:
+            self._recent[label] = _Recent(customer.id, customer.name, routes)
         now = utcnow()
         result = diff_inventory(known.marks, known.items, items, routes, now)
         for item_id in result.disappeared:
@@ -280,13 +291,11 @@ class Engine:
             log.warning("customer %s: item %s has unknown state %r; ignored", label, item_id, state)
         for item_id in result.duplicates:
             log.warning("customer %s: item %s is listed more than once", label, item_id)
+        if not result.marks and same_as_stored(known, items):
+            # The usual poll: nothing changed. Only the sync time is written.
+            await self.store.touch(label, customer.id, customer.name, now)
+            return
         expiries = {item.id: effective_expiry(item) for item in items}
-        if not result.marks and len(known.states) == len(items):
-            stored = known.states
-            if all(stored.get(i.id) == (i.state, expiries[i.id]) for i in items):
-                # The usual poll: nothing changed. Only the sync time is written.
-                await self.store.touch(label, customer.id, customer.name, now)
-                return
         entries = journal_entries(self.settings, customer, result.events)
         # The JSON is kept only where local expiry may need to render from it.
         seen = [
