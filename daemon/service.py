@@ -33,9 +33,10 @@ from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobExecutionEvent
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
+from adapters.base import GameServer
 from daemon import __version__, notify
 from daemon.config import ConfigError, CustomerLink, Settings, load_settings
-from daemon.engine import Engine, PassReport, ServerWorker
+from daemon.engine import Engine, PassReport, ServerWorker, make_server_factory
 from daemon.http_api import start_http, stop_http
 from daemon.metrics import PrometheusTelemetry
 from daemon.paynow import PayNowClient, RateLimiter, make_session
@@ -223,9 +224,8 @@ class Service:
         self.workers[name] = worker
         self.worker_tasks[name] = asyncio.create_task(self._deliver(worker))
 
-    def _make_server(self, name: str) -> Any:
-        from daemon.engine import make_server_factory
-
+    def _make_server(self, name: str) -> GameServer:
+        # Built from the settings of the moment: a reload may have changed them.
         return make_server_factory(self.settings)(name)
 
     async def _deliver(self, worker: ServerWorker) -> None:
