@@ -18,6 +18,7 @@ server that cannot be reached keeps its rows pending for a later attempt.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -31,7 +32,7 @@ from adapters.base import CommandTooLong, GameServer, RconAuthError, RconError
 from daemon.config import CustomerLink, Settings
 from daemon.diff import Event, EventKind, Mark, MarkKey, Phase, diff_inventory, effective_expiry
 from daemon.models import Customer, InventoryItem
-from daemon.paynow import PayNowAuthError, PayNowClient, PayNowError
+from daemon.paynow import InventoryPages, PayNowAuthError, PayNowClient, PayNowError
 from daemon.placeholders import Refusal, printable, render
 from daemon.state import (
     JournalEntry,
@@ -40,6 +41,7 @@ from daemon.state import (
     KnownCustomer,
     SeenItem,
     Store,
+    StoreError,
 )
 from daemon.telemetry import NullTelemetry, Telemetry
 
@@ -164,12 +166,47 @@ def describe_customer(customer: Customer) -> str:
 # linked Minecraft or Steam account changes where its perks go).
 CUSTOMER_REFRESH_POLLS = 10
 
+# Part of every answers digest: a version whose diff or stored state differs
+# must not trust the digests an older one stored. Bump it when they change.
+DIGEST_VERSION = b"perksync answers digest 1"
+
+# Unchanged polls' sync times are written this many at a time (one transaction).
+TOUCH_BATCH = 1000
+
+
+def settings_key(settings: Settings) -> bytes:
+    """What of the settings decides a poll's outcome besides the API's answers:
+    the products (which servers, which commands) and the servers' platforms."""
+    products = {slug: spec.model_dump(mode="json") for slug, spec in settings.products.items()}
+    platforms = {name: server.platform for name, server in settings.servers.items()}
+    text = json.dumps([products, platforms], sort_keys=True, separators=(",", ":"))
+    return hashlib.blake2b(DIGEST_VERSION + text.encode(), digest_size=32).digest()
+
+
+def customer_digest(key: bytes, body: bytes) -> bytes:
+    return hashlib.blake2b(body, digest_size=16, key=key).digest()
+
+
+def answers_digest(customer: bytes, inventory: InventoryPages) -> bytes:
+    """The digest of one poll's answers: the customer (as `customer_digest`) and
+    every inventory page, byte for byte."""
+    digest = hashlib.blake2b(customer, digest_size=16)
+    for body in inventory.bodies:
+        digest.update(len(body).to_bytes(8, "big"))
+        digest.update(body)
+    return digest.digest()
+
+
+def _is_stored(customer: bytes, stored: bytes | None) -> Callable[[InventoryPages], bool] | None:
+    """The `known` test of `PayNowClient.read_inventory` for one poll."""
+    if stored is None:
+        return None
+    return lambda pages: answers_digest(customer, pages) == stored
+
 
 @dataclass(slots=True)
 class _Recent:
-    customer_id: str
-    name: str | None
-    routes: dict[str, list[str]]
+    customer_digest: bytes
     polls_left: int = CUSTOMER_REFRESH_POLLS
 
 
@@ -197,14 +234,18 @@ class Engine:
         self.names: dict[str, str] = {}  # customer id → display text for log lines
         self.wakers: dict[str, asyncio.Event] = {}  # server → its worker's wake-up
         self.auth_failures: set[str] = set()  # labels whose token PayNow rejects (logged once)
-        # Service mode: what the last full poll of each link learned of its
-        # customer, so most polls need one request instead of two.
+        # Service mode: the digest of each link's customer as its last full
+        # poll read it, so most polls need one request instead of two.
         self._recent: dict[str, _Recent] | None = {} if cache_customers else None
         self._missing_logged: set[str] = set()
+        self._key = settings_key(settings)
+        self._digests: dict[str, bytes] | None = None  # label → stored; loaded at the first poll
+        self._touches: dict[str, datetime] = {}  # unchanged polls' sync times, not yet written
 
     def use_settings(self, settings: Settings) -> None:
         """A reload: routes learned under the old settings no longer hold."""
         self.settings = settings
+        self._key = settings_key(settings)  # so no stored digest matches any more
         if self._recent is not None:
             self._recent.clear()
 
@@ -216,23 +257,39 @@ class Engine:
     # --- polling -------------------------------------------------------------
 
     async def poll(self, index: int, link: CustomerLink) -> bool:
-        """Poll one linked customer; False if its inventory could not be read."""
+        """Poll one linked customer; False if its inventory could not be read.
+
+        Answers whose digest matches the one stored by the last pass that acted
+        on them change nothing, so they are neither validated nor diffed: only
+        the sync time is recorded (in batches, see `flush_touches`).
+        """
         label = link.describe(index)
         token = link.secret.get_secret_value()
+        if self._digests is None:
+            self._digests = await self.store.digests()
+        stored = self._digests.get(label)
         recent = self._recent.get(label) if self._recent is not None else None
+        paynow = self.paynow
         try:
+            inventory: InventoryPages | None = None
             if recent is not None and recent.polls_left > 0:
                 # The usual service poll: the inventory alone tells whether
                 # anything changed; only then is the customer read again.
-                items = await self.paynow.fetch_inventory(token)
-                if await self._unchanged(label, recent, items):
+                inventory = await paynow.read_inventory(
+                    token, _is_stored(recent.customer_digest, stored)
+                )
+                if inventory.known_answer:
                     recent.polls_left -= 1
-                    self._poll_ok(label)
+                    await self._unchanged(label)
                     return True
-                customer = await self.paynow.fetch_customer(token)
-            else:
-                customer = await self.paynow.fetch_customer(token)
-                items = await self.paynow.fetch_inventory(token)
+            customer_body = await paynow.read_customer(token)
+            customer_key = customer_digest(self._key, customer_body)
+            if inventory is None:
+                inventory = await paynow.read_inventory(token, _is_stored(customer_key, stored))
+            digest = answers_digest(customer_key, inventory)
+            if digest != stored:
+                customer = paynow.parse_customer(token, customer_body)
+                items = paynow.inventory_items(token, inventory)
         except PayNowError as exc:
             self._poll_failed(label, exc.kind, str(exc))
             if isinstance(exc, PayNowAuthError) and label in self.auth_failures:
@@ -241,44 +298,60 @@ class Engine:
                 log.error("customer %s: %s; nothing changed for this customer", label, exc)
             if isinstance(exc, PayNowAuthError):
                 self.auth_failures.add(label)
+            self._touches.pop(label, None)  # the error is the newer news
             await self.store.record_error(label, str(exc), utcnow())
             return False
         self.auth_failures.discard(label)
-        try:
-            await self._apply(label, customer, items)
-        except Exception as exc:  # one broken customer never stops the others
-            log.exception("customer %s: unexpected error; nothing changed for this customer", label)
-            self._poll_failed(label, "unexpected", f"unexpected error: {exc.__class__.__name__}")
-            return False
-        self._poll_ok(label)
+        if digest == stored:
+            await self._unchanged(label)
+        else:
+            try:
+                await self._apply(label, customer, items, digest)
+            except Exception as exc:  # one broken customer never stops the others
+                log.exception(
+                    "customer %s: unexpected error; nothing changed for this customer", label
+                )
+                error = f"unexpected error: {exc.__class__.__name__}"
+                self._poll_failed(label, "unexpected", error)
+                return False
+            self._poll_ok(label)
+        if self._recent is not None:
+            self._recent[label] = _Recent(customer_key)
         return True
+
+    async def _unchanged(self, label: str) -> None:
+        self._touches[label] = utcnow()
+        self._poll_ok(label)
+        if len(self._touches) >= TOUCH_BATCH:
+            await self.flush_touches()
+
+    async def flush_touches(self) -> None:
+        """Write the sync times of unchanged polls. They are only what
+        `perksync status` shows, so a crash before this loses no perk, and a
+        failure is logged, not raised."""
+        if not self._touches:
+            return
+        touches, self._touches = self._touches, {}
+        try:
+            await self.store.touch_unchanged(touches)
+        except StoreError as exc:
+            log.warning("cannot record the sync time of %d customers: %s", len(touches), exc)
 
     def _poll_ok(self, label: str) -> None:
         self.report.customers_ok += 1
         self.report.customers_failed.pop(label, None)
         self.telemetry.poll_succeeded(label, time.time())
 
-    async def _unchanged(self, label: str, recent: _Recent, items: list[InventoryItem]) -> bool:
-        """True (and the sync recorded) if these items change nothing stored."""
-        known = await self.store.known(recent.customer_id)
-        now = utcnow()
-        if not same_as_stored(known, items):
-            return False
-        if diff_inventory(known.marks, known.items, items, recent.routes, now).marks:
-            return False
-        await self.store.touch(label, recent.customer_id, recent.name, now)
-        return True
-
     def _poll_failed(self, label: str, kind: str, error: str) -> None:
         self.report.customers_failed[label] = error
         self.telemetry.poll_failed(label, kind)
 
-    async def _apply(self, label: str, customer: Customer, items: list[InventoryItem]) -> None:
+    async def _apply(
+        self, label: str, customer: Customer, items: list[InventoryItem], digest: bytes
+    ) -> None:
         self.names[customer.id] = describe_customer(customer)
         known = await self.store.known(customer.id)
         routes = customer_routes(self.settings, customer)
-        if self._recent is not None:
-            self._recent[label] = _Recent(customer.id, customer.name, routes)
         now = utcnow()
         result = diff_inventory(known.marks, known.items, items, routes, now)
         for item_id in result.disappeared:
@@ -291,9 +364,12 @@ class Engine:
             log.warning("customer %s: item %s has unknown state %r; ignored", label, item_id, state)
         for item_id in result.duplicates:
             log.warning("customer %s: item %s is listed more than once", label, item_id)
+        self._touches.pop(label, None)  # superseded by what is written now
         if not result.marks and same_as_stored(known, items):
-            # The usual poll: nothing changed. Only the sync time is written.
-            await self.store.touch(label, customer.id, customer.name, now)
+            # Nothing changed but the answers' bytes (or the settings, or this
+            # is the first pass since an upgrade): only the sync time and digest.
+            await self.store.touch(label, customer.id, customer.name, now, digest)
+            self._remember(label, digest)
             return
         expiries = {item.id: effective_expiry(item) for item in items}
         entries = journal_entries(self.settings, customer, result.events)
@@ -317,8 +393,14 @@ class Engine:
             entries,
             now,
             json.dumps(customer.raw, separators=(",", ":")),
+            digest,
         )
+        self._remember(label, digest)
         self._journaled(entries)
+
+    def _remember(self, label: str, digest: bytes) -> None:
+        if self._digests is not None:
+            self._digests[label] = digest
 
     def _journaled(self, entries: Sequence[JournalEntry]) -> None:
         for entry in entries:
@@ -355,6 +437,9 @@ class Engine:
         marks: dict[MarkKey, Mark] = {}
         entries: list[JournalEntry] = []
         for expiry in due:
+            if self._digests is not None:
+                # Its marks change now: the next poll must diff again.
+                self._digests.pop(expiry.label, None)
             item = InventoryItem.from_api(json.loads(expiry.item_raw))
             key = (item.id, expiry.server)
             if key in marks:
@@ -504,6 +589,7 @@ class SyncPass:
         tasks = [asyncio.create_task(self._deliver(w)) for w in self.workers]
         try:
             await self._poll_all(self.engine.settings.customers)
+            await self.engine.flush_touches()
             # After the polls, so that a renewal they just saw is not expired.
             await self.engine.sweep_expiries()
         finally:

@@ -26,6 +26,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Final, NoReturn
 from urllib.parse import urlsplit
@@ -306,6 +307,20 @@ class _Failure:
         self.retry_after = retry_after
 
 
+@dataclass(slots=True)
+class InventoryPages:
+    """An inventory as read by `PayNowClient.read_inventory`: every page's body as
+    sent, the items validated so far, and the last page, decoded but not yet
+    validated."""
+
+    bodies: list[bytes] = field(default_factory=list)
+    items: list[InventoryItem] = field(default_factory=list)
+    after: int | None = None  # the id of the last validated item
+    last: list[Any] = field(default_factory=list)
+    last_what: str = "inventory page 1"
+    known_answer: bool = False  # `known` said so: the last body was not decoded
+
+
 class PayNowClient:
     """Reads customers and inventories from the PayNow Storefront API.
 
@@ -366,7 +381,24 @@ class PayNowClient:
 
     async def fetch_customer(self, token: str) -> Customer:
         """GET /v1/store/customer → the token's Customer."""
-        data = await self._get_json(self._customer_url, token, "customer")
+        return self.parse_customer(token, await self.read_customer(token))
+
+    async def fetch_inventory(self, token: str) -> list[InventoryItem]:
+        """Every delivery item of the token's customer, ascending by id.
+
+        All pages or an exception: nothing partial is ever returned.
+        """
+        return self.inventory_items(token, await self.read_inventory(token))
+
+    # The two steps of each, for a caller that can tell from the bytes alone
+    # that an answer is the one it already acted on (and so skip validating it).
+
+    async def read_customer(self, token: str) -> bytes:
+        """The body of GET /v1/store/customer as sent (checked by `parse_customer`)."""
+        return await self._get_body(self._customer_url, token, "customer")
+
+    def parse_customer(self, token: str, body: bytes) -> Customer:
+        data = self._decode(token, "customer", body)
         if not isinstance(data, dict):
             self._bad(token, "customer", f"expected a JSON object, got {_json_type(data)}")
         try:
@@ -374,56 +406,94 @@ class PayNowClient:
         except (pydantic.ValidationError, ValueError, TypeError) as exc:
             self._bad(token, "customer", _validation_summary(exc))
 
-    async def fetch_inventory(self, token: str) -> list[InventoryItem]:
-        """Every delivery item of the token's customer, ascending by id.
+    async def read_inventory(
+        self, token: str, known: Callable[[InventoryPages], bool] | None = None
+    ) -> InventoryPages:
+        """Every page of the inventory, as sent and decoded. The items of every
+        page but the last are validated on the way (the next page starts after
+        the last id of the one before); `inventory_items` validates the rest.
 
-        All pages or an exception: nothing partial is ever returned.
-        """
-        items: list[InventoryItem] = []
+        `known` is asked after each page is read, before it is decoded: True
+        means the bodies so far are an inventory the caller already has (it
+        compares digests), so reading stops there, `known_answer` is set and
+        the last page is left undecoded."""
+        pages = InventoryPages()
         limit = self.page_limit
-        after: int | None = None
         url = self._items_first_url
         for page in range(1, self.max_pages + 1):
             what = (
                 f"inventory page {page}"
-                if after is None
-                else f"inventory page {page} (after={after})"
+                if pages.after is None
+                else f"inventory page {page} (after={pages.after})"
             )
-            data = await self._get_json(url, token, what)
+            body = await self._get_body(url, token, what)
+            pages.bodies.append(body)
+            if known is not None and known(pages):
+                pages.known_answer = True
+                return pages
+            data = self._decode(token, what, body)
             if not isinstance(data, list):
                 self._bad(token, what, f"expected a JSON array, got {_json_type(data)}")
-            for index, raw in enumerate(data):
-                if not isinstance(raw, dict):
-                    self._bad(token, what, f"item {index} is {_json_type(raw)}, not an object")
-                try:
-                    item = InventoryItem.from_api(raw)
-                except (pydantic.ValidationError, ValueError, TypeError) as exc:
-                    self._bad(token, what, f"item {index}: {_validation_summary(exc)}")
-                item_id = int(item.id)
-                if after is not None and item_id <= after:
-                    problem = "repeated" if any(i.id == item.id for i in items) else "out of order"
-                    self._bad(
-                        token,
-                        what,
-                        f"item {index} id {item.id} is {problem} (not after {after}): "
-                        "the API ignored the cursor",
-                    )
-                after = item_id
-                items.append(item)
             if len(data) < limit:
+                pages.last, pages.last_what = data, what
                 if log.isEnabledFor(logging.DEBUG):
-                    log.debug("PayNow inventory complete: %d items in %d pages", len(items), page)
-                return items
-            url = URL(f"{self._items_prefix}&after={after}", encoded=True)
+                    log.debug("PayNow inventory complete: %d pages", page)
+                return pages
+            self._add_items(token, what, data, pages)
+            url = URL(f"{self._items_prefix}&after={pages.after}", encoded=True)
         self._bad(token, "inventory", f"more than {self.max_pages} pages; giving up")
+
+    def inventory_items(self, token: str, pages: InventoryPages) -> list[InventoryItem]:
+        """The validated items of every page, in the API's order."""
+        if pages.known_answer:
+            raise ValueError("the caller already has this inventory: its last page was not read")
+        if pages.last:
+            self._add_items(token, pages.last_what, pages.last, pages)
+            pages.last = []
+        return pages.items
+
+    def _add_items(self, token: str, what: str, data: list[Any], pages: InventoryPages) -> None:
+        items = pages.items
+        after = pages.after
+        for index, raw in enumerate(data):
+            if not isinstance(raw, dict):
+                self._bad(token, what, f"item {index} is {_json_type(raw)}, not an object")
+            try:
+                item = InventoryItem.from_api(raw)
+            except (pydantic.ValidationError, ValueError, TypeError) as exc:
+                self._bad(token, what, f"item {index}: {_validation_summary(exc)}")
+            item_id = int(item.id)
+            if after is not None and item_id <= after:
+                problem = "repeated" if any(i.id == item.id for i in items) else "out of order"
+                self._bad(
+                    token,
+                    what,
+                    f"item {index} id {item.id} is {problem} (not after {after}): "
+                    "the API ignored the cursor",
+                )
+            after = item_id
+            items.append(item)
+        pages.after = after
 
     # ----------------------------------------------------------------- plumbing
 
     def _bad(self, token: str, what: str, detail: str) -> NoReturn:
         raise PayNowBadResponse(_scrub(f"PayNow {what}: {detail}", token)) from None
 
-    async def _get_json(self, url: URL, token: str, what: str) -> Any:
-        """GET `url` with retries; return the parsed JSON body of a 2xx answer."""
+    def _decode(self, token: str, what: str, body: bytes) -> Any:
+        """The JSON of a 2xx answer's body."""
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            kind = "truncated" if _looks_truncated(body) else "malformed"
+            self._bad(
+                token,
+                what,
+                f"{kind} JSON in a body of {len(body)} bytes ({_one_line(str(exc), 80)})",
+            )
+
+    async def _get_body(self, url: URL, token: str, what: str) -> bytes:
+        """GET `url` with retries; return the body of a 2xx answer."""
         if not token or not token.isascii() or any(c <= " " or c == "\x7f" for c in token):
             raise PayNowAuthError(
                 f"PayNow {what}: the customer token is empty or has whitespace, "
@@ -473,16 +543,7 @@ class PayNowClient:
                         attempt,
                     )
                 if 200 <= status < 300:
-                    try:
-                        return json.loads(body)
-                    except (ValueError, UnicodeDecodeError) as exc:
-                        kind = "truncated" if _looks_truncated(body) else "malformed"
-                        self._bad(
-                            token,
-                            what,
-                            f"{kind} JSON in HTTP {status} body of {len(body)} bytes "
-                            f"({_one_line(str(exc), 80)})",
-                        )
+                    return body
                 failure = self._status_failure(token, what, status, body, attempt, retry_after)
 
             # A retryable failure: wait and try again, if attempts and budget allow.

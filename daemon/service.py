@@ -136,6 +136,8 @@ class Service:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*self.poll_tasks, return_exceptions=True)
+        if self.engine is not None:
+            await self.engine.flush_touches()
         for worker in self.workers.values():
             await worker.close()
 
@@ -320,6 +322,8 @@ class Service:
             except Exception:
                 log.exception("cannot read the journal backlog")
             notify.status(self.telemetry.summary())
+            if self.engine is not None:
+                await self.engine.flush_touches()
             if time.monotonic() >= next_summary and self.engine is not None:
                 report, self.engine.report = self.engine.report, PassReport()
                 _log_summary(report)

@@ -151,8 +151,10 @@ class Store(Protocol):
         entries: Sequence[JournalEntry],
         synced_at: datetime,
         customer_raw: str | None = None,
+        digest: bytes | None = None,
     ) -> list[int]:
-        """Atomically: upsert the customer's link row (clearing its error), the
+        """Atomically: upsert the customer's link row (clearing its error, and
+        replacing its answers' digest, see `digests`), the
         seen items' last state, the changed marks, and insert the journal
         entries (in order). Returns the new journal row ids in order. An entry
         whose (item, server, cycle, event, command_index) already exists (or
@@ -166,10 +168,33 @@ class Store(Protocol):
         ...
 
     async def touch(
-        self, label: str, customer_id: str, customer_name: str | None, synced_at: datetime
+        self,
+        label: str,
+        customer_id: str,
+        customer_name: str | None,
+        synced_at: datetime,
+        digest: bytes | None = None,
     ) -> None:
         """Record a pass that changed nothing: the link's sync time (clearing its
-        error), id and name; items, marks and journal stay as they are."""
+        error), id, name and answers' digest; items, marks and journal stay as
+        they are."""
+        ...
+
+    async def digests(self) -> dict[str, bytes]:
+        """Link label → the digest stored by its last `commit_pass` or `touch`
+        (links without one are left out).
+
+        The digest stands for the API's answers that pass acted on; a poll
+        whose answers have the same digest would change nothing, so the engine
+        only records its sync time (`touch_unchanged`). `commit_expiry` drops
+        the digests of the customers it changes, as their stored marks no
+        longer follow from those answers alone."""
+        ...
+
+    async def touch_unchanged(self, synced: Mapping[str, datetime]) -> None:
+        """Link label → sync time of polls whose answers matched the stored
+        digest: one transaction sets each link's sync time and clears its
+        error. Labels with no link row are ignored."""
         ...
 
     async def due_expiries(self, cutoff: datetime) -> list[DueExpiry]:
@@ -182,7 +207,8 @@ class Store(Protocol):
         self, marks: Mapping[MarkKey, Mark], entries: Sequence[JournalEntry], at: datetime
     ) -> list[int]:
         """Atomically store the marks and journal entries of local expiries
-        (same duplicate rule as commit_pass). Returns the new row ids."""
+        (same duplicate rule as commit_pass) and drop the digests of the
+        customers whose items they name. Returns the new row ids."""
         ...
 
     async def record_error(self, label: str, error: str, at: datetime) -> None:

@@ -179,6 +179,11 @@ def _v2(conn: sqlite3.Connection) -> None:
     )
 
 
+@migration("the digest of the API answers each link's last pass acted on")
+def _v3(conn: sqlite3.Connection) -> None:
+    _run(conn, ["ALTER TABLE links ADD COLUMN digest BLOB"])
+
+
 # --- times -------------------------------------------------------------------
 
 
@@ -200,13 +205,14 @@ def _dt_or_none(text: str | None) -> datetime | None:
 
 _UPSERT_LINK = """
 INSERT INTO links (label, customer_id, name, last_synced_at, last_error, last_error_at,
-                   customer_raw)
-VALUES (?, ?, ?, ?, NULL, NULL, ?)
+                   customer_raw, digest)
+VALUES (?, ?, ?, ?, NULL, NULL, ?, ?)
 ON CONFLICT (label) DO UPDATE SET
     customer_id = excluded.customer_id,
     name = excluded.name,
     last_synced_at = excluded.last_synced_at,
     customer_raw = coalesce(excluded.customer_raw, links.customer_raw),
+    digest = excluded.digest,
     last_error = NULL,
     last_error_at = NULL
 """
@@ -263,14 +269,24 @@ WHERE i.customer_id = ?
 """
 
 _TOUCH_LINK = """
-INSERT INTO links (label, customer_id, name, last_synced_at, last_error, last_error_at)
-VALUES (?, ?, ?, ?, NULL, NULL)
+INSERT INTO links (label, customer_id, name, last_synced_at, last_error, last_error_at, digest)
+VALUES (?, ?, ?, ?, NULL, NULL, ?)
 ON CONFLICT (label) DO UPDATE SET
     customer_id = excluded.customer_id,
     name = excluded.name,
     last_synced_at = excluded.last_synced_at,
+    digest = excluded.digest,
     last_error = NULL,
     last_error_at = NULL
+"""
+
+_TOUCH_UNCHANGED = """
+UPDATE links SET last_synced_at = ?, last_error = NULL, last_error_at = NULL WHERE label = ?
+"""
+
+_FORGET_DIGEST = """
+UPDATE links SET digest = NULL
+WHERE customer_id = (SELECT customer_id FROM items WHERE item_id = ?) AND digest IS NOT NULL
 """
 
 _ROW_COLUMNS = """id, customer_id, item_id, product, server, event, cycle, command_index,
@@ -475,10 +491,28 @@ class SqliteStore:
         return KnownCustomer(items=frozenset(states), marks=marks, states=states)
 
     async def touch(
-        self, label: str, customer_id: str, customer_name: str | None, synced_at: datetime
+        self,
+        label: str,
+        customer_id: str,
+        customer_name: str | None,
+        synced_at: datetime,
+        digest: bytes | None = None,
     ) -> None:
         with self._errors(f"record the pass of {label} (customer {customer_id})") as conn:
-            conn.execute(_TOUCH_LINK, (label, customer_id, customer_name, _ts(synced_at)))
+            conn.execute(_TOUCH_LINK, (label, customer_id, customer_name, _ts(synced_at), digest))
+
+    async def digests(self) -> dict[str, bytes]:
+        with self._errors("read the links' digests") as conn:
+            return dict(
+                conn.execute("SELECT label, digest FROM links WHERE digest IS NOT NULL").fetchall()
+            )
+
+    async def touch_unchanged(self, synced: Mapping[str, datetime]) -> None:
+        if not synced:
+            return
+        rows = [(_ts(at), label) for label, at in synced.items()]
+        with self._transaction(f"record the sync of {len(rows)} unchanged customers") as conn:
+            conn.executemany(_TOUCH_UNCHANGED, rows)
 
     async def commit_pass(
         self,
@@ -490,6 +524,7 @@ class SqliteStore:
         entries: Sequence[JournalEntry],
         synced_at: datetime,
         customer_raw: str | None = None,
+        digest: bytes | None = None,
     ) -> list[int]:
         at = _ts(synced_at)
         item_rows = [
@@ -505,7 +540,9 @@ class SqliteStore:
             for s in seen
         ]
         with self._transaction(f"store the pass of {label} (customer {customer_id})") as conn:
-            conn.execute(_UPSERT_LINK, (label, customer_id, customer_name, at, customer_raw))
+            conn.execute(
+                _UPSERT_LINK, (label, customer_id, customer_name, at, customer_raw, digest)
+            )
             if item_rows:
                 conn.executemany(_UPSERT_ITEM, item_rows)
             return self._journal(conn, marks, entries, at)
@@ -523,6 +560,7 @@ class SqliteStore:
         self, marks: Mapping[MarkKey, Mark], entries: Sequence[JournalEntry], at: datetime
     ) -> list[int]:
         with self._transaction("store local expiries") as conn:
+            conn.executemany(_FORGET_DIGEST, [(i,) for i in dict.fromkeys(i for i, _ in marks)])
             return self._journal(conn, marks, entries, _ts(at))
 
     @staticmethod

@@ -316,6 +316,49 @@ def test_new_server_gets_active_items_on_next_pass(world: World) -> None:
     assert world.received("survival") == ["give kim diamond 1"]
 
 
+def _links(world: World) -> dict[str, tuple[str | None, str | None, bytes | None]]:
+    """label → (last sync, last error, digest), read from the state file directly."""
+    with sqlite3.connect(world.folder / "state.sqlite3") as conn:
+        rows = conn.execute("SELECT label, last_synced_at, last_error, digest FROM links")
+        return {label: (synced, error, digest) for label, synced, error, digest in rows}
+
+
+def test_unchanged_answers_only_record_the_sync(world: World) -> None:
+    token, customer = world.add_customer(platform="minecraft", name="una")
+    vip = world.add_item(token, "vip")
+    world.add_item(token, "kit")
+    world.config({"vip": PRODUCTS["vip"]})
+    sync(world)
+    assert world.received("survival") == [f"lp user {customer['minecraft_uuid']} parent add vip"]
+    ((label, (synced, error, digest)),) = _links(world).items()
+    assert digest is not None and error is None
+
+    # A failed poll, then the same answers again: nothing runs, the error is
+    # cleared and the sync time moves on (written in a batch at the end).
+    world.sync(world.paynow.fault, token, "status", status=400)
+    sync(world, expect=3)
+    assert _links(world)[label][1] is not None
+    sync(world)
+    later, error, same = _links(world)[label]
+    assert error is None and same == digest and later is not None and synced is not None
+    assert later > synced
+    assert len(world.received("survival")) == 1
+
+    # Settings that change what the same answers mean are never skipped:
+    # a product mapped since is granted although PayNow says the same.
+    world.config({"vip": PRODUCTS["vip"], "kit": PRODUCTS["kit"]})
+    sync(world)
+    assert world.received("survival")[1:] == ["give una diamond 1"]
+    assert _links(world)[label][2] not in (None, digest)
+
+    # And any change at PayNow is diffed as ever.
+    world.set_state(token, vip, "used")
+    sync(world)
+    assert world.received("survival")[2:] == [
+        f"lp user {customer['minecraft_uuid']} parent remove vip"
+    ]
+
+
 def test_long_fragmented_replies(world: World) -> None:
     token, _ = world.add_customer(platform="both", name="lee")
     world.add_item(token, "kit")

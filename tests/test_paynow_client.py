@@ -698,3 +698,52 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after(later.strftime("%a, %d %b %Y %H:%M:%S GMT"), now=now) == 90.0
     for junk in (None, "", "soon", "nan", "inf"):
         assert parse_retry_after(junk, now=now) is None
+
+
+# ------------------------------------------------- reading without validating
+
+
+def test_read_inventory_keeps_the_bodies_and_validates_on_demand() -> None:
+    async def scenario(fake: FakePayNow, client: PayNowClient) -> None:
+        token = customer_with(fake, 250)
+        pages = await client.read_inventory(token, lambda pages: False)
+        assert not pages.known_answer
+        assert [len(json.loads(body)) for body in pages.bodies] == [100, 100, 50]
+        items = client.inventory_items(token, pages)
+        assert [i.raw for i in items] == fake.items(token)
+        body = await client.read_customer(token)
+        assert client.parse_customer(token, body).raw == json.loads(body) == fake.customer(token)
+
+    run(scenario)
+
+
+def test_read_inventory_stops_where_the_caller_knows_the_answer() -> None:
+    async def scenario(fake: FakePayNow, client: PayNowClient) -> None:
+        token = customer_with(fake, 250)
+        asked: list[int] = []
+
+        def known(pages: Any) -> bool:
+            asked.append(len(pages.bodies))
+            return len(pages.bodies) == 2
+
+        pages = await client.read_inventory(token, known)
+        assert pages.known_answer and asked == [1, 2]
+        assert fake.count("items", token) == 2  # the third page is never asked for
+        with pytest.raises(ValueError, match="already has this inventory"):
+            client.inventory_items(token, pages)
+
+    run(scenario)
+
+
+def test_a_known_answer_is_not_even_decoded() -> None:
+    # What the caller knows was validated when it was first read; the same
+    # bytes need no second look (here they would not even parse).
+    async def scenario(fake: FakePayNow, client: PayNowClient) -> None:
+        token = customer_with(fake, 3)
+        fake.fault(token, "malformed", path="items", times=2)
+        pages = await client.read_inventory(token, lambda pages: True)
+        assert pages.known_answer
+        with pytest.raises(PayNowBadResponse, match="malformed JSON"):
+            await client.read_inventory(token, lambda pages: False)
+
+    run(scenario)

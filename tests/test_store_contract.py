@@ -837,3 +837,58 @@ async def test_touch_records_the_sync_and_nothing_else(opener: Opener) -> None:
     assert link == CustomerStatus("alice", "100", "Alice B.", T2, None, None)
     after = await snapshot(store)
     assert after[:3] == before[:3] and after[4:] == before[4:]  # all but the links
+
+
+# --- answers digests -------------------------------------------------------------------
+
+
+@run_async
+async def test_digests_are_kept_per_link_and_replaced_by_each_pass(opener: Opener) -> None:
+    store = opener()
+    assert await store.digests() == {}
+    await store.commit_pass("alice", "100", "Alice", seen(("1", "active")), {}, [], T0,
+                            digest=b"a1")  # fmt: skip
+    await store.touch("bob", "200", "Bob", T0, b"b1")
+    await store.record_error("carol", "HTTP 503", T0)  # no pass: no digest
+    assert await store.digests() == {"alice": b"a1", "bob": b"b1"}
+    await store.touch("alice", "100", "Alice", T1, b"a2")
+    await store.commit_pass("bob", "200", "Bob", seen(("2", "active")), {}, [], T1)
+    # A pass that stores no digest drops the old one: it no longer stands for the state.
+    assert await store.digests() == {"alice": b"a2"}
+    reopened = opener()
+    assert await reopened.digests() == {"alice": b"a2"}
+
+
+@run_async
+async def test_touch_unchanged_sets_the_sync_time_and_clears_the_error_only(
+    opener: Opener,
+) -> None:
+    store = opener()
+    await first_pass(store)
+    await store.touch("bob", "200", "Bob", T0, b"b1")
+    await store.record_error("alice", "HTTP 503", T1)
+    before = await snapshot(store)
+    await store.touch_unchanged({"alice": T2, "bob": T1, "nobody": T2})
+    assert await store.customers() == [
+        CustomerStatus("alice", "100", "Alice", T2, None, None),
+        CustomerStatus("bob", "200", "Bob", T1, None, None),
+    ]  # "nobody" has no link row: ignored, not created
+    after = await snapshot(store)
+    assert after[:3] == before[:3] and after[4:] == before[4:]
+    assert await store.digests() == {"bob": b"b1"}
+    await store.touch_unchanged({})
+
+
+@run_async
+async def test_commit_expiry_drops_the_digest_of_the_customers_it_changes(opener: Opener) -> None:
+    store = opener()
+    await store.commit_pass(
+        "alice", "100", "Alice", [expiring("1", "active", T0)],
+        granted(("1", "survival")), [], T0, '{"id": "100"}', b"a1",
+    )  # fmt: skip
+    await store.commit_pass(
+        "bob", "200", "Bob", [expiring("2", "active", T2)],
+        granted(("2", "survival")), [], T0, '{"id": "200"}', b"b1",
+    )  # fmt: skip
+    await store.commit_expiry({("1", "survival"): Mark(Phase.LAPSED, 1)}, [], T1)
+    assert await store.digests() == {"bob": b"b1"}

@@ -522,3 +522,38 @@ def test_migration_2_keeps_the_marks_of_a_version_1_database(tmp_path: Path) -> 
     check.execute("UPDATE marks SET phase = 'lapsed'")
     check.commit()
     check.close()
+
+
+def test_migration_3_adds_digests_to_a_version_2_database(tmp_path: Path) -> None:
+    """Links of a version 2 file keep everything and start with no digest, so
+    the first pass after the upgrade diffs every customer."""
+    import sqlite3
+
+    from daemon.state_sqlite import MIGRATIONS, SqliteStore
+
+    path = tmp_path / "v2.sqlite3"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN")
+    MIGRATIONS[0].upgrade(conn)
+    MIGRATIONS[1].upgrade(conn)
+    conn.execute("PRAGMA user_version = 2")
+    conn.execute(
+        "INSERT INTO links (label, customer_id, name, last_synced_at) "
+        "VALUES ('alice', '100', 'Alice', '2024-01-01T00:00:00.000000+00:00')"
+    )
+    conn.execute("COMMIT")
+    conn.close()
+
+    store = SqliteStore(path)
+    try:
+        assert asyncio.run(store.digests()) == {}
+        (link,) = asyncio.run(store.customers())
+        assert (link.label, link.customer_id, link.name) == ("alice", "100", "Alice")
+        assert link.last_synced_at is not None
+        asyncio.run(store.touch("alice", "100", "Alice", link.last_synced_at, b"d"))
+        assert asyncio.run(store.digests()) == {"alice": b"d"}
+    finally:
+        asyncio.run(store.close())
+    check = sqlite3.connect(path)
+    assert check.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) >= 3
+    check.close()
