@@ -124,7 +124,11 @@ class Service:
     async def _shutdown(self) -> None:
         notify.stopping()
         log.info("stopping: finishing the commands in flight")
-        self.scheduler.shutdown(wait=False)
+        self.scheduler.pause()
+        # Let polls already handed to the executor start: they see `stopping`
+        # and return. Cancelled before starting, APScheduler would log each
+        # with a traceback.
+        await asyncio.sleep(0)
         for task in list(self.poll_tasks):
             task.cancel()  # a poll commits atomically: cancelling it stores nothing
         for worker in self.workers.values():
@@ -136,6 +140,7 @@ class Service:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*self.poll_tasks, return_exceptions=True)
+        self.scheduler.shutdown(wait=False)
         if self.engine is not None:
             await self.engine.flush_touches()
         for worker in self.workers.values():

@@ -179,9 +179,21 @@ def _v2(conn: sqlite3.Connection) -> None:
     )
 
 
-@migration("the digest of the API answers each link's last pass acted on")
+@migration("answers digests; the expiry index holds only active items")
 def _v3(conn: sqlite3.Connection) -> None:
-    _run(conn, ["ALTER TABLE links ADD COLUMN digest BLOB"])
+    _run(
+        conn,
+        [
+            "ALTER TABLE links ADD COLUMN digest BLOB",
+            # The sweep asks every few seconds for active items past their
+            # expiry: without `used`/`revoked` ones (which pile up over the
+            # years, all in the past) that stays a short range scan.
+            "DROP INDEX items_expiry",
+            "CREATE INDEX items_expiry ON items (expires_at)"
+            " WHERE expires_at IS NOT NULL AND state = 'active'",
+            "CREATE INDEX links_customer ON links (customer_id)",
+        ],
+    )
 
 
 # --- times -------------------------------------------------------------------
@@ -237,11 +249,14 @@ ON CONFLICT (item_id) DO UPDATE SET
     raw = coalesce(excluded.raw, items.raw)
 """
 
+# CROSS JOIN fixes the join order (SQLite never reorders it): the few items
+# due, through items_expiry, then their marks and links. Left to itself the
+# planner may scan every link and its items on each sweep.
 _DUE_EXPIRIES = """
 SELECT l.label, l.customer_raw, i.raw, m.server, m.cycle, i.expires_at
 FROM items AS i
-JOIN marks AS m ON m.item_id = i.item_id AND m.phase = 'granted'
-JOIN links AS l ON l.customer_id = i.customer_id
+CROSS JOIN marks AS m ON m.item_id = i.item_id AND m.phase = 'granted'
+CROSS JOIN links AS l ON l.customer_id = i.customer_id
 WHERE i.expires_at IS NOT NULL AND i.expires_at <= ?
   AND i.state = 'active'  -- a `renewed` item keeps its perk (SPEC §7)
   AND i.raw IS NOT NULL AND l.customer_raw IS NOT NULL

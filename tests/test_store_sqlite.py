@@ -283,6 +283,21 @@ def test_pending_reads_through_the_server_status_index(db: Path) -> None:
     assert "TEMP B-TREE" not in plan  # no sort: the index gives id order
 
 
+def test_the_expiry_sweep_reads_through_the_active_items_expiry_index(db: Path) -> None:
+    close(SqliteStore(db))
+    conn = raw(db)
+    plan = " ".join(
+        str(r[3])
+        for r in conn.execute(
+            "EXPLAIN QUERY PLAN " + state_sqlite._DUE_EXPIRIES, ("2024-01-01T00:00:00",)
+        )
+    )
+    conn.close()
+    assert "USING INDEX items_expiry" in plan  # used/revoked items are not even in it
+    assert "USING INDEX links_customer" in plan
+    assert "SCAN" not in plan
+
+
 # --- crashes --------------------------------------------------------------------------
 
 # Commits pass A, then starts pass B (large enough that SQLite spills pages of the
