@@ -154,7 +154,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines += _growth_section(growth)
     idle = results.get("idle")
     lines += (
-        _idle_section(idle)
+        _idle_section(idle, poll)
         if idle
         else [
             "",
@@ -292,10 +292,9 @@ def _rate(rps: float) -> str:
     return f"{rps:g}/s" if rps else "0 (no limit)"
 
 
-def _idle_section(idle: dict[str, Any]) -> list[str]:
+def _idle_section(idle: dict[str, Any], poll: dict[str, Any] | None) -> list[str]:
     n, interval = idle["customers"], idle["interval_s"]
     measured = idle.get("measured", {})
-    due_per_min = n * 60 / interval
     lines = [
         "",
         f"## Idle service: {n:,} customers × {idle['items_per_customer']} items, "
@@ -307,10 +306,12 @@ def _idle_section(idle: dict[str, Any]) -> list[str]:
         f"{_f(idle.get('elapsed_s', 0), 0)} s).",
         "",
         f"`perksync` in service mode, `sync.interval_seconds: {interval:g}`, "
-        f"`sync.concurrency: {idle['concurrency']}`, against the poll pass's fakes; one fresh "
-        "service (fresh state database) per `paynow.requests_per_second`. The first "
+        f"`sync.concurrency: {idle['concurrency']}`, against the poll pass's fakes; one "
+        "service per `paynow.requests_per_second`, each on a state database that one "
+        "`perksync --sync-now` has just brought up to date (every customer seen, every "
+        "command delivered), as a service that has been running would have. The first "
         f"interval ({_f(idle['warmup_s'], 0)} s: start-up, the config, scheduling {n:,} jobs "
-        "and the first polls, which deliver every active item's commands) is reported on its "
+        "and the first polls) is reported on its "
         f"own; then {idle['minutes']:g} minutes are sampled, in which nothing changes at "
         "PayNow: CPU from `/proc/<pid>/stat` (utime + stime at both ends), RSS from "
         "`/proc/<pid>/status` (VmRSS every second; VmHWM, the peak of the whole run). Polls "
@@ -318,19 +319,21 @@ def _idle_section(idle: dict[str, Any]) -> list[str]:
         "inventory; the customer itself is read again only every few polls or on a change); "
         "skipped polls from perksync's own `perksync_polls_total`.",
         "",
-        "| `requests_per_second` | polls/min (due: "
-        f"{_f(due_per_min, 0)}) | HTTP req/s | skipped polls | CPU % of one core "
+        "| `requests_per_second` | poll interval s | polls/min (due) | HTTP req/s | "
+        "skipped polls | CPU % of one core "
         "(per interval) | CPU µs/poll | RSS MB avg / max | peak RSS MB | first interval: "
         "CPU %, polls, commands | PayNow fake CPU % |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for run in idle["runs"]:
         st, first = run["steady"], run["first_interval"]
         metric = st.get("polls_metric") or {}
         per = ", ".join(_f(x, 1) for x in st["cpu_percent_per_interval"])
         per_poll = "n/a" if st["cpu_us_per_poll"] is None else _f(st["cpu_us_per_poll"], 0)
+        period = run.get("effective_interval_s", interval)
         lines.append(
-            f"| {_rate(run['requests_per_second'])} | {_f(st['polls_per_min'], 0)} | "
+            f"| {_rate(run['requests_per_second'])} | {_f(period, 0)} | "
+            f"{_f(st['polls_per_min'], 0)} ({_f(n * 60 / period, 0)}) | "
             f"{_f(st['http_requests_per_s'], 1)} | {metric.get('skipped', '?'):,} | "
             f"**{_f(st['cpu_percent_of_one_core'])}** ({per}) | {per_poll} | "
             f"{_f(st['rss_mb_avg'], 1)} / {_f(st['rss_mb_max'], 1)} | "
@@ -350,46 +353,47 @@ def _idle_section(idle: dict[str, Any]) -> list[str]:
             f"service stopped by SIGTERM with status {run['exit_code']} in "
             f"{_f(run['stop_s'], 1)} s."
         )
+    floor_us = None
+    if poll:
+        requests = poll["http_requests_per_pass"]
+        floor_us = poll["floor"]["cpu_s"] / requests * 1e6
     unlimited = [r for r in idle["runs"] if not r["requests_per_second"]]
     if unlimited and unlimited[0]["steady"]["cpu_us_per_poll"]:
         st = unlimited[0]["steady"]
         budget = IDLE_MAX_CPU_PERCENT / 100 * interval / n * 1e6
         min_interval = st["cpu_us_per_poll"] * n / 1e4 / IDLE_MAX_CPU_PERCENT
-        lines += [
-            "",
+        text = (
             f"What bounds it: CPU = CPU per poll × polls per second. Polling all {n:,} "
             f"customers every {interval:g} s is {_f(n / interval, 1)} polls/s; at the "
             f"measured {_f(st['cpu_us_per_poll'], 0)} µs per poll (the scheduler's run, the "
-            "request, validating the inventory, the store's check and touch) that is "
+            "HTTP request, the digest check, the batched sync time) that is "
             f"{_f(st['cpu_us_per_poll'] * n / interval / 1e4, 1)} % of one core. Under "
             f"{IDLE_MAX_CPU_PERCENT:g} % would need ≤ {_f(budget, 0)} µs per poll at this "
-            f"size, or an interval of ≥ {_f(min_interval, 0)} s.",
-        ]
-    limited = [r for r in idle["runs"] if r["requests_per_second"]]
-    for run in limited:
+            f"size, or an interval of ≥ {_f(min_interval, 0)} s."
+        )
+        if floor_us:
+            text += (
+                f" The HTTP request alone costs more than that: the bare aiohttp loop of the "
+                f"poll pass spends {_f(floor_us, 0)} µs of CPU per request, so "
+                f"{_f(n / interval, 1)} requests/s are {_f(floor_us * n / interval / 1e4, 1)} % "
+                "of one core before perksync does anything with the answers."
+            )
+        lines += ["", text]
+    for run in idle["runs"]:
+        rate = run["requests_per_second"]
+        period = run.get("effective_interval_s", interval)
+        if not rate or period <= interval:
+            continue
         st = run["steady"]
         skipped = (st.get("polls_metric") or {}).get("skipped", 0)
         lines += [
             "",
-            f"With `requests_per_second: {run['requests_per_second']:g}` (the default) the "
-            f"{n:,} polls due per {interval:g} s cannot all happen: every poll needs at least "
-            f"one request ({_f((st['polls'] + st['customer_requests']) / max(1, st['polls']), 2)} "
-            f"measured), so at most ~{_f(run['requests_per_second'] * 60, 0)} requests a "
-            f"minute; {_f(st['polls_per_min'], 0)} polls/min happened "
-            f"({_f(100 * st['polls_per_min'] / due_per_min, 0)} % of those due): at that rate a "
-            f"round over every customer takes ~{_f(due_per_min / max(st['polls_per_min'], 1), 1)}"
-            " intervals instead of one, and a poll due while its customer still waits "
-            "for the limiter is skipped, not stacked "
-            f"({_f(skipped / st['seconds'], 0)} skipped polls/s). The CPU is lower only "
-            "because fewer polls happen; per poll it is higher than without a limit, as the "
-            "scheduler still fires every job when due.",
+            f"With `requests_per_second: {rate:g}` (perksync's default) the rate limit cannot "
+            f"poll {n:,} customers every {interval:g} s (a steady poll is one request, and "
+            "one in ten also reads the customer), so perksync says so in a warning and polls "
+            f"each every {_f(period, 0)} s instead: {_f(st['polls_per_min'], 0)} polls/min "
+            f"happened ({_f(n * 60 / period, 0)} due at that period), {skipped:,} skipped, "
+            f"{_f(st['http_requests_per_s'], 1)} requests/s. That is the default "
+            "configuration's idle cost at this size.",
         ]
-        if st["commands_delivered"]:
-            first_pass_s = 2 * n / run["requests_per_second"]
-            lines[-1] += (
-                f" Nor is it idle yet: a first poll takes 2 requests, so the first poll of "
-                f"every customer alone takes ~{_f(first_pass_s / 60, 0)} minutes, and the "
-                f"window still delivered {st['commands_delivered']:,} commands of first "
-                "polls (their CPU is in the figures)."
-            )
     return lines

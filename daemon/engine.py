@@ -183,31 +183,33 @@ def settings_key(settings: Settings) -> bytes:
     return hashlib.blake2b(DIGEST_VERSION + text.encode(), digest_size=32).digest()
 
 
-def customer_digest(key: bytes, body: bytes) -> bytes:
-    return hashlib.blake2b(body, digest_size=16, key=key).digest()
+def customer_digest(body: bytes) -> bytes:
+    """16 bytes: the customer's answer, byte for byte."""
+    return hashlib.blake2b(body, digest_size=16).digest()
 
 
-def answers_digest(customer: bytes, inventory: InventoryPages) -> bytes:
-    """The digest of one poll's answers: the customer (as `customer_digest`) and
-    every inventory page, byte for byte."""
-    digest = hashlib.blake2b(customer, digest_size=16)
+def answers_digest(key: bytes, customer: bytes, inventory: InventoryPages) -> bytes:
+    """The 32 bytes stored per link: the customer's digest, then a digest keyed
+    by the settings (`settings_key`) of that and every inventory page.
+
+    The customer's part lets a service poll that reads only the inventory
+    check it against the stored answers; the keyed part makes every stored
+    digest mismatch once the settings change what the same answers mean.
+    """
+    digest = hashlib.blake2b(customer, digest_size=16, key=key)
     for body in inventory.bodies:
         digest.update(len(body).to_bytes(8, "big"))
         digest.update(body)
-    return digest.digest()
+    return customer + digest.digest()
 
 
-def _is_stored(customer: bytes, stored: bytes | None) -> Callable[[InventoryPages], bool] | None:
+def _is_stored(
+    key: bytes, customer: bytes, stored: bytes | None
+) -> Callable[[InventoryPages], bool] | None:
     """The `known` test of `PayNowClient.read_inventory` for one poll."""
     if stored is None:
         return None
-    return lambda pages: answers_digest(customer, pages) == stored
-
-
-@dataclass(slots=True)
-class _Recent:
-    customer_digest: bytes
-    polls_left: int = CUSTOMER_REFRESH_POLLS
+    return lambda pages: answers_digest(key, customer, pages) == stored
 
 
 class Engine:
@@ -234,20 +236,20 @@ class Engine:
         self.names: dict[str, str] = {}  # customer id → display text for log lines
         self.wakers: dict[str, asyncio.Event] = {}  # server → its worker's wake-up
         self.auth_failures: set[str] = set()  # labels whose token PayNow rejects (logged once)
-        # Service mode: the digest of each link's customer as its last full
-        # poll read it, so most polls need one request instead of two.
-        self._recent: dict[str, _Recent] | None = {} if cache_customers else None
+        # Service mode: most polls read only the inventory, and check it with
+        # the stored digest of the customer; this counts down, per link, the
+        # polls left before the customer itself is read again.
+        self._reads_left: dict[str, int] | None = {} if cache_customers else None
         self._missing_logged: set[str] = set()
         self._key = settings_key(settings)
         self._digests: dict[str, bytes] | None = None  # label → stored; loaded at the first poll
         self._touches: dict[str, datetime] = {}  # unchanged polls' sync times, not yet written
 
     def use_settings(self, settings: Settings) -> None:
-        """A reload: routes learned under the old settings no longer hold."""
+        """A reload. If it changed what answers mean, no stored digest matches
+        any more, and every link's next poll reads and diffs everything."""
         self.settings = settings
-        self._key = settings_key(settings)  # so no stored digest matches any more
-        if self._recent is not None:
-            self._recent.clear()
+        self._key = settings_key(settings)
 
     def wake(self, server: str) -> None:
         waker = self.wakers.get(server)
@@ -268,25 +270,25 @@ class Engine:
         if self._digests is None:
             self._digests = await self.store.digests()
         stored = self._digests.get(label)
-        recent = self._recent.get(label) if self._recent is not None else None
+        reads_left = self._reads_left
         paynow = self.paynow
+        key = self._key
         try:
             inventory: InventoryPages | None = None
-            if recent is not None and recent.polls_left > 0:
+            if reads_left is not None and stored is not None and reads_left.get(label, 1) > 0:
                 # The usual service poll: the inventory alone tells whether
                 # anything changed; only then is the customer read again.
-                inventory = await paynow.read_inventory(
-                    token, _is_stored(recent.customer_digest, stored)
-                )
+                inventory = await paynow.read_inventory(token, _is_stored(key, stored[:16], stored))
                 if inventory.known_answer:
-                    recent.polls_left -= 1
+                    reads_left[label] = reads_left.get(label, CUSTOMER_REFRESH_POLLS) - 1
                     await self._unchanged(label)
                     return True
             customer_body = await paynow.read_customer(token)
-            customer_key = customer_digest(self._key, customer_body)
+            customer_part = customer_digest(customer_body)
             if inventory is None:
-                inventory = await paynow.read_inventory(token, _is_stored(customer_key, stored))
-            digest = answers_digest(customer_key, inventory)
+                known = _is_stored(key, customer_part, stored)
+                inventory = await paynow.read_inventory(token, known)
+            digest = answers_digest(key, customer_part, inventory)
             if digest != stored:
                 customer = paynow.parse_customer(token, customer_body)
                 items = paynow.inventory_items(token, inventory)
@@ -315,8 +317,8 @@ class Engine:
                 self._poll_failed(label, "unexpected", error)
                 return False
             self._poll_ok(label)
-        if self._recent is not None:
-            self._recent[label] = _Recent(customer_key)
+        if reads_left is not None:
+            reads_left[label] = CUSTOMER_REFRESH_POLLS
         return True
 
     async def _unchanged(self, label: str) -> None:

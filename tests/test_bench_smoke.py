@@ -127,9 +127,13 @@ def test_idle_service_runs_each_rate_limit(tmp_path: Path) -> None:
     for run in idle["runs"]:
         assert run["exit_code"] == 0
         first, steady = run["first_interval"], run["steady"]
-        # Each customer's first poll delivers its vip and crate-key, once; nothing after.
-        assert first["commands_delivered"] + steady["commands_delivered"] == 2 * customers
+        # The seeding pass delivers every vip and crate-key, once; the service
+        # that follows finds nothing to do, and reads only inventories.
+        assert run["seeded"]["commands_delivered"] == 2 * customers
+        assert first["commands_delivered"] == steady["commands_delivered"] == 0
         assert first["polls"] > 0 and steady["polls"] > 0
+        assert first["customer_requests"] + steady["customer_requests"] == 0
+        assert run["effective_interval_s"] == 2
         assert steady["polls_metric"]["failed"] == 0
         assert steady["cpu_percent_of_one_core"] >= 0 and first["cpu_s"] > 0
         assert 0 < steady["rss_mb_avg"] <= steady["rss_mb_max"] <= run["peak_rss_mb"]

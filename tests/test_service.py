@@ -358,6 +358,34 @@ def test_unchanged_polls_read_only_the_inventory(
     assert wait_until(lambda: "give olga2 diamond 1" in world.received("survival"))
 
 
+def test_a_restarted_service_trusts_the_stored_digest_unless_the_config_changed(
+    world: World, services: list[subprocess.Popen[str]]
+) -> None:
+    token, _ = world.add_customer(platform="minecraft", name="pia")
+    world.add_item(token, "vip")
+    kit = {"on_active": ["give {customer.name} diamond 1"]}
+    world.add_item(token, "kit")
+    world.config({"vip": VIP}, extra=FAST)
+    first = start(world, services)
+    assert wait_until(lambda: len(world.received("survival")) == 1)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(10) == 0
+
+    # Same config: the first polls after the restart read only the inventory.
+    world.sync(world.paynow.reset_counters)
+    second = start(world, services)
+    assert wait_until(lambda: world.sync(world.paynow.count, "items", token) >= 3)
+    assert world.sync(world.paynow.count, "customer", token) == 0
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(10) == 0
+
+    # A product mapped while it was stopped: the same answers now mean a grant.
+    world.config({"vip": VIP, "kit": kit}, extra=FAST)
+    start(world, services)
+    assert wait_until(lambda: "give pia diamond 1" in world.received("survival"))
+    assert len(world.received("survival")) == 2
+
+
 def test_interval_stretches_to_what_the_rate_limit_allows() -> None:
     from daemon.service import effective_interval
 
