@@ -19,7 +19,11 @@ with a fresh state database against the same fakes:
    requests the PayNow fake served and perksync's `perksync_polls_total`
    (ok / failed / skipped) at both ends, so polls per minute are counted, not
    assumed; the PayNow fake's CPU meanwhile;
-3. SIGTERM, and the exit status and how long stopping took.
+3. SIGTERM, and the exit status and how long stopping took;
+4. the floor at that pace (`bench.floor --paced`): a bare aiohttp loop
+   making as many inventory requests a second as the service made polls, for
+   up to a minute, against the same fake: its CPU is what the HTTP requests
+   alone cost, spread out as the scheduler spreads them.
 
 Nothing changes in the fake's data, so every poll of the service finds its
 customer unchanged: that is the idle state being measured.
@@ -42,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.poll import RCON_PASSWORD, write_config
-from bench.procs import Fake, child_env, perksync_source
+from bench.procs import REPO, Fake, child_env, perksync_source
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -205,11 +209,14 @@ def run_service(
             stop_s = time.monotonic() - stop0
     steady_s = t2 - t1
     stretched = _STRETCHED.search(log.read_text(errors="replace"))
+    polls = requests2.get(ITEMS_PATH, 0) - requests1.get(ITEMS_PATH, 0)
+    # The floor at this pace: a bare aiohttp loop making as many inventory
+    # requests a second as the service made polls, against the same fake.
+    floor = paced_floor(folder, paynow, polls / steady_s, min(steady_s, 60.0)) if polls else None
     # Every poll reads the inventory (one page at 5 items); the customer itself
     # is read on a first poll, when the inventory changed, and every few polls.
     polls_first = requests1.get(ITEMS_PATH, 0) - requests0.get(ITEMS_PATH, 0)
     customers_first = requests1.get(CUSTOMER_PATH, 0) - requests0.get(CUSTOMER_PATH, 0)
-    polls = requests2.get(ITEMS_PATH, 0) - requests1.get(ITEMS_PATH, 0)
     customer_reads = requests2.get(CUSTOMER_PATH, 0) - requests1.get(CUSTOMER_PATH, 0)
     cpu_s = cpu2 - cpu1
     return {
@@ -242,6 +249,7 @@ def run_service(
             "commands_delivered": commands_steady,
             "fake_paynow_cpu_percent": 100 * (fake2 - fake1) / steady_s,
         },
+        "paced_floor": floor,
         "peak_rss_mb": peak,
         # The poll period the service chose (it stretches the interval, with a
         # warning, when the rate limit cannot poll everyone that often).
@@ -249,6 +257,23 @@ def run_service(
         "exit_code": service.returncode,
         "stop_s": stop_s,
     }
+
+
+def paced_floor(folder: Path, paynow: Fake, rate: float, seconds: float) -> dict[str, Any]:
+    """`bench.floor --paced`: CPU of bare inventory requests at `rate` a second."""
+    out = folder / "paced-floor.json"
+    with out.open("w") as f:
+        subprocess.run(
+            [sys.executable, "-m", "bench.floor", "--url", f"http://127.0.0.1:{paynow.port}",
+             "--tokens", str(folder.parent / "tokens.txt"), "--paced", f"{rate:.3f}",
+             "--seconds", f"{seconds:.1f}", "--timeout", "30"],
+            cwd=REPO, env=child_env(), stdout=f, timeout=seconds + 60, check=True,
+        )  # fmt: skip
+    result: dict[str, Any] = json.loads(out.read_text())
+    result["rate"] = rate
+    result["cpu_percent_of_one_core"] = 100 * result["cpu_s"] / result["seconds"]
+    result["cpu_us_per_request"] = result["cpu_s"] / max(1, result["requests"]) * 1e6
+    return result
 
 
 def _dirty() -> list[str]:

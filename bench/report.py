@@ -292,6 +292,12 @@ def _rate(rps: float) -> str:
     return f"{rps:g}/s" if rps else "0 (no limit)"
 
 
+def _paced(floor: dict[str, Any] | None) -> str:
+    if not floor:
+        return "n/a"
+    return f"{_f(floor['cpu_percent_of_one_core'])} %, {_f(floor['cpu_us_per_request'], 0)}"
+
+
 def _idle_section(idle: dict[str, Any], poll: dict[str, Any] | None) -> list[str]:
     n, interval = idle["customers"], idle["interval_s"]
     measured = idle.get("measured", {})
@@ -322,8 +328,9 @@ def _idle_section(idle: dict[str, Any], poll: dict[str, Any] | None) -> list[str
         "| `requests_per_second` | poll interval s | polls/min (due) | HTTP req/s | "
         "skipped polls | CPU % of one core "
         "(per interval) | CPU µs/poll | RSS MB avg / max | peak RSS MB | first interval: "
-        "CPU %, polls, commands | PayNow fake CPU % |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "CPU %, polls, commands | PayNow fake CPU % | bare aiohttp loop at that pace: CPU %, "
+        "µs/request |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for run in idle["runs"]:
         st, first = run["steady"], run["first_interval"]
@@ -339,7 +346,7 @@ def _idle_section(idle: dict[str, Any], poll: dict[str, Any] | None) -> list[str
             f"{_f(st['rss_mb_avg'], 1)} / {_f(st['rss_mb_max'], 1)} | "
             f"{_f(run['peak_rss_mb'], 1)} | {_f(first['cpu_percent_of_one_core'], 1)} %, "
             f"{first['polls']:,}, {first['commands_delivered']:,} | "
-            f"{_f(st['fake_paynow_cpu_percent'], 1)} |"
+            f"{_f(st['fake_paynow_cpu_percent'], 1)} | {_paced(run.get('paced_floor'))} |"
         )
     lines.append("")
     for run in idle["runs"]:
@@ -371,12 +378,21 @@ def _idle_section(idle: dict[str, Any], poll: dict[str, Any] | None) -> list[str
             f"{IDLE_MAX_CPU_PERCENT:g} % would need ≤ {_f(budget, 0)} µs per poll at this "
             f"size, or an interval of ≥ {_f(min_interval, 0)} s."
         )
+        paced = unlimited[0].get("paced_floor")
+        if paced:
+            text += (
+                " The HTTP request alone costs more than that: a bare aiohttp loop making "
+                f"the same {_f(paced['rate'], 1)} inventory requests a second, spread out "
+                "the same way and doing nothing with the answers, used "
+                f"{_f(paced['cpu_percent_of_one_core'])} % of one core "
+                f"({_f(paced['cpu_us_per_request'], 0)} µs per request), so perksync is "
+                f"{_f(st['cpu_us_per_poll'] / paced['cpu_us_per_request'])}× that floor."
+            )
         if floor_us:
             text += (
-                f" The HTTP request alone costs more than that: the bare aiohttp loop of the "
-                f"poll pass spends {_f(floor_us, 0)} µs of CPU per request, so "
-                f"{_f(n / interval, 1)} requests/s are {_f(floor_us * n / interval / 1e4, 1)} % "
-                "of one core before perksync does anything with the answers."
+                f" (Back to back, as in the poll pass, a request costs {_f(floor_us, 0)} µs: "
+                "requests that arrive one at a time each pay for their own turns of the "
+                "event loop.)"
             )
         lines += ["", text]
     for run in idle["runs"]:

@@ -134,6 +134,9 @@ def test_idle_service_runs_each_rate_limit(tmp_path: Path) -> None:
         assert first["polls"] > 0 and steady["polls"] > 0
         assert first["customer_requests"] + steady["customer_requests"] == 0
         assert run["effective_interval_s"] == 2
+        floor = run["paced_floor"]  # bare requests at the pace the service polled
+        assert floor["errors"] == 0 and floor["requests"] > 0 and floor["cpu_s"] > 0
+        assert abs(floor["rate"] - steady["polls"] / steady["seconds"]) < 1e-6
         assert steady["polls_metric"]["failed"] == 0
         assert steady["cpu_percent_of_one_core"] >= 0 and first["cpu_s"] > 0
         assert 0 < steady["rss_mb_avg"] <= steady["rss_mb_max"] <= run["peak_rss_mb"]
