@@ -4,10 +4,10 @@
     python -m bench poll --customers 10000
     python -m bench rcon --commands 5000
     python -m bench growth --sizes 1000,10000,50000
-    python -m bench idle                  # service mode, opt-in: ~8 minutes
+    python -m bench idle                  # service mode, opt-in: ~11 minutes
 
 A single part writes `<part>-latest.{md,json}` instead of `latest.{md,json}`.
-The idle part is not in the default run (it would take it past ~15 minutes):
+The idle part is not in the default run (it would take it past ~18 minutes):
 `python -m bench idle` also folds its results into an existing
 `latest.{json,md}`, and a default run keeps the idle results it finds there
 (the report names the date and commit they were measured at).

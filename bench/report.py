@@ -161,8 +161,9 @@ def markdown(results: dict[str, Any]) -> str:
             "## Idle service",
             "",
             "Not measured in this run. The idle part is opt-in: `python -m bench idle` (about "
-            "8 minutes: one service per rate limit, each a 60 s first interval and 3 minutes "
-            "sampled), which would take `python -m bench` past ~15 minutes.",
+            "11 minutes: per rate limit a `--sync-now` to bring the state up to date, a service "
+            "with a 60 s first interval and 3 minutes sampled, and its floor), which would "
+            "take `python -m bench` past ~18 minutes.",
         ]
     )
     return "\n".join(lines) + "\n"
