@@ -2,7 +2,9 @@
 
 - `Engine.poll` reads one customer's whole inventory, diffs it against the
   store (a pure function), renders the commands and commits marks + journal
-  rows in one transaction, then wakes the servers concerned.
+  rows in one transaction, then wakes the servers concerned. Answers that
+  match the digest stored by the last pass that acted on them are not
+  decoded, validated or diffed again: only their sync time is recorded.
 - `Engine.sweep_expiries` runs `on_expire` for granted items whose
   `expires_at` (+ grace) has passed, from the stored JSON, without the API.
 - `ServerWorker` delivers one server's pending journal rows in id order (older
