@@ -48,6 +48,7 @@ USER_AGENT: Final = f"perksync/{__version__}"
 
 _RETRYABLE_STATUS: Final = frozenset({408, 429, 500, 502, 503, 504})
 _MAX_DETAIL: Final = 200  # characters kept of a PayNow error message
+MIN_RETRY_SECONDS: Final = 0.1  # (or the whole timeout, if shorter) see `_get_body`
 
 
 # --------------------------------------------------------------------------- errors
@@ -330,9 +331,10 @@ class PayNowClient:
 
     `timeout_seconds` bounds one HTTP attempt (connection, headers and body).
     `retry_budget_seconds` bounds one request with all its retries (one page of
-    an inventory, not the whole listing): a retry whose wait would end past it
-    is not made, and a retry's timeout is cut to what is left of it. The first
-    attempt always gets the full timeout.
+    an inventory, not the whole listing): a retry whose wait would leave it
+    less than `MIN_RETRY_SECONDS` (or the timeout, if shorter) is not made,
+    and a retry's timeout is cut to what is left of it. The first attempt
+    always gets the full timeout.
     """
 
     def __init__(
@@ -504,6 +506,9 @@ class PayNowClient:
         started = loop.time()
         deadline = started + self.retry_budget_seconds
         timeout = self._timeout
+        # A retry is only made if it leaves the attempt at least this long:
+        # one cut to a few milliseconds could only time out.
+        min_attempt = min(MIN_RETRY_SECONDS, self.timeout_seconds)
         attempt = 0
         debug = log.isEnabledFor(logging.DEBUG)
         while True:
@@ -560,19 +565,10 @@ class PayNowClient:
                 )
             else:
                 delay = self._backoff(attempt, failure.retry_after)
-                if delay >= remaining:
-                    reason = (
-                        f"giving up after {attempt} attempts in {now - started:.1f}s "
-                        f"(retry budget {self.retry_budget_seconds:g}s)"
-                    )
+                if delay + min_attempt >= remaining:
+                    reason = self._out_of_budget(attempt, now - started)
             if reason:
-                raise failure.cls(
-                    _scrub(f"PayNow {what}: {failure.detail}; {reason}", token),
-                    status=failure.status,
-                    code=failure.code,
-                    trace_id=failure.trace_id,
-                    attempts=attempt,
-                ) from None
+                self._give_up(token, what, failure, reason, attempt)
             log.warning(
                 "%s",
                 _scrub(
@@ -583,11 +579,31 @@ class PayNowClient:
             )
             await asyncio.sleep(delay)
             left = deadline - loop.time()
+            if left < min_attempt:  # the sleep overran: no time left worth an attempt
+                reason = self._out_of_budget(attempt, loop.time() - started)
+                self._give_up(token, what, failure, reason, attempt)
             timeout = (
                 self._timeout
                 if left >= self.timeout_seconds
                 else aiohttp.ClientTimeout(total=max(left, 0.001))
             )
+
+    def _out_of_budget(self, attempts: int, elapsed: float) -> str:
+        return (
+            f"giving up after {attempts} attempts in {elapsed:.1f}s "
+            f"(retry budget {self.retry_budget_seconds:g}s)"
+        )
+
+    def _give_up(
+        self, token: str, what: str, failure: _Failure, reason: str, attempts: int
+    ) -> NoReturn:
+        raise failure.cls(
+            _scrub(f"PayNow {what}: {failure.detail}; {reason}", token),
+            status=failure.status,
+            code=failure.code,
+            trace_id=failure.trace_id,
+            attempts=attempts,
+        ) from None
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:

@@ -334,6 +334,20 @@ def test_retry_after_beyond_budget_gives_up_at_once() -> None:
     assert fake.count() == 1
 
 
+def test_no_retry_is_made_that_the_budget_would_leave_no_time_to_answer() -> None:
+    # After waiting 0.95 s of a 1 s budget the retry would have ~50 ms: too
+    # short to be worth it (an attempt cut to a few ms can only time out, and
+    # would then report a timeout instead of what PayNow said).
+    async def scenario(fake: FakePayNow, client: PayNowClient) -> None:
+        token = customer_with(fake)
+        fake.fault(token, "rate_limit", retry_after=0.95, times=None)
+        await client.fetch_customer(token)
+
+    error, fake = raises(PayNowRateLimited, scenario, retry_budget_seconds=1.0)
+    assert error.status == 429 and "retry budget 1s" in str(error)
+    assert fake.count() == 1
+
+
 def test_429_forever_is_rate_limited_after_max_attempts() -> None:
     async def scenario(fake: FakePayNow, client: PayNowClient) -> None:
         token = customer_with(fake)
