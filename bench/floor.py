@@ -28,14 +28,12 @@ import aiohttp
 from yarl import URL
 
 
-async def run(
-    url: str, lines: list[list[str]], concurrency: int, request_timeout: float
-) -> dict[str, int]:
-    # The same pool and session settings as daemon.paynow.make_session().
+def _session() -> aiohttp.ClientSession:
+    """The same pool and session settings as daemon.paynow.make_session()."""
     connector = aiohttp.TCPConnector(
         limit=100, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30.0
     )
-    session = aiohttp.ClientSession(
+    return aiohttp.ClientSession(
         connector=connector,
         headers={"User-Agent": "perksync/0.1.0", "Accept": "application/json"},
         cookie_jar=aiohttp.DummyCookieJar(),
@@ -43,6 +41,12 @@ async def run(
         raise_for_status=False,
         trust_env=False,
     )
+
+
+async def run(
+    url: str, lines: list[list[str]], concurrency: int, request_timeout: float
+) -> dict[str, int]:
+    session = _session()
     per_request = aiohttp.ClientTimeout(total=request_timeout)
     customer_url = URL(url + "/v1/store/customer", encoded=True)
     items = f"{url}/v1/store/customer/delivery/items?limit=100&asc=true"
@@ -82,17 +86,7 @@ async def paced(
     customers in turn), each started on time whether or not the one before is
     done, as the service's scheduler fires polls; nothing done with the
     answers. CPU is counted from the first request to the last answer."""
-    connector = aiohttp.TCPConnector(
-        limit=100, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30.0
-    )
-    session = aiohttp.ClientSession(
-        connector=connector,
-        headers={"User-Agent": "perksync/0.1.0", "Accept": "application/json"},
-        cookie_jar=aiohttp.DummyCookieJar(),
-        timeout=aiohttp.ClientTimeout(total=None),
-        raise_for_status=False,
-        trust_env=False,
-    )
+    session = _session()
     per_request = aiohttp.ClientTimeout(total=request_timeout)
     first_page = URL(f"{url}/v1/store/customer/delivery/items?limit=100&asc=true", encoded=True)
     stats = {"requests": 0, "errors": 0}
