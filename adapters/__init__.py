@@ -12,6 +12,7 @@ from adapters.base import (
     RconError,
     RconProtocolError,
     RconTimeout,
+    RconUnconfirmed,
 )
 from adapters.minecraft import MinecraftServer
 from adapters.rcon import CommandNotAllowed
@@ -34,5 +35,6 @@ __all__ = [
     "RconError",
     "RconProtocolError",
     "RconTimeout",
+    "RconUnconfirmed",
     "SourceServer",
 ]

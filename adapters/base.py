@@ -34,6 +34,12 @@ class RconProtocolError(RconError):
     """The server sent something that is not RCON (bad size, wrong id, garbage)."""
 
 
+class RconUnconfirmed(RconProtocolError):
+    """The command was sent, but what came back does not confirm it: no answer
+    for it before the end of the reply, an answer for another request, or bytes
+    that are not RCON. The command may or may not have run."""
+
+
 class CommandTooLong(RconError):
     """The command can never be sent to this platform: it is longer than its limit."""
 

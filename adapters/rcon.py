@@ -13,10 +13,19 @@ What the client promises the engine:
 * ``run()`` raises ``CommandTooLong`` (or its subclass ``CommandNotAllowed``)
   before connecting or sending anything;
 * any failure *before the command was written* is ``RconConnectError``,
-  ``RconAuthError`` or ``RconProtocolError``: the command certainly did not run;
-* ``RconTimeout`` / ``RconConnectionLost`` (and ``RconProtocolError`` raised
-  after sending) mean the command was handed to the server and may or may not
-  have run;
+  ``RconAuthError`` or ``RconProtocolError``, and its message ends with
+  "(no command was sent)": the command certainly did not run;
+* ``RconTimeout``, ``RconConnectionLost`` and ``RconUnconfirmed`` (a
+  ``RconProtocolError`` raised after sending: a reply that does not confirm
+  the command) mean the command was handed to the server and may or may not
+  have run; their messages end with "(the command was sent and may or may not
+  have run)";
+* a command counts as done only once a reply carrying its own request id has
+  arrived; an end-of-reply marker answered without one is ``RconUnconfirmed``;
+* ``RconAuthError`` after sending means the server refused the command
+  unauthenticated, without running it;
+* a packet left over from an earlier request on the same connection is
+  skipped (it cannot confirm anything), so it never fails the command after it;
 * after any error the connection is dropped; the next ``run()`` opens a new
   one (at most one connection attempt per call);
 * a refused password is never retried by ``run()``: once authentication
@@ -42,6 +51,7 @@ from adapters.base import (
     RconError,
     RconProtocolError,
     RconTimeout,
+    RconUnconfirmed,
 )
 from adapters.rcon_codec import (
     AUTH_FAILED_ID,
@@ -67,6 +77,10 @@ SOURCE_END_BODY = b"\x00\x01\x00\x00"
 # Packet type Minecraft does not know: vanilla answers any unknown type with a
 # RESPONSE_VALUE "Unknown request <type in hex>" carrying the packet's id.
 MINECRAFT_MARKER_TYPE = 200  # "Unknown request c8"
+
+# The end of every error message, saying whether the command can have run.
+NOT_SENT = "no command was sent"
+MAYBE_RAN = "the command was sent and may or may not have run"
 
 
 class CommandNotAllowed(CommandTooLong):
@@ -174,6 +188,8 @@ class RconClient:
         self._decoder = PacketDecoder(max_size=profile.max_reply_packet_size)
         self._pending: deque[Packet] = deque()
         self._auth_failed = False
+        # Id of the first request on the current connection (its login).
+        self._first_id = 0
 
     def __repr__(self) -> str:
         state = "connected" if self.connected else "closed"
@@ -224,14 +240,16 @@ class RconClient:
             except TimeoutError:
                 self._abort()
                 raise RconTimeout(
-                    f"{self._where}: no complete reply within {self.timeout:g}s"
+                    f"{self._where}: no complete reply within {self.timeout:g}s ({MAYBE_RAN})"
                 ) from None
-            except RconError:
+            except RconError as exc:
                 self._abort()
-                raise
+                raise _after_sending(exc) from exc
             except OSError as exc:
                 self._abort()
-                raise RconConnectionLost(f"{self._where}: connection broke: {exc}") from exc
+                raise RconConnectionLost(
+                    f"{self._where}: connection broke: {exc} ({MAYBE_RAN})"
+                ) from exc
             except BaseException:
                 self._abort()
                 raise
@@ -291,7 +309,14 @@ class RconClient:
             writer.transport.abort()
 
     async def _open(self) -> None:
-        """Connect and authenticate. Nothing of a command has been sent when this fails."""
+        """Connect and authenticate. Nothing of a command has been sent when this fails,
+        and the error says so."""
+        try:
+            await self._connect_and_authenticate()
+        except RconError as exc:
+            raise type(exc)(f"{exc} ({NOT_SENT})") from exc
+
+    async def _connect_and_authenticate(self) -> None:
         if self._auth_failed:
             raise RconAuthError(
                 f"{self._where}: the password was refused earlier; not retrying "
@@ -315,10 +340,13 @@ class RconClient:
             raise RconConnectError(
                 f"{self._where}: no answer to authentication within {self.timeout:g}s"
             ) from None
-        except RconConnectionLost:
+        except (RconConnectionLost, ConnectionError):
             self._abort()
+            # Closed or reset: OpenSSL does this on bytes that are not TLS,
+            # SRCDS to an address it banned after too many wrong passwords.
             raise RconConnectError(
-                f"{self._where}: the server closed the connection during authentication"
+                f"{self._where}: the server closed the connection before answering "
+                "the login: not an RCON port, or an address it banned?"
             ) from None
         except OSError as exc:
             self._abort()
@@ -332,6 +360,7 @@ class RconClient:
 
     async def _authenticate(self) -> None:
         auth_id = self._ids.next()
+        self._first_id = auth_id
         await self._send(encode_packet(auth_id, SERVERDATA_AUTH, self.__password.encode("utf-8")))
         while True:
             packet = await self._read_packet()
@@ -368,7 +397,10 @@ class RconClient:
             data = await reader.read(65536)
             if not data:
                 raise RconConnectionLost(f"{self._where}: the server closed the connection")
-            self._pending.extend(self._decoder.feed(data))
+            try:
+                self._pending.extend(self._decoder.feed(data))
+            except RconProtocolError as exc:
+                raise RconProtocolError(f"{self._where}: {exc}") from None
         return self._pending.popleft()
 
     # -- one command --------------------------------------------------------
@@ -376,19 +408,40 @@ class RconClient:
     def _unexpected(self, packet: Packet, *expected: int) -> RconError:
         if packet.request_id == AUTH_FAILED_ID:
             return RconAuthError(
-                f"{self._where}: the server says this connection is not authenticated"
+                f"{self._where}: the server says this connection is not authenticated "
+                "and refused the command"
             )
-        return RconProtocolError(
+        return RconUnconfirmed(
             f"{self._where}: unexpected packet id {packet.request_id} type {packet.type} "
             f"(expected id {' or '.join(map(str, expected))})"
         )
+
+    async def _read_answer(self, command_id: int) -> Packet:
+        """The next packet that is not a leftover of an earlier request on this connection.
+
+        A server that answered an earlier end marker before the rest of that
+        request's reply sends the rest later. Failing on it would leave this
+        command pending although it ran, and send it a second time.
+        """
+        while True:
+            packet = await self._read_packet()
+            # Ids only grow on a connection; after a wrap the range is empty
+            # and nothing is skipped.
+            if not self._first_id <= packet.request_id < command_id:
+                return packet
+            log.debug(
+                "rcon %s %s: skipped a late packet of request %d",
+                self.profile.name, self._where, packet.request_id,
+            )  # fmt: skip
 
     async def _exchange_marker(self, body: bytes) -> bytes:
         """Minecraft: one packet per write, never more than one request in flight."""
         command_id = self._ids.next()
         log.debug("rcon minecraft %s: command id %d (%d bytes)", self._where, command_id, len(body))
         await self._send(encode_packet(command_id, SERVERDATA_EXECCOMMAND, body))
-        first = await self._read_packet()
+        # The marker is sent only after this, so its answer can never stand in
+        # for the command's.
+        first = await self._read_answer(command_id)
         if first.request_id != command_id or first.type != SERVERDATA_RESPONSE_VALUE:
             raise self._unexpected(first, command_id)
         if len(first.body) < self.profile.short_fragment_bytes:
@@ -400,7 +453,7 @@ class RconClient:
         await self._send(encode_packet(marker_id, MINECRAFT_MARKER_TYPE))
         parts = [first.body]
         while True:
-            packet = await self._read_packet()
+            packet = await self._read_answer(command_id)
             if packet.request_id == command_id and packet.type == SERVERDATA_RESPONSE_VALUE:
                 parts.append(packet.body)
             elif packet.request_id == marker_id:
@@ -409,7 +462,13 @@ class RconClient:
                 raise self._unexpected(packet, command_id, marker_id)
 
     async def _exchange_mirror(self, body: bytes) -> bytes:
-        """SRCDS: command + empty RESPONSE_VALUE in one write; stop after the mirror."""
+        """SRCDS: command + empty RESPONSE_VALUE in one write; stop after the mirror.
+
+        SRCDS handles the packets of a read in order and answers each with at
+        least one RESPONSE_VALUE carrying its id (the console output, empty or
+        not), so the command's answer always comes before the marker's mirror.
+        A mirror without it confirms nothing: the command may not have arrived.
+        """
         command_id = self._ids.next()
         end_id = self._ids.next()
         log.debug("rcon source %s: command id %d (%d bytes)", self._where, command_id, len(body))
@@ -417,24 +476,42 @@ class RconClient:
             encode_packet(command_id, SERVERDATA_EXECCOMMAND, body)
             + encode_packet(end_id, SERVERDATA_RESPONSE_VALUE)
         )
-        parts: list[bytes] = []
+        parts: list[bytes] = []  # one per RESPONSE_VALUE of the command, even empty
         mirrored = False
         while True:
-            packet = await self._read_packet()
-            if packet.request_id == command_id and packet.type == SERVERDATA_RESPONSE_VALUE:
+            packet = await self._read_answer(command_id)
+            ours = packet.request_id in (command_id, end_id)
+            if packet.type != SERVERDATA_RESPONSE_VALUE or not ours:
+                raise self._unexpected(packet, command_id, end_id)
+            if packet.request_id == command_id:
                 if mirrored:
-                    raise RconProtocolError(
+                    raise RconUnconfirmed(
                         f"{self._where}: reply fragment arrived after the end marker"
                     )
                 parts.append(packet.body)
-            elif packet.request_id == end_id and packet.type == SERVERDATA_RESPONSE_VALUE:
-                # First the mirror (empty body), then the 00 01 00 00 packet:
-                # consume both so neither is mistaken for the next reply.
-                if packet.body == SOURCE_END_BODY or mirrored:
-                    return b"".join(parts)
-                mirrored = True
+            elif not parts:
+                raise RconUnconfirmed(
+                    f"{self._where}: the server answered the end-of-reply marker "
+                    "without answering the command"
+                )
+            # First the mirror (empty body), then the 00 01 00 00 packet:
+            # consume both so neither is mistaken for the next reply.
+            elif packet.body == SOURCE_END_BODY or mirrored:
+                return b"".join(parts)
             else:
-                raise self._unexpected(packet, command_id, end_id)
+                mirrored = True
+
+
+def _after_sending(exc: RconError) -> RconError:
+    """``exc``, raised once the command was written, saying it may have run.
+
+    A refusal for want of authentication says already that nothing ran; a
+    reply that is not RCON or not for the command becomes RconUnconfirmed.
+    """
+    if isinstance(exc, RconAuthError):
+        return exc
+    kind = type(exc) if isinstance(exc, RconTimeout | RconConnectionLost) else RconUnconfirmed
+    return kind(f"{exc} ({MAYBE_RAN})")
 
 
 class RconGameServer:

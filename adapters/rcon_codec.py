@@ -79,8 +79,9 @@ class PacketDecoder:
     or several packets at once; ``feed`` returns the packets completed so far and
     keeps the rest. A size field below 10 or above ``max_size`` raises
     RconProtocolError (the peer is not speaking RCON, e.g. an HTTP server answers
-    with b"HTTP", which reads as a size of about 1.2 billion). After an error the
-    decoder is unusable; the connection must be dropped.
+    with b"HTTP", which reads as a size of about 1.3 billion; the message shows
+    those four bytes). After an error the decoder is unusable; the connection
+    must be dropped.
 
     The last two bytes of each packet are the terminators and are stripped
     without being checked: every server we target sends NULs there, and the
@@ -113,10 +114,9 @@ class PacketDecoder:
             (size,) = _SIZE.unpack_from(buf, pos)
             if size < MIN_PACKET_SIZE or size > self.max_size:
                 self._broken = True
+                raw = bytes(buf[pos : pos + 4])
                 del buf[:]
-                raise RconProtocolError(
-                    f"invalid packet size {size} (expected {MIN_PACKET_SIZE}..{self.max_size})"
-                )
+                raise RconProtocolError(_invalid_size_message(size, raw, self.max_size))
             if end - pos - 4 < size:
                 break
             request_id, packet_type = _ID_TYPE.unpack_from(buf, pos + 4)
@@ -126,3 +126,21 @@ class PacketDecoder:
         if pos:
             del buf[:pos]
         return packets
+
+
+def _invalid_size_message(size: int, raw: bytes, max_size: int) -> str:
+    """One line saying what a bad size field probably means, e.g. for an HTTP server:
+
+    ``invalid packet size 1347703880 (bytes "HTTP", expected 10..4106): is this an RCON port?``
+    """
+    shown = "".join(
+        chr(byte) if 0x20 <= byte < 0x7F and byte not in b'"\\' else f"\\x{byte:02x}"
+        for byte in raw
+    )
+    # A TLS record starts with its content type (20..23) and major version 3;
+    # its bytes are not readable, so say what they are.
+    tls = ", a TLS record" if len(raw) >= 2 and 20 <= raw[0] <= 23 and raw[1] == 3 else ""
+    return (
+        f'invalid packet size {size} (bytes "{shown}"{tls}, '
+        f"expected {MIN_PACKET_SIZE}..{max_size}): is this an RCON port?"
+    )

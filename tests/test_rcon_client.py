@@ -21,6 +21,7 @@ from adapters import (
     RconError,
     RconProtocolError,
     RconTimeout,
+    RconUnconfirmed,
     SourceServer,
 )
 from adapters.base import GameServer
@@ -513,5 +514,185 @@ def test_cancellation_drops_the_connection() -> None:
             assert not client.connected
             server.stall = False
             assert await client.run("fresh") == "fresh"
+
+    arun(go())
+
+
+# -- what an error says about the command ------------------------------------
+
+NOT_SENT = "(no command was sent)"
+MAYBE_RAN = "(the command was sent and may or may not have run)"
+
+
+def one_line_without_secret(err: BaseException) -> str:
+    message = str(err)
+    assert "\n" not in message and "\r" not in message
+    assert message.isprintable()
+    assert PASSWORD not in message
+    return message
+
+
+async def _impostor(banner: bytes, answer: bytes | None, got: bytearray) -> asyncio.Server:
+    """A server that is not RCON: says `banner` at once, then `answer` (if any) to
+    whatever it reads, then closes. What it read is added to `got`."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(banner)
+        if answer is not None:
+            got.extend(await reader.read(100))
+            writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+IMPOSTORS = {
+    "http": (b"", b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n"),
+    # SSH servers speak first.
+    "ssh": (
+        b"SSH-2.0-OpenSSH_9.6p1 Ubuntu-3ubuntu13\r\n",
+        b"Invalid SSH identification string.\r\n",
+    ),
+    # A TLS server's alert (protocol_version) on bytes that are no ClientHello.
+    "tls-alert": (b"", b"\x15\x03\x01\x00\x02\x02\x46"),
+    # OpenSSL's TLS servers close without a word; so does a server that is busy elsewhere.
+    "silent-close": (b"", b""),
+    "close-at-once": (b"", None),
+}
+EXPECTED = {
+    "http": 'invalid packet size 1347703880 (bytes "HTTP", expected 10..',
+    "ssh": 'invalid packet size 759714643 (bytes "SSH-", expected 10..',
+    "tls-alert": 'invalid packet size 66325 (bytes "\\x15\\x03\\x01\\x00", a TLS record',
+    "silent-close": "the server closed the connection before answering the login",
+    "close-at-once": "the server closed the connection before answering the login",
+}
+
+
+@both
+@pytest.mark.parametrize("kind", list(IMPOSTORS))
+def test_not_an_rcon_port_says_so_and_that_nothing_was_sent(
+    profile: str, cls: type[RconGameServer], kind: str
+) -> None:
+    banner, answer = IMPOSTORS[kind]
+
+    async def go() -> None:
+        got = bytearray()
+        srv = await _impostor(banner, answer, got)
+        port = srv.sockets[0].getsockname()[1]
+        client = cls("x", "127.0.0.1", port, PASSWORD, timeout=2.0)
+        try:
+            with pytest.raises((RconProtocolError, RconConnectError)) as info:
+                await client.run("op eve")
+            assert not isinstance(info.value, RconUnconfirmed)
+            message = one_line_without_secret(info.value)
+            assert message.startswith(f"127.0.0.1:{port}: ")
+            assert EXPECTED[kind] in message
+            assert "RCON port" in message
+            assert message.endswith(NOT_SENT)
+            assert b"op eve" not in got
+        finally:
+            srv.close()
+            await client.close()
+
+    arun(go())
+
+
+def test_srcds_marker_only_reply_is_not_a_delivery() -> None:
+    """SRCDS answers every command with a RESPONSE_VALUE of its own before the
+    marker's mirror; a mirror alone does not show the command arrived."""
+
+    async def go() -> None:
+        async with served("srcds", SourceServer) as (server, client):
+            server.reply = lambda c: ""
+            assert await client.run("sm_reloadadmins") == ""  # empty output is still an answer
+            server.arm("marker_only_reply")
+            with pytest.raises(RconUnconfirmed) as info:
+                await client.run('sm_addvip "STEAM_0:1:2" vip')
+            assert isinstance(info.value, RconProtocolError)
+            message = one_line_without_secret(info.value)
+            assert "answered the end-of-reply marker without answering the command" in message
+            assert message.endswith(MAYBE_RAN)
+            assert not client.connected
+            assert server.commands == ["sm_reloadadmins"]
+            assert await client.run('sm_addvip "STEAM_0:1:2" vip') == ""
+            assert server.commands == ["sm_reloadadmins", 'sm_addvip "STEAM_0:1:2" vip']
+
+    arun(go())
+
+
+@both
+def test_reply_for_another_request_is_not_a_delivery(
+    profile: str, cls: type[RconGameServer]
+) -> None:
+    # On SRCDS the wrong id is the end marker's: the reply would pass for its mirror.
+    async def go() -> None:
+        async with served(profile, cls) as (server, client):
+            server.arm("wrong_reply_id")
+            with pytest.raises(RconUnconfirmed) as info:
+                await client.run("lp user bob parent add vip")
+            message = one_line_without_secret(info.value)
+            assert "unexpected packet id" in message or "without answering the command" in message
+            assert message.endswith(MAYBE_RAN)
+            assert server.commands == ["lp user bob parent add vip"]  # it did run
+            assert await client.run("next") == "next"
+
+    arun(go())
+
+
+def test_minecraft_command_without_answer_is_a_timeout_that_may_have_run() -> None:
+    # The marker is sent only after the command's first fragment, so on Minecraft
+    # a swallowed command leaves nothing to mistake for an answer.
+    async def go() -> None:
+        async with served("minecraft", MinecraftServer, timeout=0.3) as (server, client):
+            server.arm("marker_only_reply")
+            with pytest.raises(RconTimeout) as info:
+                await client.run("op bob")
+            assert one_line_without_secret(info.value).endswith(MAYBE_RAN)
+            assert server.packets_of_type(MINECRAFT_MARKER_TYPE) == []
+            assert server.commands == []
+            assert await client.run("op bob") == "op bob"
+
+    arun(go())
+
+
+@both
+def test_rest_of_a_reply_after_the_marker_answer_does_not_fail_the_next_command(
+    profile: str, cls: type[RconGameServer]
+) -> None:
+    """The next command ran: failing it would send it a second time."""
+
+    async def go() -> None:
+        async with served(profile, cls) as (server, client):
+            server.reply = lambda c: "l" * 5000 if c == "long" else c
+            server.arm("early_marker_answer")
+            first = await client.run("long")
+            assert first and set(first) == {"l"} and len(first) < 5000
+            assert await client.run("give bob diamond") == "give bob diamond"
+            assert await client.run("give bob apple") == "give bob apple"
+            assert server.commands == ["long", "give bob diamond", "give bob apple"]
+            assert server.connections_accepted == 1
+
+    arun(go())
+
+
+@both
+def test_errors_after_sending_say_the_command_may_have_run(
+    profile: str, cls: type[RconGameServer]
+) -> None:
+    async def go() -> None:
+        async with served(profile, cls, timeout=0.3) as (server, client):
+            for fault, error in [
+                ("drop_after_execute", RconConnectionLost),
+                ("stall_after_execute", RconTimeout),
+            ]:
+                server.arm(fault)
+                with pytest.raises(error) as info:
+                    await client.run("say hi")
+                assert one_line_without_secret(info.value).endswith(MAYBE_RAN)
+            await server.go_down()
+            with pytest.raises(RconConnectError) as down:
+                await client.run("say hi")
+            assert one_line_without_secret(down.value).endswith(NOT_SENT)
 
     arun(go())

@@ -135,3 +135,26 @@ def test_decode_packet_wants_exactly_one() -> None:
         decode_packet(one + one)
     with pytest.raises(RconProtocolError):
         decode_packet(one[:-1])
+
+
+@pytest.mark.parametrize(
+    ("answer", "shown"),
+    [
+        (b"HTTP/1.1 400 Bad Request\r\n\r\n", '1347703880 (bytes "HTTP", expected 10..4106)'),
+        (b"SSH-2.0-OpenSSH_9.6\r\n", '759714643 (bytes "SSH-", expected 10..4106)'),
+        (
+            b"\x15\x03\x01\x00\x02\x02\x46",
+            '66325 (bytes "\\x15\\x03\\x01\\x00", a TLS record,',
+        ),
+        (b'\x05\x00"\\ garbage', '1545732101 (bytes "\\x05\\x00\\x22\\x5c", expected 10..4106)'),
+    ],
+)
+def test_bad_size_message_shows_the_bytes_and_asks_about_the_port(
+    answer: bytes, shown: str
+) -> None:
+    with pytest.raises(RconProtocolError) as info:
+        PacketDecoder(max_size=4106).feed(answer)
+    message = str(info.value)
+    assert f"invalid packet size {shown}" in message
+    assert message.endswith(": is this an RCON port?")
+    assert message.isprintable()  # one line, whatever the peer sent

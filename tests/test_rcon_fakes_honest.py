@@ -225,3 +225,54 @@ def test_srcds_refuses_commands_over_510_bytes(srcds: ThreadedServer) -> None:
         assert rcon("e" * 510) == "e" * 510
         assert "overflows the tokenizer buffer" in rcon("e" * 511)
     assert srcds.server.commands == ["e" * 510]
+
+
+class NumberedRCON(valve.rcon.RCON):  # type: ignore[misc]
+    """python-valve, but numbering its requests 1, 2, 3 ... instead of sending 0.
+
+    python-valve gives a joined reply the id of the reply's first packet, so
+    with distinct ids it shows whose answer a reply starts with.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.last_id = 0
+
+    def _request(self, type_: object, body: str) -> None:
+        self.last_id += 1
+        self._socket.sendall(valve.rcon.RCONMessage(self.last_id, type_, body).encode())
+
+
+def test_python_valve_sees_each_reply_start_with_the_commands_own_packet(
+    srcds: ThreadedServer,
+) -> None:
+    """What our client relies on: SRCDS flushes the console output of every
+    packet it handles as a RESPONSE_VALUE with that packet's id, even when
+    there is no output, so a command's answer precedes the end marker's mirror."""
+    with NumberedRCON(("127.0.0.1", srcds.port), PASSWORD, timeout=3) as rcon:
+        for output in ["", "x" * 5000, ""]:
+            srcds.server.reply = lambda c, output=output: output
+            reply = rcon.execute("sv_cheats 0")
+            command_id = rcon.last_id - 1  # then came the end marker
+            assert srcds.server.packets_of_type(2)[-1].request_id == command_id
+            assert (reply.id, reply.body) == (command_id, output.encode())
+
+
+def test_marker_only_fault_is_the_bare_end_marker(srcds: ThreadedServer) -> None:
+    """The fault our client must not take for a delivery: to python-valve it is
+    an empty reply, told apart only by its id, the end marker's."""
+    with NumberedRCON(("127.0.0.1", srcds.port), PASSWORD, timeout=3) as rcon:
+        srcds.server.arm("marker_only_reply")
+        reply = rcon.execute("sm_addvip bob")
+        assert (reply.id, reply.body) == (rcon.last_id, b"")
+    assert srcds.server.commands == []
+
+
+def test_srcds_empty_output_still_gets_its_own_packet(srcds: ThreadedServer) -> None:
+    srcds.server.reply = lambda c: ""
+    with _connect(srcds.port) as sock:
+        sock.sendall(_packet(1, 3, PASSWORD.encode()))
+        _recv_packet(sock), _recv_packet(sock)
+        sock.sendall(_packet(2, 2, b"sv_cheats 0") + _packet(3, 0, b""))
+        got = [_recv_packet(sock) for _ in range(3)]
+    assert got == [(2, 0, b""), (3, 0, b""), (3, 0, b"\x00\x01\x00\x00")]

@@ -23,6 +23,15 @@ command back). Faults, switchable at any time (plain attributes):
 * ``close_mid_reply``: run a command, send part of its reply, close;
 * ``drop_after_execute``: run a command, close without a reply (the
   "command in flight" case);
+* ``marker_only_reply``: neither run nor answer a command, but answer what
+  follows as usual: on SRCDS the reply is then the end marker's mirror and
+  00 01 00 00 alone (Minecraft: no answer at all, the client times out);
+* ``wrong_reply_id``: run a command and answer it with the id of the next
+  request (the client's end marker) instead of its own;
+* ``early_marker_answer``: run a command and send the first packet of its
+  reply only; the end marker is answered as usual, and the rest of the reply
+  comes just before the answer to the next command (a server that answers
+  the end marker before the end of the reply);
 * ``latency``: seconds to wait before handling each request;
 * ``await go_down()`` / ``await come_up()``: stop listening (and cut every
   connection) / listen again on the same port; ``unused_port()`` gives a port
@@ -94,7 +103,15 @@ SRCDS_TOKENIZER_WARNING = (
     "CCommand::Tokenize: Encountered command which overflows the tokenizer buffer.. Skipping!\n"
 )
 
-FAULTS = ("stall", "stall_after_execute", "close_mid_reply", "drop_after_execute")
+FAULTS = (
+    "stall",
+    "stall_after_execute",
+    "close_mid_reply",
+    "drop_after_execute",
+    "marker_only_reply",
+    "wrong_reply_id",
+    "early_marker_answer",
+)
 
 _HEADER = struct.Struct("<iii")
 
@@ -147,6 +164,8 @@ class _Connection:
     transport: asyncio.Transport | None
     authed: bool
     hung: bool
+    # The rest of a reply held back by early_marker_answer.
+    held: bytes
 
     def _start(self, server: FakeRconServer, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -154,6 +173,7 @@ class _Connection:
         self.transport = transport
         self.authed = False
         self.hung = False
+        self.held = b""
         server.connections_accepted += 1
         server._conns.add(self)
 
@@ -174,13 +194,16 @@ class _Connection:
             self.transport.abort()
 
     def run_command(
-        self, request_id: int, command: str, reply_packets: Callable[[str], bytes]
+        self, request_id: int, command: str, reply_packets: Callable[[int, str], bytes]
     ) -> bool:
         """Run + record a command and send its reply, applying faults.
 
+        ``reply_packets(request_id, text)`` builds the reply's packets.
         Returns False when the connection was closed by a fault.
         """
         server = self.server
+        if server._take("marker_only_reply"):
+            return True
         server.commands.append(command)
         if server.on_command is not None:
             server.on_command(command)
@@ -190,7 +213,14 @@ class _Connection:
         if server._take("stall_after_execute"):
             self.hung = True  # like a server thread stuck in the command: nothing more
             return False
-        data = reply_packets(server.reply(command))
+        if server._take("wrong_reply_id"):
+            request_id += 1
+        data = reply_packets(request_id, server.reply(command))
+        held, self.held = self.held, b""
+        if server._take("early_marker_answer"):
+            first = 4 + int.from_bytes(data[:4], "little", signed=True)
+            data, self.held = data[:first], data[first:]
+        data = held + data
         if server._take("close_mid_reply"):
             self.write(data[: max(1, len(data) // 2)])
             self.close()
@@ -245,11 +275,8 @@ class _MinecraftProtocol(asyncio.BufferedProtocol, _Connection):
             self.transport.resume_reading()
 
     @staticmethod
-    def _reply_packets(request_id: int) -> Callable[[str], bytes]:
-        def build(text: str) -> bytes:
-            return b"".join(pack(request_id, RESPONSE_VALUE, c) for c in java_utf8_chunks(text))
-
-        return build
+    def _reply_packets(request_id: int, text: str) -> bytes:
+        return b"".join(pack(request_id, RESPONSE_VALUE, c) for c in java_utf8_chunks(text))
 
     def _handle(self, request_id: int, packet_type: int, body: bytes) -> bool:
         server = self.server
@@ -269,9 +296,9 @@ class _MinecraftProtocol(asyncio.BufferedProtocol, _Connection):
             if not self.authed:
                 self.write(pack(-1, AUTH_RESPONSE, b""))
                 return True
-            return self.run_command(request_id, text, self._reply_packets(request_id))
+            return self.run_command(request_id, text, self._reply_packets)
         unknown = f"Unknown request {packet_type & 0xFFFFFFFF:x}"
-        self.write(self._reply_packets(request_id)(unknown))
+        self.write(self._reply_packets(request_id, unknown))
         return True
 
 
@@ -362,9 +389,7 @@ class _SrcdsProtocol(asyncio.Protocol, _Connection):
                 return True
             command = body.decode("utf-8", "replace")
             return self.run_command(
-                request_id,
-                command,
-                lambda text: self._flush(request_id, text.encode("utf-8")),
+                request_id, command, lambda rid, text: self._flush(rid, text.encode("utf-8"))
             )
         if packet_type == RESPONSE_VALUE and self.authed:
             # RequestValue(""): mirror (the flush), then the 00 01 00 00 packet.
@@ -401,6 +426,9 @@ class FakeRconServer:
         self.stall_after_execute = False
         self.close_mid_reply = False
         self.drop_after_execute = False
+        self.marker_only_reply = False
+        self.wrong_reply_id = False
+        self.early_marker_answer = False
         self._armed: dict[str, int] = {}
         # records
         self.commands: list[str] = []
