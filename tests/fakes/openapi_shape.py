@@ -50,6 +50,7 @@ _HEADER: Final = (
 _DATE_TIME: Final = re.compile(
     r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?(Z|[+-]\d\d:\d\d)$", re.ASCII
 )
+_LOADER: Final[Any] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _DIGITS: Final = re.compile(r"^[0-9]{1,20}$", re.ASCII)
 _TYPES: Final[dict[str, tuple[type, ...]]] = {
     "null": (type(None),),
@@ -65,7 +66,11 @@ _TYPES: Final[dict[str, tuple[type, ...]]] = {
 @functools.cache
 def load(name: str) -> dict[str, Any]:
     """A vendored subset by its spec's file name (e.g. "management-api.yaml")."""
-    with (SUBSET_DIR / name).open() as file:
+    return read_spec(SUBSET_DIR / name)
+
+
+def read_spec(path: Path) -> dict[str, Any]:
+    with path.open() as file:
         document: dict[str, Any] = yaml.load(file, Loader=_LOADER)
     return document
 
@@ -186,8 +191,6 @@ def _is_type(value: Any, name: str) -> bool:
 
 # ------------------------------------------------------------------- subsets
 
-_LOADER: Final[Any] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
 
 def subset(
     document: Mapping[str, Any], paths: Collection[str], webhooks: Collection[str]
@@ -236,9 +239,7 @@ def originals_dir(start: Path | None = None) -> Path | None:
 def write_subsets(source: Path) -> list[Path]:
     written = []
     for name, chosen in SUBSETS.items():
-        with (source / name).open() as file:
-            document = yaml.load(file, Loader=_LOADER)
-        part = subset(document, chosen["paths"], chosen["webhooks"])
+        part = subset(read_spec(source / name), chosen["paths"], chosen["webhooks"])
         what = "paths" if chosen["paths"] else "webhooks"
         target = SUBSET_DIR / name
         text = yaml.safe_dump(part, sort_keys=False, allow_unicode=True, width=100)
