@@ -752,7 +752,7 @@ class FakePayNow:
 
         def bad(name: str, message: str) -> None:
             errors.append(
-                {"code": "invalid", "message": message, "path": [name], "validation": "query"}
+                {"code": "invalid", "message": message, "path": name, "validation": "query"}
             )
 
         limit = self.default_limit
