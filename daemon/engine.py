@@ -111,7 +111,9 @@ class PassReport:
         if self.undelivered_items:
             items = live_items_phrase(self.undelivered_items)
             reach = "reaches" if self.undelivered_items == 1 else "reach"
-            text += f"; {items} {reach} no server (perksync status lists them)"
+            # A pass has just warned about each; the service may have done so days ago.
+            where = "perksync status lists them" if service else "see the warnings above"
+            text += f"; {items} {reach} no server ({where})"
         return text
 
 

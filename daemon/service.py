@@ -334,8 +334,11 @@ class Service:
                 await self.engine.flush_touches()
                 summary_due = time.monotonic() >= next_summary
                 if check or summary_due:
-                    await self.engine.check_undelivered(only_if_changed=True)
                     check = False
+                    try:
+                        await self.engine.check_undelivered(only_if_changed=True)
+                    except Exception:
+                        log.exception("cannot check for items that reach no server")
                 if summary_due:
                     self._log_summary(self.engine, pending)
                     next_summary = time.monotonic() + self.settings.sync.interval_seconds

@@ -31,7 +31,7 @@ def test_the_service_counts_polls_and_failed_polls() -> None:
 def test_live_items_that_reach_no_server_are_told_without_changing_the_exit_status() -> None:
     report = PassReport(polls_ok=1, undelivered_items=1)
     assert report.summary().endswith(
-        "0 pending; 1 live item reaches no server (perksync status lists them)"
+        "0 pending; 1 live item reaches no server (see the warnings above)"
     )
     report.undelivered_items = 3
     assert report.summary(service=True).endswith(

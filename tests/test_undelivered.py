@@ -5,9 +5,11 @@ a restart, a reload)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import textwrap
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ import pytest
 from daemon.config import Settings, load_settings
 from daemon.engine import Engine
 from daemon.paynow import PayNowClient, make_session
-from daemon.state import LiveItems
+from daemon.state import LiveItems, SeenItem
 from daemon.state_sqlite import SqliteStore
 from daemon.undelivered import (
     Unmapped,
@@ -34,10 +36,7 @@ paynow:
 sync:
   state_db: state.sqlite3
 customers:
-  - token: {token0}
-    label: alice
-  - token: {token1}
-    label: bob
+{customers}
 servers:
   survival: {{platform: minecraft, host: 127.0.0.1, port: 1, password: pw}}
   jail: {{platform: source, host: 127.0.0.1, port: 2, password: pw}}
@@ -56,15 +55,19 @@ def settings_for(
     more: str = "",
     url: str = "http://127.0.0.1:9",
     tokens: Sequence[str] = ("tok-a", "tok-b"),
+    labels: Sequence[str] = ("alice", "bob"),
 ) -> Settings:
     path = tmp_path / "config.yaml"
-    text = CONFIG.format(
-        url=url, token0=tokens[0], token1=tokens[1], more=textwrap.indent(more, "  ")
+    customers = "".join(
+        f"  - {{token: {token}, label: {label}}}\n"
+        for token, label in zip(tokens, labels, strict=True)
     )
+    text = CONFIG.format(url=url, customers=customers, more=textwrap.indent(more, "  "))
     path.write_text(text)
     return load_settings(path, env={})
 
 
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
 MC = frozenset({"minecraft_uuid"})
 STEAM = frozenset({"steam_id"})
 
@@ -214,3 +217,34 @@ def test_the_check_sees_unchanged_answers_and_restarts_and_reads_only_after_a_ch
             await store.close()
 
     asyncio.run(main())
+
+
+def test_many_customers_lacking_an_id_are_warned_in_a_few_lines(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    labels = [f"c{i:02}" for i in range(13)]
+    settings = settings_for(tmp_path, tokens=[f"t{i}" for i in range(13)], labels=labels)
+    caplog.set_level(logging.WARNING, logger="daemon.engine")
+
+    async def main() -> None:
+        store = SqliteStore(tmp_path / "state.sqlite3")
+        for i, label in enumerate(labels):
+            await store.commit_pass(
+                label, str(1000 + i), None, [SeenItem(f"{i}", "vip", "active")], {}, [], NOW,
+                json.dumps({"id": str(1000 + i), "minecraft_uuid": None}),
+            )  # fmt: skip
+        async with make_session() as session:
+            engine = Engine(settings, store, PayNowClient(session, "http://127.0.0.1:9"))
+            found = await engine.check_undelivered()
+            assert len(found.unroutable) == 13
+            await engine.check_undelivered()  # nothing new: nothing logged
+        await store.close()
+
+    asyncio.run(main())
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 11
+    assert all(line.startswith("product vip: 1 live item of customer 10") for line in lines[:10])
+    assert lines[10] == (
+        "and 3 more customers hold live items that reach no server for want of an id "
+        "(perksync status lists them)"
+    )
