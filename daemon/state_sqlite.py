@@ -328,11 +328,15 @@ GROUP BY customer_id, product
 
 def _links_with_ids_sql(count: int) -> str:
     # One column per asked field: set unless missing, JSON null, "" or false/0
-    # (as a Python truth test of the value would judge it).
+    # (as a Python truth test of the value would judge it). A customer JSON
+    # that is missing or not JSON (a hand-edited file) leaves its ids unknown.
     field = ", coalesce(json_extract(customer_raw, ?), '') NOT IN ('', 0)"
     return (
-        f"SELECT label, customer_id, name, customer_raw IS NOT NULL{field * count} "
-        "FROM links WHERE customer_id IS NOT NULL ORDER BY label"
+        f"SELECT label, customer_id, name, valid{field * count} FROM ("
+        " SELECT label, customer_id, name, json_valid(customer_raw) AS valid,"
+        "  CASE WHEN json_valid(customer_raw) THEN customer_raw ELSE '{}' END AS customer_raw"
+        " FROM links WHERE customer_id IS NOT NULL"
+        ") ORDER BY label"
     )
 
 
@@ -727,14 +731,14 @@ class SqliteStore:
                 products.setdefault(customer_id, []).append((product, count))
             links = conn.execute(_links_with_ids_sql(len(paths)), paths).fetchall()
         live = []
-        for label, customer_id, name, stored, *flags in links:
+        for label, customer_id, name, valid, *flags in links:
             held = products.get(customer_id)
             if not held:
                 continue
             ids = frozenset(f for f, has in zip(fields, flags, strict=True) if has)
             for product, count in sorted(held):
                 live.append(
-                    LiveItems(label, customer_id, name, product, count, ids if stored else None)
+                    LiveItems(label, customer_id, name, product, count, ids if valid else None)
                 )
         return live
 

@@ -923,6 +923,7 @@ async def test_live_items_count_active_and_renewed_items_per_link_and_product(
     # No live item: left out. No customer JSON stored: ids unknown.
     await store.commit_pass("carol", "300", "Carol", seen(("9", "used")), {}, [], T0, "{}")
     await store.commit_pass("dave", "400", None, seen(("10", "active")), {}, [], T0)
+    await store.commit_pass("fay", "600", None, seen(("11", "active")), {}, [], T0, "{not json")
     await store.record_error("erin", "HTTP 401", T0)  # never synced
 
     fields = ["minecraft_uuid", "steam_id", "xbox_xuid"]
@@ -931,6 +932,7 @@ async def test_live_items_count_active_and_renewed_items_per_link_and_product(
         LiveItems("bob", "200", "Bob", "crate", 2, frozenset({"minecraft_uuid"})),
         LiveItems("bob", "200", "Bob", "vip", 2, frozenset({"minecraft_uuid"})),
         LiveItems("dave", "400", None, "vip", 1, None),
+        LiveItems("fay", "600", None, "vip", 1, None),
     ]
     # An item's later state counts; two links of one customer each list its items.
     await store.commit_pass("bob", "200", "Bob", seen(("1", "used")), {}, [], T1)
@@ -942,6 +944,7 @@ async def test_live_items_count_active_and_renewed_items_per_link_and_product(
         ("bob-again", "crate", 2),
         ("bob-again", "vip", 1),
         ("dave", "vip", 1),
+        ("fay", "vip", 1),
     ]
 
 
