@@ -25,6 +25,13 @@ from daemon.paynow import PayNowClient, make_session
 from daemon.placeholders import printable
 from daemon.state import Store, StoreError, open_store
 from daemon.state_lock import LockedError, state_lock
+from daemon.undelivered import (
+    Undelivered,
+    describe_unmapped,
+    describe_unroutable,
+    find_undelivered,
+    id_fields,
+)
 
 log = logging.getLogger("perksync")
 
@@ -197,12 +204,14 @@ async def _status(settings: Settings) -> int:
     db_path = settings.state_db_path
     if not db_path.exists():
         print(f"state: {db_path} does not exist yet (no pass has run)")
-        known_customers, counts = [], []
+        known_customers, counts, undelivered = [], [], Undelivered()
     else:
         store = open_store(str(db_path))
         try:
             known_customers = await store.customers()
             counts = await store.server_counts()
+            live = await store.live_items(id_fields(settings))
+            undelivered = find_undelivered(settings, live)
         finally:
             await store.close()
         print(f"state: {db_path}")
@@ -233,4 +242,16 @@ async def _status(settings: Settings) -> int:
                 f"  {name}: {c.pending} pending, {c.failed} failed, {c.skipped} skipped, "
                 f"{c.delivered} delivered{note}"
             )
+    _print_undelivered(undelivered)
     return EXIT_OK
+
+
+def _print_undelivered(undelivered: Undelivered) -> None:
+    if not (undelivered.unmapped or undelivered.unroutable):
+        print("live items that reach no server: none")
+        return
+    print(f"live items that reach no server: {undelivered.items}")
+    for unmapped in undelivered.unmapped:
+        print(f"  {describe_unmapped(unmapped)}")
+    for unroutable in undelivered.unroutable:
+        print(f"  {describe_unroutable(unroutable)}")

@@ -35,6 +35,8 @@ from daemon.placeholders import Template, TemplateError, parse_template
 
 DEFAULT_CONFIG_PATH = Path("/etc/perksync/config.yaml")
 EVENT_KEYS = ("on_active", "on_expire", "on_revoke")
+# `products.<slug>: ignore`: a product the store sells that is deliberately not delivered.
+IGNORE = "ignore"
 
 _VARIABLE = re.compile(r"\$\{(\w+)\}|\$(\w+)")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -188,6 +190,8 @@ class Settings(BaseSettings):
 
     # The folder relative paths in the file are resolved against.
     _base_dir: Path = PrivateAttr(default=Path("."))
+    # Slugs written as `products.<slug>: ignore` (not in `products`).
+    _ignored_products: frozenset[str] = PrivateAttr(default=frozenset())
 
     @classmethod
     def settings_customise_sources(
@@ -208,6 +212,11 @@ class Settings(BaseSettings):
     def _resolve(self, value: str) -> Path:
         path = Path(value).expanduser()
         return path if path.is_absolute() else self._base_dir / path
+
+    @property
+    def ignored_products(self) -> frozenset[str]:
+        """Products deliberately not delivered: their items are not reported as missed."""
+        return self._ignored_products
 
     def routes_for(self, product: str) -> list[str]:
         """The servers a product's commands go to (before per-customer routing)."""
@@ -320,6 +329,26 @@ def _read_secret(
     return SecretStr(inline.get_secret_value().strip())
 
 
+def _split_ignored(data: dict[str, Any]) -> tuple[dict[str, Any], frozenset[str], list[str]]:
+    """Take `products.<slug>: ignore` entries out of the file's data (they have no
+    mapping to validate); any other word there is an error naming the key."""
+    products = data.get("products")
+    if not isinstance(products, dict):
+        return data, frozenset(), []
+    ignored, errors, mapped = set(), [], {}
+    for slug, spec in products.items():
+        if not isinstance(spec, str):
+            mapped[slug] = spec
+        elif spec == IGNORE:
+            ignored.add(str(slug))
+        else:
+            errors.append(
+                f"products.{slug}: {spec!r} is not a product: give a mapping "
+                f"(servers, on_active, …) or the word {IGNORE} to deliver nothing for it"
+            )
+    return {**data, "products": mapped}, frozenset(ignored), errors
+
+
 def _check_cross_references(settings: Settings) -> list[str]:
     errors = []
     for name in settings.servers:
@@ -357,14 +386,15 @@ def _check_cross_references(settings: Settings) -> list[str]:
 def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
     """Load, validate and resolve the configuration, or raise ConfigError."""
     env = os.environ if env is None else env
-    data = _read_yaml(path)
+    data, ignored, errors = _split_ignored(_read_yaml(path))
     try:
         settings = Settings(**data)
     except ValidationError as exc:
-        raise ConfigError("\n".join(_error_lines(exc))) from None
+        raise ConfigError("\n".join([*errors, *_error_lines(exc)])) from None
     base_dir = path.resolve().parent
     settings._base_dir = base_dir
-    errors = _check_cross_references(settings)
+    settings._ignored_products = ignored
+    errors += _check_cross_references(settings)
     for i, link in enumerate(settings.customers):
         try:
             link._token = _read_secret(link, "token", f"customers[{i}]", str(base_dir), env)
@@ -394,6 +424,7 @@ def config_path_from(cli_value: str | None, env: Mapping[str, str] | None = None
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "EVENT_KEYS",
+    "IGNORE",
     "ConfigError",
     "CustomerLink",
     "HttpSettings",

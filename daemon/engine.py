@@ -46,6 +46,14 @@ from daemon.state import (
     StoreError,
 )
 from daemon.telemetry import NullTelemetry, Telemetry
+from daemon.undelivered import (
+    Undelivered,
+    describe_unmapped,
+    describe_unroutable,
+    find_undelivered,
+    id_fields,
+    live_items_phrase,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +68,8 @@ def utcnow() -> datetime:
 class PassReport:
     """What happened since it was created; `exit_code` follows SPEC §3."""
 
-    customers_ok: int = 0
+    polls_ok: int = 0
+    polls_failed: int = 0
     customers_failed: dict[str, str] = field(default_factory=dict)  # label → error
     journaled: int = 0
     expired_locally: int = 0
@@ -69,27 +78,43 @@ class PassReport:
     skipped: Counter[str] = field(default_factory=Counter)  # server → null-placeholder skips
     pending_left: dict[str, int] = field(default_factory=dict)  # server → rows still pending
     unreachable: dict[str, str] = field(default_factory=dict)  # server → why it stopped
+    undelivered_items: int = 0  # live items that reach no server (warned about; no exit 3)
 
     @property
     def exit_code(self) -> int:
         undelivered = sum(self.failed.values()) or any(self.pending_left.values())
         return 3 if self.customers_failed or undelivered else 0
 
-    def summary(self) -> str:
-        total_customers = self.customers_ok + len(self.customers_failed)
-        parts = [
-            f"{total_customers} customers polled ({len(self.customers_failed)} failed)",
+    def summary(self, *, service: bool = False) -> str:
+        """`pass done: …` after a pass, which polls each linked customer once;
+        `last interval: …` in the service, which counts polls (a customer may
+        be polled several times in an interval, or not at all)."""
+        if service:
+            polls = self.polls_ok + self.polls_failed
+            parts = [f"{polls} polls ({self.polls_failed} failed)"]
+        else:
+            failed = len(self.customers_failed)
+            parts = [f"{self.polls_ok + failed} customers polled ({failed} failed)"]
+        if self.expired_locally:
+            parts.append(f"{self.expired_locally} expired locally")
+        parts += [
             f"{self.journaled} commands journaled",
             f"{sum(self.delivered.values())} delivered",
             f"{sum(self.failed.values())} failed",
             f"{sum(self.skipped.values())} skipped",
             f"{sum(self.pending_left.values())} pending",
         ]
-        if self.expired_locally:
-            parts.insert(1, f"{self.expired_locally} expired locally")
         pending = ", ".join(f"{s}: {n}" for s, n in sorted(self.pending_left.items()) if n)
-        text = "pass done: " + ", ".join(parts)
-        return f"{text} ({pending})" if pending else text
+        text = ("last interval: " if service else "pass done: ") + ", ".join(parts)
+        if pending:
+            text += f" ({pending})"
+        if self.undelivered_items:
+            items = live_items_phrase(self.undelivered_items)
+            reach = "reaches" if self.undelivered_items == 1 else "reach"
+            # A pass has just warned about each; the service may have done so days ago.
+            where = "perksync status lists them" if service else "see the warnings above"
+            text += f"; {items} {reach} no server ({where})"
+        return text
 
 
 def customer_routes(settings: Settings, customer: Customer) -> dict[str, list[str]]:
@@ -175,6 +200,10 @@ DIGEST_VERSION = b"perksync answers digest 1"
 # Unchanged polls' sync times are written this many at a time (one transaction).
 TOUCH_BATCH = 1000
 
+# Customers lacking an id are warned about one per line up to this many per
+# check; the rest in one line (an offline-mode store may have thousands).
+UNROUTABLE_LOG_LINES = 10
+
 
 def settings_key(settings: Settings) -> bytes:
     """What of the settings decides a poll's outcome besides the API's answers:
@@ -246,12 +275,19 @@ class Engine:
         self._key = settings_key(settings)
         self._digests: dict[str, bytes] | None = None  # label → stored; loaded at the first poll
         self._touches: dict[str, datetime] = {}  # unchanged polls' sync times, not yet written
+        # Live items that reach no server, as last checked; what was warned about.
+        self.undelivered = Undelivered()
+        self._live_changed = True  # a pass was stored (or the settings changed) since
+        self._warned: set[tuple[str, str]] = set()  # (slug, customer id or "")
 
     def use_settings(self, settings: Settings) -> None:
         """A reload. If it changed what answers mean, no stored digest matches
-        any more, and every link's next poll reads and diffs everything."""
+        any more, and every link's next poll reads and diffs everything.
+        What reaches no server is checked, and warned about, afresh."""
         self.settings = settings
         self._key = settings_key(settings)
+        self._live_changed = True
+        self._warned.clear()
 
     def wake(self, server: str) -> None:
         waker = self.wakers.get(server)
@@ -342,11 +378,12 @@ class Engine:
             log.warning("cannot record the sync time of %d customers: %s", len(touches), exc)
 
     def _poll_ok(self, label: str) -> None:
-        self.report.customers_ok += 1
+        self.report.polls_ok += 1
         self.report.customers_failed.pop(label, None)
         self.telemetry.poll_succeeded(label, time.time())
 
     def _poll_failed(self, label: str, kind: str, error: str) -> None:
+        self.report.polls_failed += 1
         self.report.customers_failed[label] = error
         self.telemetry.poll_failed(label, kind)
 
@@ -369,10 +406,13 @@ class Engine:
         for item_id in result.duplicates:
             log.warning("customer %s: item %s is listed more than once", label, item_id)
         self._touches.pop(label, None)  # superseded by what is written now
+        self._live_changed = True
+        customer_raw = json.dumps(customer.raw, separators=(",", ":"))
         if not result.marks and same_as_stored(known, items):
             # Nothing changed but the answers' bytes (or the settings, or this
-            # is the first pass since an upgrade): only the sync time and digest.
-            await self.store.touch(label, customer.id, customer.name, now, digest)
+            # is the first pass since an upgrade): only the sync time, digest
+            # and customer (an account unlinked changes where perks can go).
+            await self.store.touch(label, customer.id, customer.name, now, digest, customer_raw)
             self._remember(label, digest)
             return
         expiries = {item.id: effective_expiry(item) for item in items}
@@ -396,7 +436,7 @@ class Engine:
             result.marks,
             entries,
             now,
-            json.dumps(customer.raw, separators=(",", ":")),
+            customer_raw,
             digest,
         )
         self._remember(label, digest)
@@ -424,6 +464,47 @@ class Engine:
                 entry.server, who, entry.product, entry.event, entry.command_index + 1,
                 entry.reason,
             )  # fmt: skip
+
+    # --- live items that reach no server ----------------------------------------
+
+    async def check_undelivered(self, *, only_if_changed: bool = False) -> Undelivered:
+        """Find the live items that reach no server, from the store (so that
+        answers skipped as unchanged, and a restart, make no difference), log
+        each product and customer newly found, and count them in telemetry.
+
+        It reads every live item: call it once a pass, or per interval with
+        `only_if_changed` (then it reads only if a poll stored something, or
+        the settings changed, since the last check).
+        """
+        if only_if_changed and not self._live_changed:
+            return self.undelivered
+        self._live_changed = False
+        try:
+            live = await self.store.live_items(id_fields(self.settings))
+        except StoreError as exc:
+            self._live_changed = True
+            log.warning("cannot check for items that reach no server: %s", exc)
+            return self.undelivered
+        self.undelivered = find_undelivered(self.settings, live)
+        self._warn_undelivered(self.undelivered)
+        self.telemetry.undelivered(*self.undelivered.per_product())
+        return self.undelivered
+
+    def _warn_undelivered(self, found: Undelivered) -> None:
+        for unmapped in found.unmapped:
+            if (unmapped.product, "") not in self._warned:
+                self._warned.add((unmapped.product, ""))
+                log.warning("%s", describe_unmapped(unmapped))
+        new = [u for u in found.unroutable if (u.product, u.customer_id) not in self._warned]
+        for unroutable in new[:UNROUTABLE_LOG_LINES]:
+            log.warning("%s", describe_unroutable(unroutable))
+        if len(new) > UNROUTABLE_LOG_LINES:
+            log.warning(
+                "and %d more customers hold live items that reach no server for want of an id "
+                "(perksync status lists them)",
+                len(new) - UNROUTABLE_LOG_LINES,
+            )
+        self._warned.update((u.product, u.customer_id) for u in new)
 
     # --- local expiry --------------------------------------------------------
 
@@ -602,6 +683,7 @@ class SyncPass:
                 worker.wake.set()
             await asyncio.gather(*tasks)
         report = self.engine.report
+        report.undelivered_items = (await self.engine.check_undelivered()).items
         report.pending_left = await self.engine.store.pending_counts()
         return report
 

@@ -15,6 +15,7 @@ Metrics:
 | `perksync_commands_total` | counter | `server`, `outcome` = delivered / failed / skipped |
 | `perksync_delivery_failures_total` | counter | `server` |
 | `perksync_journal_backlog` | gauge | `server` (pending journal rows, as last seen) |
+| `perksync_undelivered_items` | gauge | `product`, `reason` = unmapped / missing_id (live items) |
 | `perksync_last_successful_sync_timestamp_seconds` | gauge | `customer` (the link's label) |
 | `perksync_customers_linked` | gauge | |
 | `perksync_healthy` | gauge | 1 or 0, as /healthz would answer at the scrape |
@@ -50,7 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info
 
@@ -177,6 +178,14 @@ class PrometheusTelemetry:
             ["customer"],
             registry=r,
         )
+        self._undelivered = Gauge(
+            "perksync_undelivered_items",
+            "Live items that reach no server, by product: its slug is not mapped in the "
+            "config (unmapped) or the customer lacks the id its servers need (missing_id).",
+            ["product", "reason"],
+            registry=r,
+        )
+        self._undelivered_series: set[tuple[str, str]] = set()
         self._customers_linked = Gauge(
             "perksync_customers_linked", "Customers in the configuration.", registry=r
         )
@@ -321,6 +330,15 @@ class PrometheusTelemetry:
             # Nothing is waiting, so nothing is failing to arrive.
             state.failing_since = None
             state.failures = 0
+
+    def undelivered(self, unmapped: Mapping[str, int], missing_id: Mapping[str, int]) -> None:
+        series = {(slug, "unmapped"): n for slug, n in unmapped.items() if n}
+        series.update({(slug, "missing_id"): n for slug, n in missing_id.items() if n})
+        for gone in self._undelivered_series - series.keys():
+            self._remove(self._undelivered, *gone)
+        for (slug, reason), count in series.items():
+            self._undelivered.labels(slug, reason).set(count)
+        self._undelivered_series = set(series)
 
     # ------------------------------------------------------------------- health
 

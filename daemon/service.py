@@ -314,10 +314,13 @@ class Service:
         notify.ready()
 
     async def _heartbeat(self) -> None:
-        """Watchdog pings, STATUS and a summary line per interval."""
+        """Watchdog pings, STATUS, and per interval a check of the live items
+        that reach no server (also at start) and a summary line."""
         watchdog = notify.watchdog_interval()
         tick = min(watchdog / 2, 10.0) if watchdog else 10.0
         next_summary = time.monotonic() + self.settings.sync.interval_seconds
+        pending: dict[str, int] = {}
+        check = True
         while True:
             notify.watchdog()
             try:
@@ -329,11 +332,28 @@ class Service:
             notify.status(self.telemetry.summary())
             if self.engine is not None:
                 await self.engine.flush_touches()
-            if time.monotonic() >= next_summary and self.engine is not None:
-                report, self.engine.report = self.engine.report, PassReport()
-                _log_summary(report)
-                next_summary = time.monotonic() + self.settings.sync.interval_seconds
+                summary_due = time.monotonic() >= next_summary
+                if check or summary_due:
+                    check = False
+                    try:
+                        await self.engine.check_undelivered(only_if_changed=True)
+                    except Exception:
+                        log.exception("cannot check for items that reach no server")
+                if summary_due:
+                    self._log_summary(self.engine, pending)
+                    next_summary = time.monotonic() + self.settings.sync.interval_seconds
             await asyncio.sleep(tick)
+
+    @staticmethod
+    def _log_summary(engine: Engine, pending: dict[str, int]) -> None:
+        """The `last interval:` line: what happened since the last one, and what
+        is pending and reaches no server now."""
+        report, engine.report = engine.report, PassReport()
+        report.pending_left = pending
+        report.undelivered_items = engine.undelivered.items
+        busy = report.polls_failed or report.journaled or sum(report.delivered.values())
+        level = logging.INFO if busy or report.unreachable else logging.DEBUG
+        log.log(level, "%s", report.summary(service=True))
 
 
 def effective_interval(interval: float, customers: int, requests_per_second: float) -> float:
@@ -347,12 +367,6 @@ def effective_interval(interval: float, customers: int, requests_per_second: flo
 
 def _labels(settings: Settings) -> list[str]:
     return [link.describe(i) for i, link in enumerate(settings.customers)]
-
-
-def _log_summary(report: PassReport) -> None:
-    busy = report.customers_failed or report.journaled or sum(report.delivered.values())
-    text = report.summary().replace("pass done:", "last interval:", 1)
-    log.log(logging.INFO if busy or report.unreachable else logging.DEBUG, "%s", text)
 
 
 async def _wait_any(*events: asyncio.Event, within: float | None = None) -> bool:

@@ -108,6 +108,22 @@ class KnownCustomer:
 
 
 @dataclass(frozen=True, slots=True)
+class LiveItems:
+    """How many items of one product a link's customer holds live: last seen
+    `active` or `renewed` (the states that keep a perk), not `usable`, `used`
+    or `revoked`."""
+
+    label: str
+    customer_id: str
+    name: str | None
+    product: str
+    count: int
+    # Which of the asked fields the customer's JSON (as last stored) sets to
+    # something (not null, not empty); None when no JSON of it is stored.
+    ids: frozenset[str] | None
+
+
+@dataclass(frozen=True, slots=True)
 class CustomerStatus:
     label: str  # the config's name for the link, e.g. "token_env PAYNOW_TOKEN_ALICE"
     customer_id: str | None
@@ -174,10 +190,11 @@ class Store(Protocol):
         customer_name: str | None,
         synced_at: datetime,
         digest: bytes | None = None,
+        customer_raw: str | None = None,
     ) -> None:
         """Record a pass that changed nothing: the link's sync time (clearing its
-        error), id, name and answers' digest; items, marks and journal stay as
-        they are."""
+        error), id, name, answers' digest and, when given, the customer's JSON;
+        items, marks and journal stay as they are."""
         ...
 
     async def digests(self) -> dict[str, bytes]:
@@ -242,6 +259,14 @@ class Store(Protocol):
 
     async def customers(self) -> list[CustomerStatus]:
         """Every link ever synced or failed, by label."""
+        ...
+
+    async def live_items(self, id_fields: Sequence[str]) -> list[LiveItems]:
+        """Per link and product: the stored items of the link's customer last seen
+        `active` or `renewed` (of every product, mapped or not), and which of
+        `id_fields` (top-level fields of the customer's JSON) the customer has.
+        Links without such items are left out; ordered by label, then product.
+        It reads every live item: meant for once a pass or an interval."""
         ...
 
     async def pending_counts(self) -> dict[str, int]:

@@ -46,6 +46,7 @@ from daemon.state import (
     JournalRow,
     JournalStatus,
     KnownCustomer,
+    LiveItems,
     SeenItem,
     ServerCounts,
     StoreError,
@@ -196,6 +197,16 @@ def _v3(conn: sqlite3.Connection) -> None:
     )
 
 
+@migration("an index of the live items, for the report of items that reach no server")
+def _v4(conn: sqlite3.Connection) -> None:
+    # Used and revoked items pile up over the years; this keeps live_items()
+    # reading only the live ones.
+    conn.execute(
+        "CREATE INDEX items_live ON items (customer_id, product)"
+        " WHERE state IN ('active', 'renewed')"
+    )
+
+
 # --- times -------------------------------------------------------------------
 
 
@@ -284,13 +295,15 @@ WHERE i.customer_id = ?
 """
 
 _TOUCH_LINK = """
-INSERT INTO links (label, customer_id, name, last_synced_at, last_error, last_error_at, digest)
-VALUES (?, ?, ?, ?, NULL, NULL, ?)
+INSERT INTO links (label, customer_id, name, last_synced_at, last_error, last_error_at, digest,
+                   customer_raw)
+VALUES (?, ?, ?, ?, NULL, NULL, ?, ?)
 ON CONFLICT (label) DO UPDATE SET
     customer_id = excluded.customer_id,
     name = excluded.name,
     last_synced_at = excluded.last_synced_at,
     digest = excluded.digest,
+    customer_raw = coalesce(excluded.customer_raw, links.customer_raw),
     last_error = NULL,
     last_error_at = NULL
 """
@@ -303,6 +316,29 @@ _FORGET_DIGEST = """
 UPDATE links SET digest = NULL
 WHERE customer_id = (SELECT customer_id FROM items WHERE item_id = ?) AND digest IS NOT NULL
 """
+
+# Two scans (joined in Python), each cheaper than their join in SQL: the live
+# items through items_live, in its order, and the links.
+_LIVE_PRODUCTS = """
+SELECT customer_id, product, count(*) FROM items INDEXED BY items_live
+WHERE state IN ('active', 'renewed')
+GROUP BY customer_id, product
+"""
+
+
+def _links_with_ids_sql(count: int) -> str:
+    # One column per asked field: set unless missing, JSON null, "" or false/0
+    # (as a Python truth test of the value would judge it). A customer JSON
+    # that is missing or not JSON (a hand-edited file) leaves its ids unknown.
+    field = ", coalesce(json_extract(customer_raw, ?), '') NOT IN ('', 0)"
+    return (
+        f"SELECT label, customer_id, name, valid{field * count} FROM ("
+        " SELECT label, customer_id, name, json_valid(customer_raw) AS valid,"
+        "  CASE WHEN json_valid(customer_raw) THEN customer_raw ELSE '{}' END AS customer_raw"
+        " FROM links WHERE customer_id IS NOT NULL"
+        ") ORDER BY label"
+    )
+
 
 _ROW_COLUMNS = """id, customer_id, item_id, product, server, event, cycle, command_index,
     command, status, reason, attempts, created_at, finished_at"""
@@ -512,9 +548,13 @@ class SqliteStore:
         customer_name: str | None,
         synced_at: datetime,
         digest: bytes | None = None,
+        customer_raw: str | None = None,
     ) -> None:
         with self._errors(f"record the pass of {label} (customer {customer_id})") as conn:
-            conn.execute(_TOUCH_LINK, (label, customer_id, customer_name, _ts(synced_at), digest))
+            conn.execute(
+                _TOUCH_LINK,
+                (label, customer_id, customer_name, _ts(synced_at), digest, customer_raw),
+            )
 
     async def digests(self) -> dict[str, bytes]:
         with self._errors("read the links' digests") as conn:
@@ -681,6 +721,26 @@ class SqliteStore:
                     "FROM links ORDER BY label"
                 )
             ]
+
+    async def live_items(self, id_fields: Sequence[str]) -> list[LiveItems]:
+        fields = list(dict.fromkeys(id_fields))
+        paths = [f'$."{name}"' for name in fields]
+        products: dict[str, list[tuple[str, int]]] = {}
+        with self._errors("read the live items") as conn:
+            for customer_id, product, count in conn.execute(_LIVE_PRODUCTS):
+                products.setdefault(customer_id, []).append((product, count))
+            links = conn.execute(_links_with_ids_sql(len(paths)), paths).fetchall()
+        live = []
+        for label, customer_id, name, valid, *flags in links:
+            held = products.get(customer_id)
+            if not held:
+                continue
+            ids = frozenset(f for f, has in zip(fields, flags, strict=True) if has)
+            for product, count in sorted(held):
+                live.append(
+                    LiveItems(label, customer_id, name, product, count, ids if valid else None)
+                )
+        return live
 
     async def pending_counts(self) -> dict[str, int]:
         with self._errors("count the pending commands") as conn:

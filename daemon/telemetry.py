@@ -8,6 +8,7 @@ engine and out of one-shot runs.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol
 
 
@@ -30,6 +31,11 @@ class Telemetry(Protocol):
     def backlog(self, server: str, pending: int) -> None:
         """The number of pending journal rows of a server, as last seen."""
 
+    def undelivered(self, unmapped: Mapping[str, int], missing_id: Mapping[str, int]) -> None:
+        """Live items that reach no server, per product slug, as last checked:
+        of products the config does not map, and of mapped products whose
+        customers lack the id every server of the product needs."""
+
 
 class NullTelemetry:
     """Reports nowhere (one-shot runs)."""
@@ -50,4 +56,7 @@ class NullTelemetry:
         pass
 
     def backlog(self, server: str, pending: int) -> None:
+        pass
+
+    def undelivered(self, unmapped: Mapping[str, int], missing_id: Mapping[str, int]) -> None:
         pass

@@ -438,3 +438,82 @@ def test_kill_9_mid_delivery_repeats_at_most_the_one_in_flight(world: World) -> 
     received = world.received("survival")
     assert len(set(received)) == 40  # nothing lost
     assert len(received) - 40 <= 1  # at most the one in flight repeated
+
+
+def warnings_about(stderr: str, text: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "WARNING" in line and text in line]
+
+
+def test_unmapped_product_is_warned_listed_and_can_be_ignored(world: World) -> None:
+    token, _ = world.add_customer(platform="minecraft", name="nia")
+    other_token, _ = world.add_customer(platform="minecraft", name="oto")
+    for _ in range(2):
+        world.add_item(token, "vip")
+    world.add_item(other_token, "vip", state="renewed")
+    world.add_item(other_token, "vip", state="used")  # over: not counted
+    world.add_item(other_token, "vip", state="usable")  # not granted yet: not counted
+    world.add_item(token, "kit")
+    products = {"vip-rank": PRODUCTS["vip"], "kit": PRODUCTS["kit"]}
+    world.config(products)
+
+    for args in (("--sync-now", "--dry-run"), ("--sync-now",), ("--sync-now",)):
+        # The second real pass gets the same answers (not diffed again): the
+        # warning stands all the same, and the exit status is unchanged.
+        result = run(world, *args)
+        (line,) = warnings_about(result.stderr, "product vip:")
+        assert "3 live items (2 customers), but the config has no products.vip" in line
+        assert "3 live items reach no server" in result.stderr
+    assert world.received("survival") == ["give nia diamond 1"]
+    status = run(world, "status").stdout
+    assert "live items that reach no server: 3" in status
+    assert "product vip: 3 live items (2 customers)" in status
+
+    world.config({**products, "vip": "ignore"})
+    result = sync(world)
+    assert "no server" not in result.stderr
+    assert "live items that reach no server: none" in run(world, "status").stdout
+
+
+def test_ignore_is_the_only_word_a_product_may_be(world: World) -> None:
+    world.config({"vip": "ignored"})
+    result = run(world, "--check-config", expect=2)
+    assert result.stderr.startswith("perksync: config error: products.vip: 'ignored' is not a")
+
+
+def test_items_of_customers_without_the_needed_id_are_warned_and_listed(world: World) -> None:
+    # An offline-mode store: no minecraft_uuid; and a customer without Steam.
+    offline_token, offline = world.add_customer(platform="none", name="pat")
+    world.add_item(offline_token, "vip")
+    world.add_item(offline_token, "kit")
+    mc_token, mc = world.add_customer(platform="minecraft", name="quin")
+    world.add_item(mc_token, "warden")
+    world.add_item(mc_token, "warden")
+    world.add_item(mc_token, "kit")  # reaches survival: fine
+    world.config(PRODUCTS)
+
+    result = sync(world)
+    assert world.received("survival") == ["give quin diamond 1"]
+    assert world.received("jail") == []
+    (vip,) = warnings_about(result.stderr, "product vip:")
+    assert f"1 live item of customer {offline['id']} (pat)" in vip
+    assert "reaches no server: the customer has no minecraft_uuid" in vip
+    (kit,) = warnings_about(result.stderr, "product kit:")
+    assert "no minecraft_uuid or steam_id" in kit and offline["id"] in kit
+    (warden,) = warnings_about(result.stderr, "product warden:")
+    assert f"2 live items of customer {mc['id']} (quin)" in warden
+    assert "has no steam_id (warden goes to jail)" in warden
+    assert "4 live items reach no server" in result.stderr
+
+    status = run(world, "status").stdout
+    assert "live items that reach no server: 4" in status
+    assert f"product warden: 2 live items of customer {mc['id']} (quin)" in status
+    # Unchanged answers: still warned, still listed.
+    assert len(warnings_about(sync(world).stderr, "no server")) == 3
+
+    # The customer links a Steam account: the perks go out, the warning ends.
+    world.sync(world.paynow.update_customer, mc_token, steam_id="76561197960287930")
+    result = sync(world)
+    assert sorted(world.received("jail")) == sorted(
+        ['sm_addvip "STEAM_0:0:11101" warden'] * 2 + ["give quin diamond 1"]
+    )
+    assert not warnings_about(result.stderr, "product warden:")

@@ -114,6 +114,21 @@ def test_errors_name_the_key_path(tmp_path: Path, change: tuple[str, str], expec
     assert "Traceback" not in message
 
 
+def test_a_product_set_to_ignore_is_known_but_not_mapped(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, GOOD + "  crate-key: ignore\n"), env=ENV)
+    assert settings.ignored_products == frozenset({"crate-key"})
+    assert set(settings.products) == {"vip", "kit"}
+
+
+@pytest.mark.parametrize("word", ["ignored", "IGNORE", "''", "vip"])
+def test_any_other_word_for_a_product_is_an_error(tmp_path: Path, word: str) -> None:
+    text = GOOD + f"  crate-key: {word}\nhttp:\n  bogus: 1\n"
+    lines = error_of(tmp_path, text).splitlines()
+    assert lines[0].startswith("products.crate-key: ")
+    assert "is not a product: give a mapping (servers, on_active, …) or the word ignore" in lines[0]
+    assert lines[1] == "http.bogus: unknown key"  # reported with the others
+
+
 def test_unknown_placeholder_message_names_it(tmp_path: Path) -> None:
     message = error_of(tmp_path, GOOD.replace("parent add vip", "parent add {customer.nmae}", 1))
     assert message.startswith("products.vip.on_active[0]: ")
@@ -191,6 +206,7 @@ def test_example_config_is_valid(tmp_path: Path) -> None:
     settings = load_settings(path, env=env)
     assert set(settings.servers) == {"survival", "jailbreak"}
     assert set(settings.products) == {"vip", "jailbreak-warden"}
+    assert settings.ignored_products == frozenset({"gift-card"})
 
 
 def test_credentials_directory_is_expanded(tmp_path: Path) -> None:

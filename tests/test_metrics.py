@@ -40,6 +40,7 @@ def test_is_a_telemetry() -> None:
         "command_finished",
         "delivery_failed",
         "backlog",
+        "undelivered",
     ):
         assert callable(getattr(hook, name))
 
@@ -130,6 +131,21 @@ def test_configure_drops_series_of_removed_customers_and_servers() -> None:
     assert value(t, "perksync_commands_total", server="jailbreak", outcome="delivered") is None
     assert value(t, "perksync_commands_total", server="survival", outcome="delivered") == 0
     assert value(t, "perksync_customers_linked") == 1
+
+
+def test_undelivered_items_gauge_per_product() -> None:
+    t, _ = make()
+    t.undelivered({"gem": 3}, {"vip": 2, "kit": 1})
+    assert value(t, "perksync_undelivered_items", product="gem", reason="unmapped") == 3
+    assert value(t, "perksync_undelivered_items", product="vip", reason="missing_id") == 2
+    assert value(t, "perksync_undelivered_items", product="kit", reason="missing_id") == 1
+    # Each report replaces the last: a product no longer reported loses its series.
+    t.undelivered({"gem": 4}, {"kit": 0})
+    assert value(t, "perksync_undelivered_items", product="gem", reason="unmapped") == 4
+    assert value(t, "perksync_undelivered_items", product="vip", reason="missing_id") is None
+    assert value(t, "perksync_undelivered_items", product="kit", reason="missing_id") is None
+    exposition = generate_latest(t.registry).decode()
+    assert 'perksync_undelivered_items{product="gem",reason="unmapped"} 4.0' in exposition
 
 
 def test_default_poll_threshold() -> None:

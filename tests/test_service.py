@@ -405,3 +405,78 @@ def test_too_many_customers_for_the_rate_limit_is_warned_about(
     assert wait_until(
         lambda: "cannot all be polled every 1s; polling each every 2s" in world.service_log()
     )
+
+
+# The heartbeat (summary lines, the check of what reaches no server) ticks at
+# half the watchdog period: every 0.5 s instead of 10 s.
+QUICK_TICKS = {"WATCHDOG_USEC": "1000000"}
+
+
+def metrics_text(port: int) -> str:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            return str(response.read().decode())
+    except OSError:
+        return ""
+
+
+def undelivered_gauge(product: str, reason: str, count: int) -> str:
+    return f'perksync_undelivered_items{{product="{product}",reason="{reason}"}} {count:.1f}'
+
+
+def test_items_reaching_no_server_are_warned_once_per_run_and_counted(
+    world: World, services: list[subprocess.Popen[str]]
+) -> None:
+    from tests.fakes.rcon_server import unused_port
+
+    token, _ = world.add_customer(platform="minecraft", name="rae")
+    world.add_item(token, "vip")
+    world.add_item(token, "crate")
+    offline, _ = world.add_customer(platform="none", name="sol")
+    world.add_item(offline, "vip")
+    port = unused_port()
+    world.config({"vip": VIP}, extra={**FAST, "http": {"listen": f"127.0.0.1:{port}"}})
+
+    def warned(text: str) -> int:
+        return sum("WARNING" in line and text in line for line in world.service_log().splitlines())
+
+    first = start(world, services, **QUICK_TICKS)
+    assert wait_until(lambda: warned("product crate: 1 live item") == 1)
+    assert wait_until(lambda: warned("product vip: 1 live item of customer") == 1)
+    assert wait_until(lambda: undelivered_gauge("crate", "unmapped", 1) in metrics_text(port))
+    assert undelivered_gauge("vip", "missing_id", 1) in metrics_text(port)
+    # More of the same product is counted, not warned again; a new one is warned.
+    world.add_item(token, "crate")
+    assert wait_until(lambda: undelivered_gauge("crate", "unmapped", 2) in metrics_text(port))
+    world.add_item(token, "gem")
+    assert wait_until(lambda: warned("product gem:") == 1)
+    assert warned("product crate:") == 1 and warned("product vip:") == 1
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(10) == 0
+
+    # A restart with the same answers (not diffed again): warned at once, counted.
+    start(world, services, **QUICK_TICKS)
+    assert wait_until(lambda: warned("product crate: 2 live items") == 1)
+    assert wait_until(lambda: warned("product gem:") == 2 and warned("product vip:") == 2)
+    assert wait_until(lambda: undelivered_gauge("crate", "unmapped", 2) in metrics_text(port))
+    assert undelivered_gauge("gem", "unmapped", 1) in metrics_text(port)
+    assert undelivered_gauge("vip", "missing_id", 1) in metrics_text(port)
+
+
+def test_interval_summary_counts_polls_and_shows_what_is_pending(
+    world: World, services: list[subprocess.Popen[str]]
+) -> None:
+    import re
+
+    tokens = [world.add_customer(platform="minecraft")[0] for _ in range(3)]
+    for token in tokens:
+        world.add_item(token, "vip")
+    world.config({"vip": VIP}, extra=FAST)
+    world.call(world.rcon["survival"].go_down())
+    services.append(world.start_service("-v", env=QUICK_TICKS))  # every summary line, busy or not
+    line = re.compile(r"last interval: (\d+) polls \(0 failed\), .*, 3 pending \(survival: 3\)")
+    assert wait_until(lambda: line.search(world.service_log()) is not None)
+    assert "customers polled" not in world.service_log()
+    assert "survival: 3 pending" in world.run_cli("status").stdout

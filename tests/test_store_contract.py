@@ -24,6 +24,7 @@ from daemon.state import (
     JournalEntry,
     JournalRow,
     JournalStatus,
+    LiveItems,
     SeenItem,
     ServerCounts,
     Store,
@@ -892,3 +893,70 @@ async def test_commit_expiry_drops_the_digest_of_the_customers_it_changes(opener
     )  # fmt: skip
     await store.commit_expiry({("1", "survival"): Mark(Phase.LAPSED, 1)}, [], T1)
     assert await store.digests() == {"bob": b"b1"}
+
+
+# --- live items ---------------------------------------------------------------------------
+
+
+def customer_json(**ids: object) -> str:
+    import json
+
+    return json.dumps({"id": "x", "name": "X", **ids})
+
+
+@run_async
+async def test_live_items_count_active_and_renewed_items_per_link_and_product(
+    opener: Opener,
+) -> None:
+    store = opener()
+    assert await store.live_items(["minecraft_uuid"]) == []
+    await store.commit_pass(
+        "bob", "200", "Bob",
+        seen(("1", "active"), ("2", "renewed"), ("3", "used"), ("4", "revoked"),
+             ("5", "usable"), ("6", "active", "crate"), ("7", "active", "crate")),
+        {}, [], T0, customer_json(minecraft_uuid="u-200", steam_id=None),
+    )  # fmt: skip
+    await store.commit_pass(
+        "alice", "100", "Alice", seen(("8", "active", "kit")), {}, [], T0,
+        customer_json(minecraft_uuid="", steam_id="7656"),
+    )  # fmt: skip
+    # No live item: left out. No customer JSON stored: ids unknown.
+    await store.commit_pass("carol", "300", "Carol", seen(("9", "used")), {}, [], T0, "{}")
+    await store.commit_pass("dave", "400", None, seen(("10", "active")), {}, [], T0)
+    await store.commit_pass("fay", "600", None, seen(("11", "active")), {}, [], T0, "{not json")
+    await store.record_error("erin", "HTTP 401", T0)  # never synced
+
+    fields = ["minecraft_uuid", "steam_id", "xbox_xuid"]
+    assert await store.live_items(fields) == [
+        LiveItems("alice", "100", "Alice", "kit", 1, frozenset({"steam_id"})),
+        LiveItems("bob", "200", "Bob", "crate", 2, frozenset({"minecraft_uuid"})),
+        LiveItems("bob", "200", "Bob", "vip", 2, frozenset({"minecraft_uuid"})),
+        LiveItems("dave", "400", None, "vip", 1, None),
+        LiveItems("fay", "600", None, "vip", 1, None),
+    ]
+    # An item's later state counts; two links of one customer each list its items.
+    await store.commit_pass("bob", "200", "Bob", seen(("1", "used")), {}, [], T1)
+    await store.touch("bob-again", "200", "Bob", T1)
+    assert [(r.label, r.product, r.count) for r in await store.live_items([])] == [
+        ("alice", "kit", 1),
+        ("bob", "crate", 2),
+        ("bob", "vip", 1),
+        ("bob-again", "crate", 2),
+        ("bob-again", "vip", 1),
+        ("dave", "vip", 1),
+        ("fay", "vip", 1),
+    ]
+
+
+@run_async
+async def test_touch_replaces_the_customer_json_only_when_given(opener: Opener) -> None:
+    store = opener()
+    await store.commit_pass(
+        "bob", "200", "Bob", seen(("1", "active")), {}, [], T0, customer_json(minecraft_uuid="u")
+    )
+    await store.touch("bob", "200", "Bob", T1, b"d1")
+    (row,) = await store.live_items(["minecraft_uuid"])
+    assert row.ids == frozenset({"minecraft_uuid"})
+    await store.touch("bob", "200", "Bob", T2, b"d2", customer_json(minecraft_uuid=None))
+    (row,) = await store.live_items(["minecraft_uuid"])
+    assert row.ids == frozenset()
