@@ -176,7 +176,10 @@ class _Account:
 
 
 def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    # A lone surrogate (a name "\ud800Eve") cannot be UTF-8: backslashreplace
+    # writes it as the JSON escape `\ud800`, as a JavaScript server sends it.
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return text.encode("utf-8", "backslashreplace")
 
 
 _NO_FAULT: Final = Fault(kind="none", times=0)
