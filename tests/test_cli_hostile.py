@@ -1,6 +1,6 @@
-"""End to end: odd or hostile PayNow answers, as an operator sees them from
-the `perksync` CLI (a subprocess against the loopback fakes). A broken answer
-fails its own customer, never the pass."""
+"""End to end: odd or hostile PayNow answers and bad environment overrides, as
+an operator sees them from the `perksync` CLI (a subprocess against the
+loopback fakes). A broken answer fails its own customer, never the pass."""
 
 from __future__ import annotations
 
@@ -87,3 +87,24 @@ def test_lone_surrogate_in_a_name_refuses_only_the_command_using_it(world: World
 
     sync(world)  # nothing new, nothing again, and no error
     assert len(world.received("survival")) == 3
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "words"),
+    [
+        ("PERKSYNC_SYNC__INTERVAL_SECONDS", "soon", "Input should be a valid number"),
+        ("PERKSYNC_SYNC__INTERVAL_SECONDS", "", "is empty"),
+        ("PERKSYNC_PAYNOW", "https://api.paynow.gg", "only single keys"),
+        ("PERKSYNC_CUSTOMERS", "[{bad json", "only single keys"),
+    ],
+)
+def test_bad_environment_override_is_one_line_naming_the_variable(
+    world: World, variable: str, value: str, words: str
+) -> None:
+    world.config(PRODUCTS)
+    result = world.run_cli("--sync-now", env={variable: value})
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"perksync: config error: {variable}: ")
+    assert words in line
+    assert world.sync(world.paynow.count) == 0
