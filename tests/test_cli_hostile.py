@@ -41,7 +41,7 @@ def test_deeply_nested_answer_fails_that_customer_alone(world: World, path: str)
         f"lp user {customers[0][1]['minecraft_uuid']} parent add vip",
         f"lp user {customers[2][1]['minecraft_uuid']} parent add vip",
     ]
-    (error,) = [line for line in result.stderr.splitlines() if "ERROR" in line]
+    (error,) = [line for line in result.stderr.splitlines() if "levels deep" in line]
     assert "customer token_file secrets/token1: PayNow " in error
     assert "JSON nested more than 32 levels deep" in error
     assert "3 customers polled (1 failed)" in result.stderr
