@@ -1,11 +1,11 @@
 """config.yaml: the operator's settings, validated once at start-up.
 
 `load_settings(path)` reads the YAML file, lets `PERKSYNC_<SECTION>__<KEY>`
-environment variables override scalar keys (pydantic-settings), checks every
-key, resolves every secret and parses every command template, and either
+environment variables override single keys (see `_apply_environment`), checks
+every key, resolves every secret and parses every command template, and either
 returns a complete `Settings` or raises `ConfigError` whose message names the
-offending key path (`products.vip.on_active[0]: …`). Nothing is contacted
-before this succeeds.
+offending key path (`products.vip.on_active[0]: …`), or the variable when the
+value came from one. Nothing is contacted before this succeeds.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Self
+from types import NoneType, UnionType
+from typing import Annotated, Any, Self, get_args
 
 import yaml
 from pydantic import (
@@ -27,7 +28,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from adapters import PLATFORMS
 from daemon.paynow import validate_api_url
@@ -172,15 +172,7 @@ class ProductSettings(_Section):
         return self._templates.get(event, ())
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        extra="forbid",
-        frozen=True,
-        env_prefix="PERKSYNC_",
-        env_nested_delimiter="__",
-        nested_model_default_partial_update=True,
-    )
-
+class Settings(_Section):
     paynow: PayNowSettings = PayNowSettings()
     sync: SyncSettings = SyncSettings()
     http: HttpSettings = HttpSettings()
@@ -192,18 +184,6 @@ class Settings(BaseSettings):
     _base_dir: Path = PrivateAttr(default=Path("."))
     # Slugs written as `products.<slug>: ignore` (not in `products`).
     _ignored_products: frozenset[str] = PrivateAttr(default=frozenset())
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The environment overrides the file (passed in as init values).
-        return (env_settings, init_settings)
 
     @property
     def state_db_path(self) -> Path:
@@ -296,6 +276,111 @@ def _error_lines(exc: ValidationError) -> list[str]:
     return lines
 
 
+# --- overrides from the environment ---------------------------------------------
+
+ENV_PREFIX = "PERKSYNC_"
+# Variables with the prefix that are not keys: the configuration file's path.
+_NOT_KEYS = frozenset({"PERKSYNC_CONFIG"})
+_SCALARS = (str, int, float, bool, SecretStr, NoneType)
+_ONLY_SINGLE_KEYS = (
+    "only single keys can be set from the environment (PERKSYNC_<SECTION>__<KEY>, "
+    "PERKSYNC_SERVERS__<NAME>__<KEY>): write {what} in the configuration file"
+)
+
+
+def _apply_environment(
+    data: dict[str, Any], env: Mapping[str, str]
+) -> tuple[dict[str, Any], dict[str, str], list[str]]:
+    """The file's `data` with every `PERKSYNC_<SECTION>__<KEY>` and
+    `PERKSYNC_SERVERS__<NAME>__<KEY>` variable applied (names are not case
+    sensitive); which key path each variable set; one error line per bad one.
+
+    Only single values (a string, number or boolean) can be set: sections,
+    lists and mappings (`PERKSYNC_PAYNOW`, `PERKSYNC_CUSTOMERS`, products)
+    are refused rather than parsed as JSON, and an override never adds a
+    server. Other `PERKSYNC_*` names without `__` are not ours and are left
+    alone (`PERKSYNC_CONFIG` is the file's path)."""
+    origins: dict[str, str] = {}
+    errors: list[str] = []
+    for variable in sorted(env):
+        name = variable.upper()
+        if not name.startswith(ENV_PREFIX) or name in _NOT_KEYS:
+            continue
+        parts = name.removeprefix(ENV_PREFIX).lower().split("__")
+        if len(parts) == 1 and parts[0] not in Settings.model_fields:
+            continue
+        try:
+            path = _override_path(parts, data.get("servers"))
+        except ValueError as exc:
+            errors.append(f"{variable}: {exc}")
+            continue
+        if not env[variable].strip():
+            errors.append(f"{variable}: is empty (give a value, or unset it to keep the file's)")
+            continue
+        data = _set_key(data, path, env[variable])
+        origins[format_loc(path)] = variable
+    return data, origins, errors
+
+
+def _override_path(parts: list[str], servers: Any) -> tuple[str, ...]:
+    """The key path a variable's name parts stand for; ValueError if none."""
+    section, rest = parts[0], parts[1:]
+    field = Settings.model_fields.get(section)
+    if field is None:
+        raise ValueError(f"no section {section!r} ({', '.join(Settings.model_fields)})")
+    model = field.annotation
+    path: tuple[str, ...] = (section,)
+    if section == "servers" and rest:
+        path, model, rest = (section, _server_named(rest[0], servers)), ServerSettings, rest[1:]
+    if not rest or not isinstance(model, type) or not issubclass(model, BaseModel):
+        raise ValueError(_ONLY_SINGLE_KEYS.format(what=format_loc(path)))
+    key = rest[0]
+    sub = model.model_fields.get(key)
+    if sub is None or len(rest) > 1:
+        raise ValueError(f"no key {format_loc((*path, *rest))}")
+    options = get_args(sub.annotation) if isinstance(sub.annotation, UnionType) else ()
+    if not all(option in _SCALARS for option in options or (sub.annotation,)):
+        raise ValueError(_ONLY_SINGLE_KEYS.format(what=format_loc((*path, key))))
+    return (*path, key)
+
+
+def _server_named(lowered: str, servers: Any) -> str:
+    """The file's name of the server a variable names (case does not matter)."""
+    names = [n for n in servers if str(n).lower() == lowered] if isinstance(servers, dict) else []
+    if len(names) != 1:
+        which = "no server" if not names else "more than one server"
+        raise ValueError(f"{which} named {lowered!r} (any case) in the configuration file")
+    return str(names[0])
+
+
+def _set_key(data: dict[str, Any], path: tuple[str, ...], value: str) -> dict[str, Any]:
+    """A copy of `data` with `path` set to `value`. A section the file gives as
+    something other than a mapping is left as it is, for its own error."""
+    head, rest = path[0], path[1:]
+    inner = data.get(head)
+    if not rest:
+        return {**data, head: value}
+    if inner is not None and not isinstance(inner, dict):
+        return data
+    return {**data, head: _set_key(inner or {}, rest, value)}
+
+
+def _name_variables(lines: list[str], origins: Mapping[str, str]) -> list[str]:
+    """Error lines about a key a variable set name the variable instead; one
+    about the section of such a key says which variables are set in it."""
+    named = []
+    for line in lines:
+        where, sep, what = line.partition(": ")
+        if where in origins:
+            line = f"{origins[where]}{sep}{what}"
+        else:
+            inside = [v for key, v in origins.items() if key.startswith(where + ".")]
+            if inside:
+                line += f" ({', '.join(inside)} set in the environment)"
+        named.append(line)
+    return named
+
+
 def _read_secret(
     model: BaseModel, prefix: str, where: str, base_dir: str, env: Mapping[str, str]
 ) -> SecretStr:
@@ -303,13 +388,14 @@ def _read_secret(
     file_name = getattr(model, f"{prefix}_file")
     if env_name:
         value = env.get(env_name)
-        if not value:
-            raise ConfigError(f"{where}.{prefix}_env: environment variable {env_name} is not set")
+        if not value or not value.strip():
+            raise ConfigError(f"{where}.{prefix}_env: {_unset_or_empty(env_name, value)}")
         return SecretStr(value.strip())
     if file_name:
-        unset = [m[1] or m[2] for m in _VARIABLE.finditer(file_name) if (m[1] or m[2]) not in env]
-        if unset:
-            raise ConfigError(f"{where}.{prefix}_file: environment variable {unset[0]} is not set")
+        for match in _VARIABLE.finditer(file_name):
+            name = match[1] or match[2]
+            if not env.get(name):
+                raise ConfigError(f"{where}.{prefix}_file: {_unset_or_empty(name, env.get(name))}")
         # ${CREDENTIALS_DIRECTORY} is how systemd's LoadCredential= is reached.
         expanded = _VARIABLE.sub(lambda m: env[m[1] or m[2]], file_name)
         # os.path rather than pathlib: ten thousand token files load noticeably faster.
@@ -349,6 +435,10 @@ def _split_ignored(data: dict[str, Any]) -> tuple[dict[str, Any], frozenset[str]
     return {**data, "products": mapped}, frozenset(ignored), errors
 
 
+def _unset_or_empty(name: str, value: str | None) -> str:
+    return f"environment variable {name} is {'not set' if value is None else 'empty'}"
+
+
 def _check_cross_references(settings: Settings) -> list[str]:
     errors = []
     for name in settings.servers:
@@ -386,11 +476,15 @@ def _check_cross_references(settings: Settings) -> list[str]:
 def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
     """Load, validate and resolve the configuration, or raise ConfigError."""
     env = os.environ if env is None else env
-    data, ignored, errors = _split_ignored(_read_yaml(path))
+    data, origins, env_errors = _apply_environment(_read_yaml(path), env)
+    if env_errors:  # a bad variable is not applied: checking the file now would mislead
+        raise ConfigError("\n".join(env_errors))
+    data, ignored, errors = _split_ignored(data)
     try:
         settings = Settings(**data)
     except ValidationError as exc:
-        raise ConfigError("\n".join([*errors, *_error_lines(exc)])) from None
+        lines = [*errors, *_error_lines(exc)]
+        raise ConfigError("\n".join(_name_variables(lines, origins))) from None
     base_dir = path.resolve().parent
     settings._base_dir = base_dir
     settings._ignored_products = ignored
@@ -408,7 +502,7 @@ def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
         except ConfigError as exc:
             errors.append(str(exc))
     if errors:
-        raise ConfigError("\n".join(errors))
+        raise ConfigError("\n".join(_name_variables(errors, origins)))
     return settings
 
 

@@ -33,7 +33,7 @@ from adapters import PLATFORMS
 from adapters.base import CommandTooLong, GameServer, RconAuthError, RconError
 from daemon.config import CustomerLink, Settings
 from daemon.diff import Event, EventKind, Mark, MarkKey, Phase, diff_inventory, effective_expiry
-from daemon.models import Customer, InventoryItem
+from daemon.models import Customer, InventoryItem, encodable
 from daemon.paynow import InventoryPages, PayNowAuthError, PayNowClient, PayNowError
 from daemon.placeholders import Refusal, printable, render
 from daemon.state import (
@@ -182,6 +182,10 @@ def same_as_stored(known: KnownCustomer, items: Sequence[InventoryItem]) -> bool
     return len(known.states) == len(items) and all(
         known.states.get(item.id) == (item.state, effective_expiry(item)) for item in items
     )
+
+
+def _stored_name(customer: Customer) -> str | None:
+    return None if customer.name is None else encodable(customer.name)
 
 
 def describe_customer(customer: Customer) -> str:
@@ -412,17 +416,20 @@ class Engine:
             # Nothing changed but the answers' bytes (or the settings, or this
             # is the first pass since an upgrade): only the sync time, digest
             # and customer (an account unlinked changes where perks can go).
-            await self.store.touch(label, customer.id, customer.name, now, digest, customer_raw)
+            await self.store.touch(
+                label, customer.id, _stored_name(customer), now, digest, customer_raw
+            )
             self._remember(label, digest)
             return
         expiries = {item.id: effective_expiry(item) for item in items}
         entries = journal_entries(self.settings, customer, result.events)
-        # The JSON is kept only where local expiry may need to render from it.
+        # The JSON is kept only where local expiry may need to render from it
+        # (json.dumps escapes what UTF-8 cannot carry: it is stored as sent).
         seen = [
             SeenItem(
                 item.id,
-                item.product.slug,
-                item.state,
+                encodable(item.product.slug),
+                encodable(item.state),
                 expiries[item.id],
                 json.dumps(item.raw, separators=(",", ":")) if expiries[item.id] else None,
             )
@@ -431,7 +438,7 @@ class Engine:
         await self.store.commit_pass(
             label,
             customer.id,
-            customer.name,
+            _stored_name(customer),
             seen,
             result.marks,
             entries,

@@ -61,6 +61,19 @@ def parse_timestamp(text: str) -> datetime:
     return (naive - offset).replace(tzinfo=UTC)
 
 
+def encodable(text: str) -> str:
+    """`text` as it can be stored and logged: each lone surrogate (JSON can
+    carry one, as `"\\ud800"`; UTF-8, and so SQLite, cannot) written as that
+    JSON escape. Anything else is kept as sent."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "".join(f"\\u{ord(ch):04x}" if "\ud800" <= ch <= "\udfff" else ch for ch in text)
+    return text
+
+
 def _flake(value: Any) -> Any:
     # Flakes are 64-bit integers sent as strings; accept a bare integer too.
     if isinstance(value, int) and not isinstance(value, bool):

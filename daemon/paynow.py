@@ -12,8 +12,13 @@ Contract:
   `retry_budget_seconds` per request; a failed page retries that page only.
   401/403, 404, other 4xx and malformed answers are not retried.
 - Every HTTP attempt (retries included) passes through one `RateLimiter`.
-- Error messages are one line and never contain the customer token; exceptions
-  are raised without a chained cause so no traceback can carry request headers.
+- A body is read as it arrives and refused (a malformed answer) once it passes
+  `MAX_BODY_BYTES` after decompression; JSON nested deeper than `MAX_JSON_DEPTH`
+  is malformed too. Neither can exhaust memory or the stack, and an error
+  body's size or depth only costs that error its detail.
+- Error messages are one line of printable text (what PayNow sent is escaped)
+  and never contain the customer token; exceptions are raised without a
+  chained cause so no traceback can carry request headers.
 """
 
 from __future__ import annotations
@@ -49,6 +54,14 @@ USER_AGENT: Final = f"perksync/{__version__}"
 _RETRYABLE_STATUS: Final = frozenset({408, 429, 500, 502, 503, 504})
 _MAX_DETAIL: Final = 200  # characters kept of a PayNow error message
 MIN_RETRY_SECONDS: Final = 0.1  # (or the whole timeout, if shorter) see `_get_body`
+# A full inventory page (100 items of 1-2 KB) is about 200 KB: 4 MiB is far
+# above any real answer, and bounds what a broken or hostile one (a gzip body
+# that inflates to gigabytes, an endless stream) can make us hold. (Decoding
+# the worst 4 MiB of JSON, a million empty objects, takes about 120 MB.)
+MAX_BODY_BYTES: Final = 4 * 1024 * 1024
+# Real answers nest 3 levels (page, item, product). Deeper JSON is refused
+# before anything walks it recursively (validation, storing it, rendering).
+MAX_JSON_DEPTH: Final = 32
 
 
 # --------------------------------------------------------------------------- errors
@@ -133,6 +146,7 @@ def validate_api_url(url: str) -> str:
 
     It must be https://, except that http:// is allowed for a loopback host
     (127.0.0.0/8, ::1, localhost), e.g. a local fake or a proxy on the box.
+    It is the API's root: no path (a proxy must serve the API at its root).
     Raises ValueError with a one-line reason.
     """
     if not isinstance(url, str) or not url.strip():
@@ -154,6 +168,13 @@ def validate_api_url(url: str) -> str:
         raise ValueError("api_url must not contain credentials")
     if parts.query or parts.fragment:
         raise ValueError("api_url must not contain a query or fragment")
+    if parts.path not in ("", "/"):
+        # perksync appends /v1/store/...: `https://api.paynow.gg/v1` would ask
+        # for /v1/v1/store/customer. One rule, no guessing which prefix is meant.
+        raise ValueError(
+            f"api_url must be the API's root, without a path (got {parts.path}): "
+            f"write {scheme}://{parts.netloc}; perksync adds /v1/store/... itself"
+        )
     if scheme == "http" and not _is_loopback(host):
         raise ValueError(
             f"api_url must use https:// unless the host is loopback (got http://{host})"
@@ -282,7 +303,8 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
 
 def _one_line(text: str, limit: int = _MAX_DETAIL) -> str:
     text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return _printable(text)
 
 
 class _Failure:
@@ -351,6 +373,7 @@ class PayNowClient:
         backoff_max_seconds: float = 8.0,
         page_limit: int = PAGE_LIMIT,
         max_pages: int = MAX_PAGES,
+        max_body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
         if timeout_seconds <= 0:
             raise ValueError("timeout_seconds must be > 0")
@@ -362,6 +385,8 @@ class PayNowClient:
             raise ValueError(f"page_limit must be between 1 and {PAGE_LIMIT}")
         if max_pages < 1:
             raise ValueError("max_pages must be >= 1")
+        if max_body_bytes < 1:
+            raise ValueError("max_body_bytes must be >= 1")
         self._session = session
         self.api_url = validate_api_url(api_url)
         self.timeout_seconds = timeout_seconds
@@ -371,6 +396,7 @@ class PayNowClient:
         self.backoff_max_seconds = backoff_max_seconds
         self.page_limit = page_limit
         self.max_pages = max_pages
+        self.max_body_bytes = max_body_bytes
         self.rate_limiter = (
             rate_limiter if rate_limiter is not None else RateLimiter(requests_per_second)
         )
@@ -485,14 +511,24 @@ class PayNowClient:
     def _decode(self, token: str, what: str, body: bytes) -> Any:
         """The JSON of a 2xx answer's body."""
         try:
-            return json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            kind = "truncated" if _looks_truncated(body) else "malformed"
+            data = json.loads(body)
+        except RecursionError:
+            data = _TOO_DEEP
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            kind = "truncated" if _looks_truncated(body, exc) else "malformed"
             self._bad(
                 token,
                 what,
                 f"{kind} JSON in a body of {len(body)} bytes ({_one_line(str(exc), 80)})",
             )
+        if data is _TOO_DEEP or _nested_deeper(data, MAX_JSON_DEPTH):
+            self._bad(
+                token,
+                what,
+                f"JSON nested more than {MAX_JSON_DEPTH} levels deep in a body of "
+                f"{len(body)} bytes",
+            )
+        return data
 
     async def _get_body(self, url: URL, token: str, what: str) -> bytes:
         """GET `url` with retries; return the body of a 2xx answer."""
@@ -523,9 +559,12 @@ class PayNowClient:
                 ) as resp:
                     status = resp.status
                     if 200 <= status < 300:
-                        body = await resp.read()
+                        read = await _read_capped(resp, self.max_body_bytes)
+                        if read is None:
+                            self._bad(token, what, self._too_large())
+                        body = read
                     else:
-                        body = await _read_error_body(resp)
+                        body = await _read_error_body(resp, self.max_body_bytes)
                         retry_after = (
                             parse_retry_after(resp.headers.get("Retry-After"))
                             if status in (429, 503)
@@ -587,6 +626,9 @@ class PayNowClient:
                 if left >= self.timeout_seconds
                 else aiohttp.ClientTimeout(total=max(left, 0.001))
             )
+
+    def _too_large(self) -> str:
+        return f"body larger than {self.max_body_bytes:,} bytes (decompressed); not read further"
 
     def _out_of_budget(self, attempts: int, elapsed: float) -> str:
         return (
@@ -657,10 +699,24 @@ class PayNowClient:
 # ------------------------------------------------------------------------ helpers
 
 
-async def _read_error_body(resp: aiohttp.ClientResponse) -> bytes:
-    """The body of an error answer; b"" if it cannot be read (it is only a detail)."""
+async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The body (decompressed), read as it arrives; None as soon as it passes
+    `limit` bytes, without reading the rest (the connection is then closed)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _read_error_body(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body of an error answer; b"" if it cannot be read or is larger than
+    `limit` (it is only a detail: the status decides)."""
     try:
-        return await resp.read()
+        return await _read_capped(resp, limit) or b""
     except (aiohttp.ClientError, TimeoutError):
         return b""
 
@@ -671,7 +727,7 @@ def _error_fields(body: bytes) -> tuple[str | None, str | None, str | None]:
         return None, None, None
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # only its top-level strings are used
         return None, None, None
     if not isinstance(data, dict):
         return None, None, None
@@ -683,11 +739,20 @@ def _error_fields(body: bytes) -> tuple[str | None, str | None, str | None]:
 
 
 def _scrub(message: str, token: str) -> str:
-    """One line, and the token (should anything echo it) replaced."""
-    message = " ".join(message.split())
+    """One line of printable text, and the token (should anything echo it) replaced."""
+    message = _printable(" ".join(message.split()))
     if token and token in message:
         message = message.replace(token, "<token>")
     return message
+
+
+def _printable(text: str) -> str:
+    """`text` with what PayNow may send but a log line, SQLite or a terminal
+    cannot take (control characters, lone surrogates, invisible bidi
+    overrides) written as \\uXXXX escapes."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else f"\\u{ord(ch):04x}" for ch in text)
 
 
 def _exc_text(exc: BaseException) -> str:
@@ -710,17 +775,33 @@ def _json_type(value: Any) -> str:
     return "a number"
 
 
-def _looks_truncated(body: bytes) -> bool:
-    """Did the JSON text end too early (as opposed to being garbage)?"""
-    try:
-        json.loads(body)
-    except json.JSONDecodeError as exc:
-        if not body.strip():
-            return False
-        return exc.msg.startswith("Unterminated string") or exc.pos >= len(body.rstrip())
-    except (ValueError, UnicodeDecodeError):
+def _looks_truncated(body: bytes, exc: ValueError) -> bool:
+    """Did the JSON text end too early (as opposed to being garbage)? `exc` is
+    what decoding it raised."""
+    if not isinstance(exc, json.JSONDecodeError) or not body.strip():
         return False
-    return False
+    return exc.msg.startswith("Unterminated string") or exc.pos >= len(body.rstrip())
+
+
+# What `_decode` holds when the decoder itself ran out of stack.
+_TOO_DEEP: Final = object()
+_CONTAINERS: Final = (dict, list)
+
+
+def _nested_deeper(value: Any, limit: int) -> bool:
+    """Whether decoded JSON nests more than `limit` arrays and objects deep.
+    Level by level, without recursion (it guards what recurses)."""
+    level = [value] if type(value) in _CONTAINERS else []
+    for _ in range(limit):
+        if not level:
+            return False
+        level = [
+            child
+            for node in level
+            for child in (node.values() if type(node) is dict else node)
+            if type(child) in _CONTAINERS
+        ]
+    return bool(level)
 
 
 def _validation_summary(exc: Exception) -> str:

@@ -98,6 +98,11 @@ def test_secrets_never_in_repr(tmp_path: Path) -> None:
         (("port: 25575", "port: 70000"), "servers.survival.port: "),
         (("port: 25575", "port: many"), "servers.survival.port: "),
         (("api_url: http://127.0.0.1:9", "api_url: http://paynow.example"), "paynow.api_url: "),
+        (
+            ("api_url: http://127.0.0.1:9", "api_url: https://api.paynow.gg/v1"),
+            "paynow.api_url: api_url must be the API's root, without a path (got /v1): "
+            "write https://api.paynow.gg; perksync adds /v1/store/... itself",
+        ),
         (("password: inline-secret", "password_env: NOPE"), "servers.jail.password_env: environment variable NOPE is not set"),
         (("token_file: tokens/b", "token_file: tokens/missing"), "customers[1].token_file: cannot read"),
         (("  - token_env: TOKEN_A\n", "  - token_env: TOKEN_A\n    token: abc\n"), "customers[0]: "),
@@ -165,21 +170,74 @@ def test_missing_file(tmp_path: Path) -> None:
         load_settings(tmp_path / "absent.yaml", env={})
 
 
-def test_environment_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PERKSYNC_SYNC__INTERVAL_SECONDS", "30")
-    monkeypatch.setenv("PERKSYNC_PAYNOW__TIMEOUT_SECONDS", "3")
-    settings = load_settings(write(tmp_path, GOOD), env=ENV)
+def test_environment_overrides_file(tmp_path: Path) -> None:
+    overrides = {
+        "PERKSYNC_SYNC__INTERVAL_SECONDS": "30",
+        "PERKSYNC_PAYNOW__TIMEOUT_SECONDS": "3",
+        "PERKSYNC_HTTP__LISTEN": "127.0.0.1:9108",  # a section the file leaves out
+        "PERKSYNC_SERVERS__SURVIVAL__PORT": "25580",
+        "perksync_servers__jail__host": "10.0.0.2",  # names are not case sensitive
+        # Not keys: the file's path, and names of other tools (the test suite's).
+        "PERKSYNC_CONFIG": "elsewhere.yaml",
+        "PERKSYNC_SOAK_SECONDS": "5",
+    }
+    settings = load_settings(write(tmp_path, GOOD), env={**ENV, **overrides})
     assert settings.sync.interval_seconds == 30
     assert settings.paynow.timeout_seconds == 3
     assert settings.paynow.api_url == "http://127.0.0.1:9"
+    assert settings.http.listen == "127.0.0.1:9108"
+    assert settings.servers["survival"].port == 25580
+    assert settings.servers["survival"].host == "127.0.0.1"
+    assert settings.servers["jail"].host == "10.0.0.2"
 
 
-def test_bad_environment_override_names_the_key(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+SINGLE_KEYS_ONLY = "only single keys can be set from the environment"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("PERKSYNC_SYNC__CONCURRENCY", "lots", "Input should be a valid integer"),
+        ("PERKSYNC_SYNC__INTERVAL_SECONDS", "0", "Input should be greater than or equal to 1"),
+        ("PERKSYNC_SERVERS__SURVIVAL__PORT", "70000", "Input should be less than or equal to 65535"),
+        ("PERKSYNC_PAYNOW__API_URL", "https://api.paynow.gg/v1", "api_url must be the API's root"),
+        ("PERKSYNC_SYNC__INTERVAL_SECONDS", "", "is empty (give a value, or unset it to keep the file's)"),
+        ("PERKSYNC_HTTP__LISTEN", "  ", "is empty"),
+        ("PERKSYNC_PAYNOW", "https://api.paynow.gg", f"{SINGLE_KEYS_ONLY} (PERKSYNC_<SECTION>__<KEY>, PERKSYNC_SERVERS__<NAME>__<KEY>): write paynow in the configuration file"),
+        ("PERKSYNC_CUSTOMERS", "[{bad json", f"{SINGLE_KEYS_ONLY} "),
+        ("PERKSYNC_CUSTOMERS", '[{"token": "abc"}]', "write customers in the configuration file"),
+        ("PERKSYNC_SERVERS", "{}", "write servers in the configuration file"),
+        ("PERKSYNC_SERVERS__JAIL", "{}", "write servers.jail in the configuration file"),
+        ("PERKSYNC_PRODUCTS__VIP__ON_ACTIVE", "say hi", "write products in the configuration file"),
+        ("PERKSYNC_SYNC__INTERVL_SECONDS", "5", "no key sync.intervl_seconds"),
+        ("PERKSYNC_SYNC__INTERVAL_SECONDS__MAX", "5", "no key sync.interval_seconds.max"),
+        ("PERKSYNC_SYNCH__INTERVAL_SECONDS", "5", "no section 'synch' (paynow, sync, http, customers, servers, products)"),
+        ("PERKSYNC_SERVERS__LOBBY__PORT", "25575", "no server named 'lobby' (any case) in the configuration file"),
+    ],
+)  # fmt: skip
+def test_bad_environment_override_names_the_variable(
+    tmp_path: Path, variable: str, value: str, expected: str
 ) -> None:
-    monkeypatch.setenv("PERKSYNC_SYNC__CONCURRENCY", "lots")
-    message = error_of(tmp_path, GOOD)
-    assert message.startswith("sync.concurrency: ")
+    message = error_of(tmp_path, GOOD, env={**ENV, variable: value})
+    assert message.startswith(f"{variable}: "), message
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_error_in_a_section_a_variable_changed_says_so(tmp_path: Path) -> None:
+    env = {**ENV, "PERKSYNC_SERVERS__JAIL__PASSWORD_ENV": "MC_PASS"}  # the file has `password`
+    assert error_of(tmp_path, GOOD, env=env) == (
+        "servers.jail: give exactly one of password_env, password_file or password "
+        "(found password_env, password) (PERKSYNC_SERVERS__JAIL__PASSWORD_ENV set in the environment)"
+    )
+
+
+def test_empty_secret_variable_is_called_empty_not_unset(tmp_path: Path) -> None:
+    message = error_of(tmp_path, GOOD, env={**ENV, "MC_PASS": ""})
+    assert message == "servers.survival.password_env: environment variable MC_PASS is empty"
+    text = GOOD.replace("token_file: tokens/b", "token_file: ${CREDENTIALS_DIRECTORY}/bob")
+    message = error_of(tmp_path, text, env={**ENV, "CREDENTIALS_DIRECTORY": ""})
+    assert message == "customers[1].token_file: environment variable CREDENTIALS_DIRECTORY is empty"
 
 
 def test_config_path_precedence() -> None:

@@ -16,6 +16,8 @@ import pytest
 
 from daemon import __version__
 from daemon.paynow import (
+    MAX_BODY_BYTES,
+    MAX_JSON_DEPTH,
     PayNowAuthError,
     PayNowBadResponse,
     PayNowClient,
@@ -289,6 +291,135 @@ def test_bad_item_id_is_bad_response() -> None:
 
     error, _ = raises(PayNowBadResponse, scenario)
     assert "item 0: failed validation: id" in str(error)
+
+
+# ------------------------------------------------------ deep and large bodies
+
+
+def nested(depth: int, inner: str = "1") -> str:
+    """JSON text: `inner` inside `depth` arrays."""
+    return "[" * depth + inner + "]" * depth
+
+
+DEEP_BODIES = [
+    pytest.param("customer", nested(100_000), id="customer-arrays"),
+    pytest.param("items", nested(100_000), id="items-arrays"),
+    pytest.param("customer", '{"a":' * 100_000 + "1" + "}" * 100_000, id="customer-objects"),
+    pytest.param("items", "[" * 100_000, id="items-cut-short"),
+    # The decoder copes with this one; the limit is ours.
+    pytest.param("customer", nested(MAX_JSON_DEPTH + 1), id="customer-just-over"),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), DEEP_BODIES)
+def test_deeply_nested_json_is_bad_response(path: str, body: str) -> None:
+    async def scenario(fake: FakePayNow, client: PayNowClient) -> None:
+        token = customer_with(fake, 3)
+        fake.fault(token, "body", body=body, path=path, times=None)
+        await (
+            client.fetch_customer(token) if path == "customer" else client.fetch_inventory(token)
+        )
+
+    error, fake = raises(PayNowBadResponse, scenario)
+    assert f"JSON nested more than {MAX_JSON_DEPTH} levels deep" in str(error)
+    assert fake.count(path) == 1
+
+
+def test_deep_json_inside_an_item_or_customer() -> None:
+    """Unknown fields are kept as sent; nested up to the limit they are fine,
+    one level more is a malformed answer."""
+
+    async def scenario(fake: FakePayNow, client: PayNowClient) -> None:
+        token = customer_with(fake)
+        customer = fake.customer(token)
+        # The customer is level 1: its field adds MAX_JSON_DEPTH - 1 levels.
+        fine = {**customer, "x": json.loads(nested(MAX_JSON_DEPTH - 1))}
+        fake.fault(token, "body", path="customer", body=json.dumps(fine))
+        assert (await client.fetch_customer(token)).raw == fine
+        item = fake.make_item(customer["id"], x=json.loads(nested(MAX_JSON_DEPTH - 2)))
+        fake.fault(token, "body", path="items", body=json.dumps([item]))
+        assert [i.raw for i in await client.fetch_inventory(token)] == [item]
+        deep = fake.make_item(customer["id"], x=json.loads(nested(MAX_JSON_DEPTH - 1)))
+        fake.fault(token, "body", path="items", body=json.dumps([deep]))
+        with pytest.raises(PayNowBadResponse, match="nested more than"):
+            await client.fetch_inventory(token)
+
+    run(scenario)
+
+
+@pytest.mark.parametrize(
+    ("status", "exc_type"),
+    [(503, PayNowUnavailable), (404, PayNowNotFound), (401, PayNowAuthError)],
+)
+def test_deeply_nested_error_body_keeps_the_error(status: int, exc_type: type[PayNowError]) -> None:
+    async def scenario(fake: FakePayNow, client: PayNowClient) -> None:
+        token = customer_with(fake)
+        fake.fault(token, "status", status=status, body=nested(100_000), times=None)
+        await client.fetch_customer(token)
+
+    error, _ = raises(exc_type, scenario, max_attempts=2)
+    assert error.status == status
+    assert f"HTTP {status}" in str(error)
+
+
+def test_gzip_body_is_read_and_a_bomb_is_refused() -> None:
+    """The cap counts decompressed bytes: ~4 KB on the wire that inflate past
+    it are a malformed answer, not retried."""
+
+    async def scenario(fake: FakePayNow, client: PayNowClient) -> None:
+        token = customer_with(fake)
+        fake.fault(token, "gzip_body", path="customer", body=json.dumps(fake.customer(token)))
+        assert (await client.fetch_customer(token)).raw == fake.customer(token)
+        padded = b"[" + b" " * MAX_BODY_BYTES + b"]"  # valid JSON: an empty array
+        fake.fault(token, "gzip_body", path="items", body=padded, times=None)
+        with pytest.raises(PayNowBadResponse, match=f"larger than {MAX_BODY_BYTES:,} bytes"):
+            await client.fetch_inventory(token)
+        assert fake.count("items", token) == 1
+        fake.clear_faults()
+        assert await client.fetch_inventory(token) == []
+
+    run(scenario)
+
+
+def test_endless_body_is_refused_once_it_passes_the_cap() -> None:
+    """Read as it arrives: reading the whole body first would never end."""
+
+    async def scenario(fake: FakePayNow, client: PayNowClient) -> None:
+        token = customer_with(fake, 2)
+        fake.fault(token, "endless", path="items")
+        with pytest.raises(PayNowBadResponse, match="larger than 1,000,000 bytes"):
+            await client.fetch_inventory(token)
+        assert len(await client.fetch_inventory(token)) == 2  # a new connection
+
+    run(scenario, max_body_bytes=1_000_000, timeout_seconds=30.0)
+
+
+def test_endless_error_body_costs_only_its_detail() -> None:
+    async def scenario(fake: FakePayNow, client: PayNowClient) -> None:
+        token = customer_with(fake)
+        fake.fault(token, "endless", status=503, body=b'{"message": "', times=None)
+        await client.fetch_customer(token)
+
+    error, _ = raises(
+        PayNowUnavailable, scenario, max_body_bytes=100_000, max_attempts=2, timeout_seconds=30.0
+    )
+    assert error.status == 503 and error.attempts == 2
+    assert str(error).startswith("PayNow customer: HTTP 503; giving up")
+
+
+def test_what_paynow_says_in_an_error_is_escaped() -> None:
+    """Control characters and lone surrogates in an error body reach logs,
+    the state database and `status` only as escapes."""
+
+    async def scenario(fake: FakePayNow, client: PayNowClient) -> None:
+        token = customer_with(fake)
+        body = json.dumps({"code": "bad\ud800", "message": "no \x1b[31mred\u202e here"})
+        fake.fault(token, "status", status=400, body=body)
+        await client.fetch_customer(token)
+
+    error, _ = raises(PayNowHTTPError, scenario)
+    assert str(error) == ("PayNow customer: HTTP 400 bad\\ud800: no \\u001b[31mred\\u202e here")
+    str(error).encode("utf-8")  # storable
 
 
 # ---------------------------------------------------------------------- retries
@@ -601,7 +732,7 @@ def test_bad_token_characters_make_no_request() -> None:
         "http://[::1]:8080",
         "https://api.paynow.gg",
         "https://api.paynow.gg/",
-        "HTTPS://proxy.example.com/paynow",
+        "HTTPS://proxy.example.com",
     ],
 )
 def test_api_url_accepted(url: str) -> None:
@@ -623,6 +754,9 @@ def test_api_url_accepted(url: str) -> None:
         ("https://api.paynow.gg/?x=1", "query"),
         ("https://api.paynow.gg:99999", "valid URL"),
         ("https://api.paynow.gg\n", "whitespace"),
+        ("https://api.paynow.gg/v1", "without a path \\(got /v1\\): write https://api.paynow.gg;"),
+        ("https://api.paynow.gg/v1/store/customer", "without a path"),
+        ("https://proxy.example.com/paynow/", "without a path"),
     ],
 )
 def test_api_url_rejected(url: str, words: str) -> None:

@@ -42,6 +42,7 @@ import argparse
 import asyncio
 import bisect
 import contextlib
+import gzip
 import hashlib
 import itertools
 import json
@@ -52,7 +53,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from aiohttp import web
 
@@ -84,6 +85,8 @@ FAULT_KINDS: Final = frozenset(
         "reverse_page",  # serve the right page in the wrong order
         "duplicate_item",  # second item of the page replaced by a copy of the first
         "body",  # raw `body` with `status` (default 200) and `content_type`
+        "gzip_body",  # like "body", sent gzip-compressed with `Content-Encoding: gzip`
+        "endless",  # `status` (default 200), chunked: `body` (default "[") then spaces, forever
     }
 )
 
@@ -173,7 +176,10 @@ class _Account:
 
 
 def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    # A lone surrogate (a name "\ud800Eve") cannot be UTF-8: backslashreplace
+    # writes it as the JSON escape `\ud800`, as a JavaScript server sends it.
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return text.encode("utf-8", "backslashreplace")
 
 
 _NO_FAULT: Final = Fault(kind="none", times=0)
@@ -213,6 +219,7 @@ class FakePayNow:
         self.requests_by_token: Counter[str | None] = Counter()
         self.requests_by_path_token: Counter[tuple[str, str | None]] = Counter()
         self.log: list[RequestRecord] = []
+        self.endless_bytes_sent = 0  # by "endless" faults, until the client hung up
 
     # ------------------------------------------------------------------ server
 
@@ -872,6 +879,17 @@ class FakePayNow:
             return web.Response(
                 status=record.status, body=fault.body or b"", content_type=fault.content_type
             )
+        if kind == "gzip_body":
+            record.status = status or 200
+            return web.Response(
+                status=record.status,
+                body=gzip.compress(fault.body or b"", compresslevel=9),
+                content_type=fault.content_type,
+                headers={"Content-Encoding": "gzip"},
+            )
+        if kind == "endless":
+            record.status = status or 200
+            await self._endless(request, record.status, fault)
         if kind == "malformed":
             record.status = 200
             body = b'[{"id": "1",, ]' if page_args is not None else b'{"id": "1",, }'
@@ -934,6 +952,23 @@ class FakePayNow:
             return response
         # repeat_page / reverse_page / duplicate_item alter the normal answer.
         return None
+
+    async def _endless(self, request: web.Request, status: int, fault: Fault) -> NoReturn:
+        """Stream a body that never ends, until the client hangs up or stop()."""
+        response = web.StreamResponse(status=status)
+        response.content_type = fault.content_type
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        chunk = b" " * 65536
+        closing = self._closing
+        try:
+            await response.write(fault.body or b"[")
+            while closing is None or not closing.is_set():
+                await response.write(chunk)
+                self.endless_bytes_sent += len(chunk)
+        except ConnectionError:
+            pass
+        raise asyncio.CancelledError  # nothing more to send on this connection
 
     async def _sleep(self, delay: float | None) -> None:
         closing = self._closing
