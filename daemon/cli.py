@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-from daemon import __version__
+from daemon import __version__, startup_signals
 from daemon.config import ConfigError, Settings, config_path_from, load_settings
 from daemon.engine import Engine, PassReport, SyncPass, make_server_factory
 from daemon.paynow import PayNowClient, make_session
@@ -95,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _UsageError as exc:
         print(f"perksync: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if not (args.command or args.sync_now or args.check_config):
+        startup_signals.hold()  # service mode: a stop during start-up must not kill it half-way
     setup_logging(args.verbose)
     path = config_path_from(args.config)
     try:
