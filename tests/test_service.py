@@ -390,11 +390,14 @@ def test_second_delivering_process_is_refused(
     token, _ = world.add_customer(platform="minecraft")
     world.add_item(token, "vip")
     world.config({"vip": VIP}, extra=FAST)
-    start(world, services)
+    proc = start(world, services)
     assert wait_until(lambda: len(world.received("survival")) == 1)
     result = world.run_cli("--sync-now")
     assert result.returncode == 1
-    assert "another perksync (pid" in result.stderr
+    db = world.folder / "state.sqlite3"
+    assert f"another perksync (pid {proc.pid}) is using the state database {db}" in result.stderr
+    # Waiting would never end when the holder is the service: the message says so.
+    assert "if it is the service, stop it first with `systemctl stop perksync`" in result.stderr
     assert "Traceback" not in result.stderr
     assert world.run_cli("status").returncode == 0  # reading is fine
 
