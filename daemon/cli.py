@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-from daemon import __version__
+from daemon import __version__, log_format, startup_signals
 from daemon.config import ConfigError, Settings, config_path_from, load_settings
 from daemon.engine import Engine, PassReport, SyncPass, make_server_factory
 from daemon.paynow import PayNowClient, make_session
@@ -47,10 +47,28 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise _UsageError(message)
 
 
+# What `--help` ends with; the README's table says the same.
+EXIT_STATUS_HELP = """\
+exit status:
+  0  all done
+  1  anything unexpected (the log says what)
+  2  the configuration or the command line is invalid; nothing was contacted
+  3  the pass finished, but something is not delivered: a customer's inventory
+     could not be read, a command is still pending (server down), or a command
+     failed in this pass
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog="perksync",
-        description="Turn PayNow purchases into in-game perks over RCON, exactly once.",
+        description=(
+            "Turn PayNow purchases into in-game perks over RCON, exactly once.\n\n"
+            "Plain `perksync` (no --sync-now, --check-config or status) runs the\n"
+            "long-lived service, as the systemd unit does; SIGTERM stops it."
+        ),
+        epilog=EXIT_STATUS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "command", nargs="?", choices=["status"], help="status: show customers and the journal"
@@ -74,13 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(verbose: bool) -> None:
-    # Under systemd (JOURNAL_STREAM is set) journald adds its own timestamps.
-    under_journald = bool(os.environ.get("JOURNAL_STREAM"))
-    fmt = "%(levelname)s %(name)s: %(message)s"
-    if not under_journald:
-        fmt = "%(asctime)s " + fmt
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(fmt))
+    # Under systemd: no timestamps (journald adds them), a syslog priority per line.
+    handler.setFormatter(log_format.formatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -92,6 +106,11 @@ def setup_logging(verbose: bool) -> None:
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
 
 
+def _print_error(line: str) -> None:
+    """An error that stops perksync before logging runs (err priority under journald)."""
+    print(f"{log_format.priority_prefix(logging.ERROR)}perksync: {line}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -100,15 +119,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "status" and (args.sync_now or args.check_config or args.dry_run):
             raise _UsageError("status takes no other mode flag")
     except _UsageError as exc:
-        print(f"perksync: {exc}", file=sys.stderr)
+        _print_error(str(exc))
         return EXIT_USAGE
+    if not (args.command or args.sync_now or args.check_config):
+        startup_signals.hold()  # service mode: a stop during start-up must not kill it half-way
     setup_logging(args.verbose)
     path = config_path_from(args.config)
     try:
         settings = load_settings(path)
     except ConfigError as exc:
         for line in str(exc).splitlines():
-            print(f"perksync: config error: {line}", file=sys.stderr)
+            _print_error(f"config error: {line}")
         return EXIT_USAGE
     try:
         if args.check_config:

@@ -12,7 +12,8 @@
 - Local expiry runs every few seconds, without the API.
 - SIGTERM/SIGINT: stop polling, let each server finish the command in
   flight, exit 0. SIGHUP: reload config.yaml; a bad one is rejected with a
-  log line and the old one stays.
+  log line and the old one stays. Either one received during start-up
+  (daemon/startup_signals.py) is honoured once the loop handles signals.
 - systemd: READY/STATUS/WATCHDOG/RELOADING/STOPPING via $NOTIFY_SOCKET, and
   optional /healthz and /metrics on `http.listen`.
 """
@@ -34,7 +35,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from adapters.base import GameServer
-from daemon import __version__, notify
+from daemon import __version__, notify, startup_signals
 from daemon.config import ConfigError, CustomerLink, Settings, load_settings
 from daemon.engine import Engine, PassReport, ServerWorker, make_server_factory
 from daemon.http_api import start_http, stop_http
@@ -82,6 +83,10 @@ class Service:
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        early = startup_signals.take()
+        if early.stop is not None:
+            log.info("%s during start-up: stopped before anything ran", early.stop.name)
+            return 0
         self.session = make_session()
         http_runner = None
         try:
@@ -110,6 +115,9 @@ class Service:
                 self.settings.sync.interval_seconds, len(self.settings.servers),
             )  # fmt: skip
             notify.ready()
+            if early.reload:
+                log.info("SIGHUP during start-up: reloading config.yaml now")
+                self.reload()
             heartbeat = asyncio.create_task(self._heartbeat())
             await self.stopping.wait()
             heartbeat.cancel()

@@ -35,9 +35,12 @@ def state_lock(db_path: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            # The service never finishes by itself: say how to stop it, and what reads alongside.
             raise LockedError(
                 f"another perksync (pid {holder}) is using the state database {db_path}; "
-                "stop it, or wait for it to finish"
+                "if it is the service, stop it first with `systemctl stop perksync` "
+                "(`perksync status` works while it runs); if it is a --sync-now, "
+                "wait for it to finish"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

@@ -6,12 +6,15 @@ read with a small parser that keeps every value, not configparser.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "perksync.service"
 
@@ -26,7 +29,7 @@ def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
         if line.endswith("\\"):  # continuation line
             pending = line[:-1].rstrip() + " "
             continue
-        if not line or line.startswith(("#", ";")):
+        if not line or line.startswith("#"):
             continue
         if line.startswith("[") and line.endswith("]"):
             current = sections.setdefault(line[1:-1], {})
@@ -78,7 +81,7 @@ def test_service_contract(unit: dict[str, dict[str, list[str]]]) -> None:
     assert "2" in one(unit, "RestartPreventExitStatus").split()
 
 
-def test_user_state_and_credentials(unit: dict[str, dict[str, list[str]]]) -> None:
+def test_user_and_state(unit: dict[str, dict[str, list[str]]]) -> None:
     service = unit["Service"]
     dynamic = service.get("DynamicUser", ["no"])[-1] == "yes"
     static_user = service.get("User", ["root"])[-1] not in {"root", "0"}
@@ -86,15 +89,14 @@ def test_user_state_and_credentials(unit: dict[str, dict[str, list[str]]]) -> No
     assert one(unit, "StateDirectory") == "perksync"
     assert one(unit, "ConfigurationDirectory") == "perksync"
     assert one(unit, "UMask") == "0077"
-    credentials = service.get("LoadCredential", [])
-    assert credentials, "LoadCredential= examples are missing"
-    for credential in credentials:
-        name, sep, path = credential.partition(":")
-        assert sep
-        assert re.fullmatch(r"[A-Za-z0-9_.-]+", name)
-        assert path.startswith("/etc/perksync/credentials/")
-    # The config refers to credentials through $CREDENTIALS_DIRECTORY (see the comments).
-    assert "${CREDENTIALS_DIRECTORY}/" in UNIT.read_text(encoding="utf-8")
+
+
+def test_documentation_links_nothing_that_is_not_installed(
+    unit: dict[str, dict[str, list[str]]],
+) -> None:
+    for value in unit["Unit"].get("Documentation", []):
+        for link in value.split():
+            assert not link.startswith("file:"), f"{link}: no install step puts it there"
 
 
 HARDENING = {
@@ -173,3 +175,138 @@ def test_systemd_analyze_security_is_ok_or_better() -> None:
     # systemd's scale: ≤ 4.9 is "OK" (below that: MEDIUM, EXPOSED, UNSAFE).
     assert score <= 4.9, f"exposure {score} {verdict}:\n{result.stdout}"
     assert verdict in {"PERFECT", "SAFE", "OK"}
+
+
+# --- secrets: the unit's EnvironmentFile=, the example config and secrets.env ----------
+
+REPO = UNIT.parent.parent
+SECRETS_PATH = "/etc/perksync/secrets.env"  # where README "Install" puts secrets.env
+# The one form the README allows: systemd.exec(5) and a POSIX shell both take
+# a single-quoted value verbatim.
+ASSIGNMENT = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)='([^']*)'")
+
+
+def read_environment_file(text: str) -> dict[str, str]:
+    """What systemd's EnvironmentFile= makes of a file in the documented form
+    (comments start with #: systemd's other comment mark, ;, is an error to sh);
+    any other line fails the test."""
+    values = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = ASSIGNMENT.fullmatch(line)
+        assert match, f"not NAME='value': {line!r}"
+        values[match[1]] = match[2]
+    return values
+
+
+def secret_names(config: Path) -> set[str]:
+    """Every *_env name the config reads a secret from; it holds no other kind."""
+    data = yaml.safe_load(config.read_text(encoding="utf-8"))
+    entries = [*data["customers"], *data["servers"].values()]
+    assert not [e for e in entries if {"token", "token_file", "password", "password_file"} & set(e)]
+    return {e.get("token_env") or e["password_env"] for e in entries}
+
+
+def check_config(
+    tmp_path: Path, env: dict[str, str], hand_run: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`perksync --check-config` on the example config.yaml as a subprocess with
+    only `env`; given `hand_run` (a shell function definition), as
+    `sh -c 'HAND_RUN; perksync_run --check-config …'`."""
+    args = ["--check-config", "--config", str(REPO / "config.yaml")]
+    command = [sys.executable, "-m", "daemon", *args]
+    if hand_run is not None:
+        command = ["sh", "-c", hand_run + '\nperksync_run "$@"', "sh", *args]
+    base = {
+        "PATH": os.environ["PATH"],
+        "PYTHONPATH": str(REPO),
+        # The one path of the example that a test cannot have: the state folder.
+        "PERKSYNC_SYNC__STATE_DB": str(tmp_path / "state.sqlite3"),
+    }
+    return subprocess.run(
+        command, env={**base, **env}, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def readme_hand_run(secrets: Path) -> str:
+    """README's `perksync_run` shell function, reading `secrets` and running this
+    checkout's perksync (not as the user perksync, whom a test does not have)."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    [line] = [line for line in readme.splitlines() if line.startswith("perksync_run() {")]
+    as_service_user = "runuser -u perksync -- perksync "
+    assert f". {SECRETS_PATH} " in line
+    assert as_service_user in line
+    line = line.replace(SECRETS_PATH, str(secrets))
+    return line.replace(as_service_user, f"{sys.executable} -m daemon ")
+
+
+def installed_secrets(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "secrets.env"
+    path.write_text(text, encoding="utf-8")
+    path.chmod(0o600)
+    return path
+
+
+def test_unit_loads_the_secrets_file_the_readme_installs(
+    unit: dict[str, dict[str, list[str]]],
+) -> None:
+    service = unit["Service"]
+    assert "LoadCredential" not in service
+    # "-": a missing file is not a start failure of its own; perksync names what is missing.
+    assert service.get("EnvironmentFile") == [f"-{SECRETS_PATH}"]
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert f"install -m 0600 secrets.env {SECRETS_PATH}" in readme
+
+
+def test_the_units_set_up_finds_every_secret_of_the_example_config(tmp_path: Path) -> None:
+    names = secret_names(REPO / "config.yaml")
+    assert len(names) == 4
+    example = (REPO / "secrets.env").read_text(encoding="utf-8")
+    from_systemd = read_environment_file(example)
+    assert set(from_systemd) == names
+    # What systemd hands the service: the file's variables and nothing else.
+    result = check_config(tmp_path, from_systemd)
+    assert result.returncode == 0, result.stderr
+    assert "OK (2 customers, 2 servers, 2 products)" in result.stdout
+    # The same command run by hand, as README "Install" says.
+    hand_run = readme_hand_run(installed_secrets(tmp_path, example))
+    result = check_config(tmp_path, {}, hand_run)
+    assert result.returncode == 0, result.stderr
+    assert "OK (2 customers, 2 servers, 2 products)" in result.stdout
+    # Without the file, each missing secret is named: exit 2, which stops the restarts.
+    result = check_config(tmp_path, {})
+    assert result.returncode == 2
+    for name in names:
+        assert name in result.stderr
+
+
+def test_systemd_and_a_hand_run_read_the_same_values(tmp_path: Path) -> None:
+    tricky = ["a b  c", "$HOME and ${PATH}", 'say "hi" `id`', "back\\slash\\", "#;= x"]
+    text = "# comment\n\n" + "".join(f"SECRET_{i}='{value}'\n" for i, value in enumerate(tricky))
+    from_systemd = read_environment_file(text)
+    assert list(from_systemd.values()) == tricky
+    path = installed_secrets(tmp_path, text)
+    result = subprocess.run(
+        ["sh", "-c", f"set -a && . {path} && exec env"],
+        env={"PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    from_shell = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+    assert {name: from_shell.get(name) for name in from_systemd} == from_systemd
+
+
+def test_readme_shell_blocks_are_posix_sh() -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```sh\n(.*?)```", readme, flags=re.DOTALL)
+    assert blocks
+    for block in blocks:
+        assert "<<<" not in block
+        result = subprocess.run(
+            ["sh", "-n"], input=block, capture_output=True, text=True, timeout=30, check=False
+        )
+        assert result.returncode == 0, f"{result.stderr}\n{block}"
