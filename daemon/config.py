@@ -1,7 +1,7 @@
 """config.yaml: the operator's settings, validated once at start-up.
 
 `load_settings(path)` reads the YAML file, lets `PERKSYNC_<SECTION>__<KEY>`
-environment variables override single keys (see `_apply_environment`), checks
+environment variables override single keys (see `_environment_overrides`), checks
 every key, resolves every secret and parses every command template, and either
 returns a complete `Settings` or raises `ConfigError` whose message names the
 offending key path (`products.vip.on_active[0]: …`), or the variable when the
@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from contextvars import ContextVar
 from pathlib import Path
 from types import NoneType, UnionType
 from typing import Annotated, Any, Self, get_args
@@ -28,6 +29,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from adapters import PLATFORMS
 from daemon.paynow import validate_api_url
@@ -172,7 +175,9 @@ class ProductSettings(_Section):
         return self._templates.get(event, ())
 
 
-class Settings(_Section):
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="forbid", frozen=True)
+
     paynow: PayNowSettings = PayNowSettings()
     sync: SyncSettings = SyncSettings()
     http: HttpSettings = HttpSettings()
@@ -184,6 +189,20 @@ class Settings(_Section):
     _base_dir: Path = PrivateAttr(default=Path("."))
     # Slugs written as `products.<slug>: ignore` (not in `products`).
     _ignored_products: frozenset[str] = PrivateAttr(default=frozenset())
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment overrides the file (passed in as init values); our
+        # own source, so that only single keys can be set and errors name the
+        # variable (see `_environment_overrides`).
+        return (_EnvironmentOverrides(settings_cls), init_settings)
 
     @property
     def state_db_path(self) -> Path:
@@ -288,18 +307,20 @@ _ONLY_SINGLE_KEYS = (
 )
 
 
-def _apply_environment(
+def _environment_overrides(
     data: dict[str, Any], env: Mapping[str, str]
 ) -> tuple[dict[str, Any], dict[str, str], list[str]]:
-    """The file's `data` with every `PERKSYNC_<SECTION>__<KEY>` and
-    `PERKSYNC_SERVERS__<NAME>__<KEY>` variable applied (names are not case
-    sensitive); which key path each variable set; one error line per bad one.
+    """Every `PERKSYNC_<SECTION>__<KEY>` and `PERKSYNC_SERVERS__<NAME>__<KEY>`
+    variable as a nested mapping of overrides for the file's `data` (names are
+    not case sensitive); which key path each variable set; one error line per
+    bad one.
 
     Only single values (a string, number or boolean) can be set: sections,
     lists and mappings (`PERKSYNC_PAYNOW`, `PERKSYNC_CUSTOMERS`, products)
     are refused rather than parsed as JSON, and an override never adds a
     server. Other `PERKSYNC_*` names without `__` are not ours and are left
     alone (`PERKSYNC_CONFIG` is the file's path)."""
+    overrides: dict[str, Any] = {}
     origins: dict[str, str] = {}
     errors: list[str] = []
     for variable in sorted(env):
@@ -317,9 +338,11 @@ def _apply_environment(
         if not env[variable].strip():
             errors.append(f"{variable}: is empty (give a value, or unset it to keep the file's)")
             continue
-        data = _set_key(data, path, env[variable])
+        if not _is_mapping_along(data, path[:-1]):
+            continue  # the file's section is not a mapping: its own error says so
+        overrides = _set_key(overrides, path, env[variable])
         origins[format_loc(path)] = variable
-    return data, origins, errors
+    return overrides, origins, errors
 
 
 def _override_path(parts: list[str], servers: Any) -> tuple[str, ...]:
@@ -353,16 +376,40 @@ def _server_named(lowered: str, servers: Any) -> str:
     return str(names[0])
 
 
+def _is_mapping_along(data: Any, path: tuple[str, ...]) -> bool:
+    """Whether every key of `path` in `data` is a mapping or absent."""
+    for key in path:
+        if data is None:
+            return True
+        if not isinstance(data, dict):
+            return False
+        data = data.get(key)
+    return data is None or isinstance(data, dict)
+
+
 def _set_key(data: dict[str, Any], path: tuple[str, ...], value: str) -> dict[str, Any]:
-    """A copy of `data` with `path` set to `value`. A section the file gives as
-    something other than a mapping is left as it is, for its own error."""
+    """A copy of `data` with `path` set to `value`."""
     head, rest = path[0], path[1:]
-    inner = data.get(head)
     if not rest:
         return {**data, head: value}
-    if inner is not None and not isinstance(inner, dict):
-        return data
-    return {**data, head: _set_key(inner or {}, rest, value)}
+    return {**data, head: _set_key(data.get(head) or {}, rest, value)}
+
+
+class _EnvironmentOverrides(PydanticBaseSettingsSource):
+    """The settings source of the `PERKSYNC_*` overrides, checked and nested by
+    `_environment_overrides` for the one `load_settings` call under way."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ gives every value at once
+
+    def __call__(self) -> dict[str, Any]:
+        return _OVERRIDES.get()
+
+
+# What `_EnvironmentOverrides` hands to pydantic-settings: set by `load_settings`
+# around the construction of `Settings` (a class method builds the sources,
+# so they cannot be handed the overrides directly).
+_OVERRIDES: ContextVar[dict[str, Any]] = ContextVar("perksync_overrides", default={})  # noqa: B039
 
 
 def _name_variables(lines: list[str], origins: Mapping[str, str]) -> list[str]:
@@ -476,15 +523,19 @@ def _check_cross_references(settings: Settings) -> list[str]:
 def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
     """Load, validate and resolve the configuration, or raise ConfigError."""
     env = os.environ if env is None else env
-    data, origins, env_errors = _apply_environment(_read_yaml(path), env)
+    data = _read_yaml(path)
+    overrides, origins, env_errors = _environment_overrides(data, env)
     if env_errors:  # a bad variable is not applied: checking the file now would mislead
         raise ConfigError("\n".join(env_errors))
     data, ignored, errors = _split_ignored(data)
+    applied = _OVERRIDES.set(overrides)
     try:
         settings = Settings(**data)
     except ValidationError as exc:
         lines = [*errors, *_error_lines(exc)]
         raise ConfigError("\n".join(_name_variables(lines, origins))) from None
+    finally:
+        _OVERRIDES.reset(applied)
     base_dir = path.resolve().parent
     settings._base_dir = base_dir
     settings._ignored_products = ignored
