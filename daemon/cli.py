@@ -1,8 +1,10 @@
 """The `perksync` command line (SPEC §3). The only place logging is configured.
 
-Exit status: 0 all done; 2 invalid configuration or command line (nothing was
-contacted); 3 the pass finished but something is not delivered; 1 anything
-unexpected.
+Exit status: 0 all done; 2 invalid configuration or command line, or a state
+folder, state database or listen address that cannot be used as set up
+(nothing was contacted; systemd does not restart); 3 the pass finished but
+something is not delivered; 1 anything unexpected, a state database that
+cannot be written any more among it.
 """
 
 from __future__ import annotations

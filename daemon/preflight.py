@@ -44,8 +44,8 @@ def state_problems(db_path: Path) -> list[str]:
     user = running_user()
     if not folder.exists():
         return [
-            f"sync.state_db: the folder {folder} does not exist; create it, owned by "
-            f"the user perksync runs as (install -d -m 0700 -o {user} {folder})"
+            f"sync.state_db: the folder {folder} does not exist; create it for the user "
+            f"perksync runs as, e.g. install -d -m 0700 -o {user} {folder}"
         ]
     if not folder.is_dir():
         return [f"sync.state_db: {folder} is not a folder"]

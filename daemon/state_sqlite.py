@@ -597,7 +597,8 @@ class SqliteStore:
         try:
             yield self._conn
         except sqlite3.Error as e:
-            if write and e.sqlite_errorcode & 0xFF in _CANNOT_WRITE:
+            code = getattr(e, "sqlite_errorcode", None)  # None: not from SQLite itself
+            if write and code is not None and code & 0xFF in _CANNOT_WRITE:
                 raise StoreWriteError(
                     f"cannot write the state database {self.path}: "
                     f"{e} ({e.sqlite_errorname}){_why_unwritable(self.path)}"
