@@ -359,6 +359,58 @@ def test_the_expiry_sweep_reads_through_the_active_items_expiry_index(db: Path) 
     assert "SCAN" not in plan
 
 
+# Opens the store, then lowers the file size limit (RLIMIT_FSIZE, binding root
+# too) below any database page: the kernel refuses the writes as a full disk would.
+_FULL_DISK = """
+import asyncio, resource, sys
+from datetime import UTC, datetime
+from pathlib import Path
+from daemon.state import StoreWriteError
+from daemon.state_sqlite import SqliteStore
+
+async def main():
+    store = SqliteStore(Path(sys.argv[1]))
+    await store.record_error("alice", "x", datetime.now(UTC))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
+    writes = {
+        "commit_pass": store.commit_pass("bob", "200", None, [], {}, [], datetime.now(UTC)),
+        "record_error": store.record_error("bob", "y", datetime.now(UTC)),
+        "touch_unchanged": store.touch_unchanged({"alice": datetime.now(UTC)}),
+    }
+    for name, write in writes.items():
+        try:
+            await write
+        except StoreWriteError as exc:
+            print(name, exc)
+    print("read", [c.label for c in await store.customers()])
+    await store.close()
+
+asyncio.run(main())
+"""
+
+
+def test_writes_to_a_full_disk_raise_store_write_error_and_reads_go_on(db: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK, str(db)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split(" ")[0] for line in lines] == [
+        "commit_pass",
+        "record_error",
+        "touch_unchanged",
+        "read",
+    ]
+    for line in lines[:3]:
+        assert f" cannot write the state database {db}: " in line
+    assert lines[3] == "read ['alice']"  # nothing of the failed writes was stored
+
+
 # --- crashes --------------------------------------------------------------------------
 
 # Commits pass A, then starts pass B (large enough that SQLite spills pages of the
