@@ -1,8 +1,10 @@
 """The `perksync` command line (SPEC §3). The only place logging is configured.
 
-Exit status: 0 all done; 2 invalid configuration or command line (nothing was
-contacted); 3 the pass finished but something is not delivered; 1 anything
-unexpected.
+Exit status: 0 all done; 2 invalid configuration or command line, or a state
+folder, state database or listen address that cannot be used as set up
+(nothing was contacted; systemd does not restart); 3 the pass finished but
+something is not delivered; 1 anything unexpected, a state database that
+cannot be written any more among it.
 """
 
 from __future__ import annotations
@@ -21,10 +23,13 @@ from pathlib import Path
 from daemon import __version__, log_format, startup_signals
 from daemon.config import ConfigError, Settings, config_path_from, load_settings
 from daemon.engine import Engine, PassReport, SyncPass, make_server_factory
+from daemon.http_api import ListenError
 from daemon.paynow import PayNowClient, make_session
 from daemon.placeholders import printable
-from daemon.state import Store, StoreError, open_store
-from daemon.state_lock import LockedError, state_lock
+from daemon.preflight import setup_problems
+from daemon.state import Store, StoreError, StoreWriteError, open_store
+from daemon.state_lock import LockedError, LockFileError, state_lock
+from daemon.state_sqlite import empty_file_problem
 from daemon.undelivered import (
     Undelivered,
     describe_unmapped,
@@ -133,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         if args.check_config:
+            if _report_setup_problems(settings, listen=True):
+                return EXIT_USAGE
             print(
                 f"{path}: OK ({len(settings.customers)} customers, "
                 f"{len(settings.servers)} servers, {len(settings.products)} products)"
@@ -142,12 +149,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_status(settings))
         if args.sync_now and args.dry_run:
             return asyncio.run(_sync_now(settings, dry_run=True))
+        # (The service's own bind reports a busy http.listen, before any poll.)
+        if _report_setup_problems(settings, listen=False):
+            return EXIT_USAGE
         with state_lock(settings.state_db_path):
             if args.sync_now:
                 return asyncio.run(_sync_now(settings, dry_run=False))
             return asyncio.run(_serve(path, settings))
     except LockedError as exc:
         log.error("%s", exc)
+        return EXIT_UNEXPECTED
+    except (LockFileError, ListenError) as exc:
+        print(f"perksync: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except StoreWriteError as exc:
+        log.error("%s; stopped: nothing more is polled or sent until it can be written", exc)
         return EXIT_UNEXPECTED
     except StoreError as exc:
         log.error("state store: %s", exc)
@@ -157,6 +173,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception:
         log.exception("unexpected error")
         return EXIT_UNEXPECTED
+
+
+def _report_setup_problems(settings: Settings, *, listen: bool) -> bool:
+    """Print what of the machine stops perksync from starting (the state folder,
+    with `listen` the service's listen address); True if anything does."""
+    problems = setup_problems(settings, listen=listen)
+    for line in problems:
+        print(f"perksync: {line}", file=sys.stderr)
+    return bool(problems)
 
 
 async def _run_pass(settings: Settings, store: Store, *, dry_run: bool) -> PassReport:
@@ -177,6 +202,8 @@ def _scratch_copy(db_path: Path, folder: str) -> str:
     """A throw-away copy of the state for a dry run (the real file is only read)."""
     scratch = os.path.join(folder, "dry-run.sqlite3")
     if db_path.exists():
+        if db_path.stat().st_size == 0:
+            raise StoreError(empty_file_problem(db_path))
         source = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
         target = sqlite3.connect(scratch)
         try:
@@ -190,7 +217,7 @@ def _scratch_copy(db_path: Path, folder: str) -> str:
 async def _sync_now(settings: Settings, *, dry_run: bool) -> int:
     if dry_run:
         with tempfile.TemporaryDirectory(prefix="perksync-dry-run-") as folder:
-            store = open_store(_scratch_copy(settings.state_db_path, folder))
+            store = open_store(_scratch_copy(settings.state_db_path, folder), throwaway=True)
             try:
                 report = await _run_pass(settings, store, dry_run=True)
             finally:

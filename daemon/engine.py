@@ -44,6 +44,7 @@ from daemon.state import (
     SeenItem,
     Store,
     StoreError,
+    StoreWriteError,
 )
 from daemon.telemetry import NullTelemetry, Telemetry
 from daemon.undelivered import (
@@ -351,6 +352,8 @@ class Engine:
         else:
             try:
                 await self._apply(label, customer, items, digest)
+            except StoreWriteError:
+                raise  # not this customer's fault: nothing more can be recorded
             except Exception as exc:  # one broken customer never stops the others
                 log.exception(
                     "customer %s: unexpected error; nothing changed for this customer", label
@@ -372,12 +375,15 @@ class Engine:
     async def flush_touches(self) -> None:
         """Write the sync times of unchanged polls. They are only what
         `perksync status` shows, so a crash before this loses no perk, and a
-        failure is logged, not raised."""
+        failure is logged, not raised (but for `StoreWriteError`: the database
+        cannot be written at all)."""
         if not self._touches:
             return
         touches, self._touches = self._touches, {}
         try:
             await self.store.touch_unchanged(touches)
+        except StoreWriteError:
+            raise
         except StoreError as exc:
             log.warning("cannot record the sync time of %d customers: %s", len(touches), exc)
 
@@ -678,7 +684,22 @@ class SyncPass:
         self._polling_done = asyncio.Event()
 
     async def run(self) -> PassReport:
-        tasks = [asyncio.create_task(self._deliver(w)) for w in self.workers]
+        """The pass. A `StoreWriteError` (or any other error) anywhere stops
+        every poll and delivery at once and is raised: the one command in
+        flight on each server stays pending and may be sent again."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                for worker in self.workers:
+                    group.create_task(self._deliver(worker))
+                group.create_task(self._poll_everything())
+        except BaseExceptionGroup as failures:
+            raise _first_failure(failures) from None
+        report = self.engine.report
+        report.undelivered_items = (await self.engine.check_undelivered()).items
+        report.pending_left = await self.engine.store.pending_counts()
+        return report
+
+    async def _poll_everything(self) -> None:
         try:
             await self._poll_all(self.engine.settings.customers)
             await self.engine.flush_touches()
@@ -688,11 +709,6 @@ class SyncPass:
             self._polling_done.set()
             for worker in self.workers:
                 worker.wake.set()
-            await asyncio.gather(*tasks)
-        report = self.engine.report
-        report.undelivered_items = (await self.engine.check_undelivered()).items
-        report.pending_left = await self.engine.store.pending_counts()
-        return report
 
     async def _poll_all(self, links: Sequence[CustomerLink]) -> None:
         queue = iter(enumerate(links))
@@ -702,7 +718,9 @@ class SyncPass:
                 await self.engine.poll(index, link)
 
         size = min(self.engine.settings.sync.concurrency, len(links)) or 1
-        await asyncio.gather(*(poller() for _ in range(size)))
+        async with asyncio.TaskGroup() as pollers:
+            for _ in range(size):
+                pollers.create_task(poller())
 
     async def _deliver(self, worker: ServerWorker) -> None:
         """Keep delivering as rows arrive; one connection; stop at the first failure."""
@@ -715,6 +733,20 @@ class SyncPass:
                 await worker.wake.wait()
         finally:
             await worker.close()
+
+
+def _first_failure(failures: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error to report of a task group's: a `StoreWriteError` if there is one
+    (the others usually follow from it), else the first."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [failures]
+    while pending:
+        error = pending.pop(0)
+        if isinstance(error, BaseExceptionGroup):
+            pending[:0] = error.exceptions
+        else:
+            leaves.append(error)
+    return next((e for e in leaves if isinstance(e, StoreWriteError)), leaves[0])
 
 
 def make_server_factory(settings: Settings) -> ServerFactory:

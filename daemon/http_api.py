@@ -16,8 +16,11 @@ warning, since there is no authentication.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
+import os
+import socket
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -28,6 +31,31 @@ log = logging.getLogger("perksync.http")
 
 # On SIGTERM an open scrape gets this long before the listener closes it.
 SHUTDOWN_TIMEOUT_SECONDS = 1.0
+
+
+class ListenError(Exception):
+    """`http.listen` cannot be listened on; the message is one line naming it."""
+
+
+# What to do about the usual reasons a listener cannot bind.
+_BIND_ADVICE = {
+    errno.EADDRINUSE: "something else listens there: stop it, or choose another port",
+    errno.EADDRNOTAVAIL: "not an address of this machine",
+    errno.EACCES: "ports below 1024 need privileges: choose a higher port",
+}
+
+
+def listen_error(listen: str, error: OSError) -> ListenError:
+    """The one-line error for `error` raised while binding `listen`."""
+    if isinstance(error, socket.gaierror):
+        why = f"cannot resolve the host ({error.strerror})"
+    elif error.errno is not None:
+        why = os.strerror(error.errno).lower()
+        if error.errno in _BIND_ADVICE:
+            why += f"; {_BIND_ADVICE[error.errno]}"
+    else:
+        why = str(error)
+    return ListenError(f"http.listen {listen}: cannot listen there: {why}")
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -81,8 +109,8 @@ def make_app(telemetry: PrometheusTelemetry) -> web.Application:
 async def start_http(listen: str, telemetry: PrometheusTelemetry) -> web.AppRunner:
     """Listen on `listen` (HOST:PORT) and serve until `stop_http(runner)`.
 
-    Raises ValueError for a malformed address and OSError when it cannot bind
-    (address in use, not local): the caller decides whether that is fatal.
+    Raises ValueError for a malformed address and `ListenError` when it cannot
+    bind (address in use, not local): the caller decides whether that is fatal.
     """
     host, port = parse_listen(listen)
     if not is_loopback(host):
@@ -100,8 +128,10 @@ async def start_http(listen: str, telemetry: PrometheusTelemetry) -> web.AppRunn
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
-    except BaseException:
+    except BaseException as exc:
         await runner.cleanup()
+        if isinstance(exc, OSError):
+            raise listen_error(listen, exc) from exc
         raise
     log.info("serving /healthz and /metrics on %s", ", ".join(_shown(a) for a in runner.addresses))
     return runner
@@ -124,8 +154,10 @@ def _shown(address: object) -> str:
 
 
 __all__ = [
+    "ListenError",
     "bound_addresses",
     "is_loopback",
+    "listen_error",
     "make_app",
     "parse_listen",
     "start_http",

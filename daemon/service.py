@@ -14,6 +14,10 @@
   flight, exit 0. SIGHUP: reload config.yaml; a bad one is rejected with a
   log line and the old one stays. Either one received during start-up
   (daemon/startup_signals.py) is honoured once the loop handles signals.
+- The state database cannot be written (disk full, read-only): stop the same
+  way and raise the `StoreWriteError`, so that the process exits non-zero and
+  systemd restarts it; retrying inside would only fail every poll and every
+  command again, out of the operator's sight.
 - systemd: READY/STATUS/WATCHDOG/RELOADING/STOPPING via $NOTIFY_SOCKET, and
   optional /healthz and /metrics on `http.listen`.
 """
@@ -26,6 +30,7 @@ import logging
 import random
 import signal
 import time
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -41,7 +46,7 @@ from daemon.engine import Engine, PassReport, ServerWorker, make_server_factory
 from daemon.http_api import start_http, stop_http
 from daemon.metrics import PrometheusTelemetry
 from daemon.paynow import PayNowClient, RateLimiter, make_session
-from daemon.state import Store
+from daemon.state import Store, StoreWriteError
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +80,7 @@ class Service:
         self.semaphore = asyncio.Semaphore(settings.sync.concurrency)
         self.engine: Engine | None = None
         self.session: Any = None
+        self.store_failure: StoreWriteError | None = None  # the first; ends the service
 
     # --- life cycle ------------------------------------------------------------
 
@@ -90,6 +96,9 @@ class Service:
         self.session = make_session()
         http_runner = None
         try:
+            # First, so that an address in use stops the start before any poll.
+            if self.settings.http.listen:
+                http_runner = await start_http(self.settings.http.listen, self.telemetry)
             self.engine = Engine(
                 self.settings,
                 self.store,
@@ -107,8 +116,6 @@ class Service:
                 max_instances=1, coalesce=True, next_run_time=datetime.now(UTC),
             )  # fmt: skip
             self.scheduler.start()
-            if self.settings.http.listen:
-                http_runner = await start_http(self.settings.http.listen, self.telemetry)
             log.info(
                 "perksync %s started: %d customers every %gs, %d servers",
                 __version__, len(self.settings.customers),
@@ -126,8 +133,16 @@ class Service:
             if http_runner is not None:
                 await stop_http(http_runner)
             await self.session.close()
+        if self.store_failure is not None:
+            raise self.store_failure
         log.info("perksync stopped")
         return 0
+
+    def _store_failed(self, exc: StoreWriteError) -> None:
+        """Nothing more can be recorded: stop polling and delivering (see run)."""
+        if self.store_failure is None:
+            self.store_failure = exc
+            self.stopping.set()
 
     async def _shutdown(self) -> None:
         notify.stopping()
@@ -150,7 +165,7 @@ class Service:
         await asyncio.gather(*self.poll_tasks, return_exceptions=True)
         self.scheduler.shutdown(wait=False)
         if self.engine is not None:
-            await self.engine.flush_touches()
+            await self._guarded(self.engine.flush_touches())
         for worker in self.workers.values():
             await worker.close()
 
@@ -214,6 +229,8 @@ class Service:
                 self.auth_rejected[label] = time.monotonic()
         except asyncio.CancelledError:
             return  # stopping: a poll commits atomically, so nothing half-done remains
+        except StoreWriteError as exc:
+            self._store_failed(exc)
         finally:
             self.polling.discard(label)
             if task is not None:
@@ -228,8 +245,17 @@ class Service:
         assert self.engine is not None
         try:
             await self.engine.sweep_expiries()
+        except StoreWriteError as exc:
+            self._store_failed(exc)
         except Exception:
             log.exception("local expiry sweep failed; will try again")
+
+    async def _guarded(self, write: Awaitable[None]) -> None:
+        """Await a store write; a `StoreWriteError` ends the service (see run)."""
+        try:
+            await write
+        except StoreWriteError as exc:
+            self._store_failed(exc)
 
     # --- delivery --------------------------------------------------------------
 
@@ -249,6 +275,9 @@ class Service:
             worker.wake.clear()
             try:
                 ok = await worker.deliver_available(self.stopping)
+            except StoreWriteError as exc:
+                self._store_failed(exc)  # the row stays pending: nothing more is sent
+                return
             except Exception:
                 log.exception("server %s: unexpected delivery error", worker.name)
                 ok = False
@@ -339,7 +368,7 @@ class Service:
                 log.exception("cannot read the journal backlog")
             notify.status(self.telemetry.summary())
             if self.engine is not None:
-                await self.engine.flush_touches()
+                await self._guarded(self.engine.flush_touches())
                 summary_due = time.monotonic() >= next_summary
                 if check or summary_due:
                     check = False

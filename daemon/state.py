@@ -30,6 +30,18 @@ class StoreError(Exception):
     """
 
 
+class StoreWriteError(StoreError):
+    """The database cannot be written at all: the disk is full, the file or its
+    file system is read-only, the device fails.
+
+    Unlike other store errors (one customer's bad data, a lock held too long)
+    it is not about what was being written, so the next write would fail the
+    same way. The caller stops at once: a command must never be sent when its
+    attempt cannot be recorded first, nor polling go on with nowhere to put
+    what it learns.
+    """
+
+
 class JournalStatus(StrEnum):
     PENDING = "pending"  # to be delivered (or in flight)
     DELIVERED = "delivered"  # the server answered
@@ -147,8 +159,10 @@ class Store(Protocol):
 
     All times are aware datetimes: given in any zone (a naive one is refused
     with ValueError), returned in UTC. Errors of the database (locked for too
-    long, disk full, a constraint violated) come as `StoreError`.
-    Every write is durable when its method returns.
+    long, a constraint violated) come as `StoreError`; a write that fails
+    because the database cannot be written at all (disk full, read-only, I/O
+    error) raises `StoreWriteError`. Every write is durable when its method
+    returns.
     """
 
     async def close(self) -> None: ...
@@ -282,12 +296,15 @@ class Store(Protocol):
 StoreOpener = Callable[[str], "Store"]
 
 
-def open_store(url: str) -> Store:
-    """Open the store named by `url`: a file path (SQLite) or `sqlite:///path`."""
+def open_store(url: str, *, throwaway: bool = False) -> Store:
+    """Open the store named by `url`: a file path (SQLite) or `sqlite:///path`.
+
+    `throwaway`: a scratch copy (a dry run's), whose creation is not news to
+    the operator."""
     from daemon.state_sqlite import SqliteStore  # the only backend so far
 
     path = url.removeprefix("sqlite://") if url.startswith("sqlite://") else url
-    return SqliteStore(Path(path))
+    return SqliteStore(Path(path), throwaway=throwaway)
 
 
 # Backend name → opener; the contract tests run against each entry.

@@ -21,15 +21,21 @@ class LockedError(Exception):
     """Another perksync process is using the same state database."""
 
 
+class LockFileError(Exception):
+    """The lock file cannot be opened for writing (not writable, not a file)."""
+
+
 @contextlib.contextmanager
 def state_lock(db_path: Path) -> Iterator[None]:
-    lock_path = db_path.with_name(db_path.name + ".lock")
+    lock_path = lock_path_of(db_path)
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     except FileNotFoundError:
         # The folder is missing: let the store report that, with its own message.
         yield
         return
+    except OSError as exc:
+        raise LockFileError(f"sync.state_db: cannot open {lock_path}: {exc.strerror}") from exc
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -45,5 +51,28 @@ def state_lock(db_path: Path) -> Iterator[None]:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
+    finally:
+        os.close(fd)
+
+
+def lock_path_of(db_path: Path) -> Path:
+    return db_path.with_name(db_path.name + ".lock")
+
+
+def lock_holder(db_path: Path) -> str | None:
+    """The pid (as written in the lock file, or "?") of the perksync holding the
+    state lock now, or None when nobody holds it. Takes nothing: the probe is a
+    shared lock, released at once, and a missing lock file is not created."""
+    try:
+        fd = os.open(lock_path_of(db_path), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
     finally:
         os.close(fd)

@@ -14,6 +14,17 @@ fails with `StoreError`. The calls are synchronous inside the async methods
 transaction never spans an `await`; one `SqliteStore` belongs to one event
 loop.
 
+A new file is built whole under a temporary name in the same folder and
+linked into place, so the path never holds a half-made database: a file found
+there empty was emptied (a restore gone wrong, a full disk, a careless `>`),
+and is refused rather than taken for a new database, which would send every
+perk already delivered again. The file is created 0600 (SQLite gives its
+`-wal` and `-shm` files the same mode): it holds customers' names and ids.
+
+A write that fails because the file cannot be written at all (disk full,
+read-only, I/O error) raises `StoreWriteError`, naming the file and the
+error, so that the caller stops instead of failing customer after customer.
+
 Schema changes are numbered migrations (`MIGRATIONS`, registered with
 `@migration`), tracked in `PRAGMA user_version` and applied one per
 transaction on open. A file whose version is newer than this code knows is
@@ -30,7 +41,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import pwd
 import sqlite3
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -50,6 +64,7 @@ from daemon.state import (
     SeenItem,
     ServerCounts,
     StoreError,
+    StoreWriteError,
 )
 
 log = logging.getLogger(__name__)
@@ -57,6 +72,12 @@ log = logging.getLogger(__name__)
 # `PRAGMA application_id` of a perksync state database ("PRKS").
 APPLICATION_ID: Final = 0x50524B53
 DEFAULT_BUSY_TIMEOUT: Final = 5.0  # seconds
+
+# Primary result codes meaning the file cannot be written at all, whatever is
+# written: the next write would fail the same way.
+_CANNOT_WRITE: Final = frozenset(
+    {sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN}
+)
 
 Upgrade = Callable[[sqlite3.Connection], None]
 
@@ -350,6 +371,49 @@ ORDER BY id LIMIT ?
 """
 
 
+def empty_file_problem(path: Path) -> str:
+    return (
+        f"the state database {path} is an empty file: refusing to take it for a new "
+        "one, which would send every perk already delivered again; restore it from "
+        "a backup, or delete it to start afresh"
+    )
+
+
+def running_user() -> str:
+    """The name of the user this process runs as (its effective uid)."""
+    uid = os.geteuid()
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a new name in `folder` durable (best effort: not every file system can)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _why_unwritable(path: Path) -> str:
+    """What the operating system says about writing `path`, when it can tell."""
+    try:
+        fs = os.statvfs(path.parent)
+    except OSError:
+        return ""
+    if fs.f_flag & os.ST_RDONLY:
+        return f"; its file system ({path.parent}) is mounted read-only"
+    if fs.f_bavail == 0:
+        return f"; no space left on its file system ({path.parent})"
+    for file in (path, path.parent):
+        if not os.access(file, os.W_OK, effective_ids=os.access in os.supports_effective_ids):
+            return f"; {file} is not writable by user {running_user()}"
+    return ""
+
+
 def _journal_row(r: Sequence[Any]) -> JournalRow:
     return JournalRow(
         id=r[0],
@@ -373,20 +437,30 @@ class SqliteStore:
     """`daemon.state.Store` on one SQLite file; opened (and migrated) by the constructor.
 
     The file is created if missing; its folder must exist. Raises `StoreError`
-    when the file cannot be opened, is not a perksync database, is newer than
-    this code, or cannot be upgraded.
+    when the file cannot be created or opened, is empty, is not a perksync
+    database, is newer than this code, or cannot be upgraded. `throwaway`: a
+    scratch copy, whose creation is logged at debug level only.
     """
 
-    def __init__(self, path: Path, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+        throwaway: bool = False,
+    ) -> None:
         self.path = Path(path)
         if not self.path.parent.is_dir():
             raise StoreError(
                 f"cannot open the state database {self.path}: "
                 f"its folder {self.path.parent} does not exist"
             )
+        created = self._create_if_missing()
         try:
+            # mode=rw: never let SQLite create the file (see _create_if_missing).
             conn = sqlite3.connect(
-                self.path,
+                f"{self.path.absolute().as_uri()}?mode=rw",
+                uri=True,
                 timeout=busy_timeout,
                 isolation_level=None,  # autocommit; transactions are explicit
                 check_same_thread=False,
@@ -401,6 +475,13 @@ class SqliteStore:
                 raise StoreError(f"cannot open the state database {self.path}: {e}") from e
             raise
         self._conn: sqlite3.Connection | None = conn
+        if created:
+            log.log(
+                logging.DEBUG if throwaway else logging.INFO,
+                "created state database %s (schema version %d)",
+                self.path,
+                latest_version(),
+            )
 
     # --- opening ---------------------------------------------------------------
 
@@ -425,6 +506,58 @@ class SqliteStore:
         conn.execute("PRAGMA foreign_keys = ON")
         if version < latest_version():
             self._migrate(conn)
+
+    def _create_if_missing(self) -> bool:
+        """Create the file with the latest schema unless it exists; True if this call did.
+
+        Built under a temporary name and hard-linked into place (which fails
+        if the path exists), so another process opening the same new path at
+        the same moment never sees it empty: it sees no file, or a whole one.
+        """
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StoreError(f"cannot open the state database {self.path}: {e.strerror}") from e
+        else:
+            if size == 0:
+                raise StoreError(empty_file_problem(self.path))
+            return False
+        try:
+            fd, temp = tempfile.mkstemp(prefix=f".{self.path.name}.new-", dir=self.path.parent)
+        except OSError as e:
+            raise StoreError(self._cannot_create(e)) from e
+        os.close(fd)
+        try:
+            self._build(Path(temp))
+            try:
+                os.link(temp, self.path)
+            except FileExistsError:
+                return False  # another process created it first: use theirs
+            except OSError as e:
+                raise StoreError(self._cannot_create(e)) from e
+            _sync_folder(self.path.parent)
+            return True
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+
+    def _cannot_create(self, error: OSError) -> str:
+        return (
+            f"cannot create the state database {self.path}: {error.strerror} "
+            f"(folder {self.path.parent}, user {running_user()})"
+        )
+
+    def _build(self, temp: Path) -> None:
+        """The latest schema in the (empty) file `temp`."""
+        conn = sqlite3.connect(temp, isolation_level=None)
+        try:
+            self._migrate(conn, announce=False)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot create the state database {self.path}: {e}") from e
+        finally:
+            conn.close()
 
     @staticmethod
     def _wal(conn: sqlite3.Connection, busy_timeout: float) -> str:
@@ -454,7 +587,9 @@ class SqliteStore:
                 f"(run a newer perksync, or restore a backup)"
             )
 
-    def _migrate(self, conn: sqlite3.Connection) -> None:
+    def _migrate(self, conn: sqlite3.Connection, *, announce: bool = True) -> None:
+        """Apply the missing steps; `announce`: log each (an upgrade of a file in
+        use, as opposed to the making of a new one)."""
         steps = list(MIGRATIONS)
         while True:
             # Another process may be migrating the same file: take the write lock,
@@ -481,7 +616,8 @@ class SqliteStore:
                         f"{step.version} ({step.description}): {e}"
                     ) from e
                 raise
-            log.info(
+            log.log(
+                logging.INFO if announce else logging.DEBUG,
                 "state database %s: upgraded to schema version %d (%s)",
                 self.path,
                 step.version,
@@ -491,18 +627,24 @@ class SqliteStore:
     # --- plumbing ---------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _errors(self, doing: str) -> Iterator[sqlite3.Connection]:
+    def _errors(self, doing: str, *, write: bool = False) -> Iterator[sqlite3.Connection]:
         if self._conn is None:
             raise StoreError(f"the state database {self.path} is closed")
         try:
             yield self._conn
         except sqlite3.Error as e:
+            code = getattr(e, "sqlite_errorcode", None)  # None: not from SQLite itself
+            if write and code is not None and code & 0xFF in _CANNOT_WRITE:
+                raise StoreWriteError(
+                    f"cannot write the state database {self.path}: "
+                    f"{e} ({e.sqlite_errorname}){_why_unwritable(self.path)}"
+                ) from e
             raise StoreError(f"state database {self.path}: cannot {doing}: {e}") from e
 
     @contextlib.contextmanager
     def _transaction(self, doing: str) -> Iterator[sqlite3.Connection]:
         """One write transaction, holding the write lock from the start."""
-        with self._errors(doing) as conn:
+        with self._errors(doing, write=True) as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
@@ -514,7 +656,7 @@ class SqliteStore:
                 raise
 
     def _finish(self, row_id: int, sql: str, params: tuple[Any, ...], doing: str) -> None:
-        with self._errors(doing) as conn:
+        with self._errors(doing, write=True) as conn:
             if (
                 conn.execute(sql, params).rowcount == 0
                 and not conn.execute("SELECT 1 FROM journal WHERE id = ?", (row_id,)).fetchone()
@@ -550,7 +692,9 @@ class SqliteStore:
         digest: bytes | None = None,
         customer_raw: str | None = None,
     ) -> None:
-        with self._errors(f"record the pass of {label} (customer {customer_id})") as conn:
+        with self._errors(
+            f"record the pass of {label} (customer {customer_id})", write=True
+        ) as conn:
             conn.execute(
                 _TOUCH_LINK,
                 (label, customer_id, customer_name, _ts(synced_at), digest, customer_raw),
@@ -660,7 +804,7 @@ class SqliteStore:
         ]
 
     async def record_error(self, label: str, error: str, at: datetime) -> None:
-        with self._errors(f"record the error of {label}") as conn:
+        with self._errors(f"record the error of {label}", write=True) as conn:
             conn.execute(_LINK_ERROR, (label, error, _ts(at)))
 
     async def pending(self, server: str, after_id: int = 0, limit: int = 500) -> list[JournalRow]:

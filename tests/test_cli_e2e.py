@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from daemon.state_sqlite import latest_version
 from tests.fakes.world import RCON_PASSWORD, REPO, World
 
 PRODUCTS: dict[str, Any] = {
@@ -242,6 +243,28 @@ def test_dry_run_prints_and_changes_nothing(world: World) -> None:
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT count(*) FROM journal").fetchone()[0] == 1
     assert len(world.received("survival")) == 1
+
+
+def test_a_new_state_database_is_one_line_and_private(world: World) -> None:
+    token, _ = world.add_customer(platform="minecraft")
+    world.add_item(token, "vip")
+    world.config(PRODUCTS)
+    db = world.folder / "state.sqlite3"
+
+    result = run(world, "--sync-now", "--dry-run")  # its scratch copy is not news
+    assert "schema version" not in result.stderr
+    assert "created" not in result.stderr
+
+    result = run(world, "--sync-now")
+    announced = [line for line in result.stderr.splitlines() if "schema version" in line]
+    assert len(announced) == 1, result.stderr
+    assert " INFO " in announced[0]
+    assert announced[0].endswith(f"created state database {db} (schema version {latest_version()})")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in world.folder.glob("state.sqlite3*")}
+    assert modes == {"state.sqlite3": 0o600, "state.sqlite3.lock": 0o600}
+
+    result = run(world, "--sync-now")
+    assert "schema version" not in result.stderr
 
 
 def test_dry_run_shows_commands_pending_from_before(world: World) -> None:

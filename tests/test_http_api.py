@@ -13,7 +13,14 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon import http_api
-from daemon.http_api import bound_addresses, is_loopback, parse_listen, start_http, stop_http
+from daemon.http_api import (
+    ListenError,
+    bound_addresses,
+    is_loopback,
+    parse_listen,
+    start_http,
+    stop_http,
+)
 from daemon.metrics import PrometheusTelemetry
 
 T0 = 1_700_000_000.0
@@ -161,7 +168,7 @@ def test_ipv6_loopback() -> None:
     async def scenario() -> None:
         try:
             runner = await start_http("[::1]:0", telemetry)
-        except OSError as exc:
+        except ListenError as exc:
             pytest.skip(f"no IPv6 loopback here: {exc}")
         try:
             [(host, port)] = bound_addresses(runner)
@@ -199,17 +206,21 @@ def test_loopback_address_gives_no_warning(caplog: pytest.LogCaptureFixture) -> 
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
-def test_address_in_use_raises_oserror() -> None:
+def test_address_in_use_is_one_line_naming_the_address() -> None:
     telemetry = PrometheusTelemetry(interval_seconds=60)
 
     async def scenario() -> None:
         first = await start_http("127.0.0.1:0", telemetry)
         try:
             [(_, port)] = bound_addresses(first)
-            with pytest.raises(OSError):
+            with pytest.raises(ListenError) as caught:
                 await start_http(f"127.0.0.1:{port}", telemetry)
         finally:
             await stop_http(first)
+        assert str(caught.value) == (
+            f"http.listen 127.0.0.1:{port}: cannot listen there: address already in use; "
+            "something else listens there: stop it, or choose another port"
+        )
 
     asyncio.run(scenario())
 

@@ -6,6 +6,7 @@ The behaviour every backend shares is in test_store_contract.py.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import sqlite3
@@ -118,6 +119,65 @@ def test_a_closed_store_says_so(db: Path) -> None:
         asyncio.run(store.known("100"))
 
 
+def test_an_emptied_database_is_refused_not_taken_for_a_new_one(db: Path) -> None:
+    store = SqliteStore(db)
+    asyncio.run(store.record_error("alice", "x", T0))
+    close(store)
+    db.write_bytes(b"")  # emptied: a restore gone wrong, a full disk, a careless `>`
+    with pytest.raises(StoreError) as caught:
+        SqliteStore(db)
+    message = str(caught.value)
+    assert f"the state database {db} is an empty file" in message
+    assert "\n" not in message
+    assert db.read_bytes() == b""  # left as found, for the operator to restore
+    assert sorted(p.name for p in db.parent.iterdir()) == [db.name]
+
+
+def test_a_new_file_and_its_companions_are_readable_by_the_owner_only(db: Path) -> None:
+    old_umask = os.umask(0o022)  # a hand run's usual umask: 0644 files
+    try:
+        store = SqliteStore(db)
+        asyncio.run(store.record_error("alice", "x", T0))  # makes the -wal and -shm
+        modes = {
+            p.name: p.stat().st_mode & 0o777
+            for p in db.parent.iterdir()
+            if p.name.startswith(db.name)
+        }
+        close(store)
+    finally:
+        os.umask(old_umask)
+    assert modes == {db.name: 0o600, f"{db.name}-wal": 0o600, f"{db.name}-shm": 0o600}
+
+
+def test_a_new_file_is_announced_once_and_an_upgrade_step_by_step(
+    db: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG, logger=state_sqlite.__name__):
+        close(SqliteStore(db))
+    info = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert info == [f"created state database {db} (schema version {latest_version()})"]
+    caplog.clear()
+
+    with caplog.at_level(logging.DEBUG, logger=state_sqlite.__name__):
+        close(SqliteStore(db))  # already there: nothing to say
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO]
+
+    new = _add_step(monkeypatch, lambda conn: None)
+    with caplog.at_level(logging.DEBUG, logger=state_sqlite.__name__):
+        close(SqliteStore(db))
+    info = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert info == [f"state database {db}: upgraded to schema version {new} (a test step)"]
+
+
+def test_a_throwaway_copy_is_created_without_a_word(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG, logger=state_sqlite.__name__):
+        asyncio.run(open_store(str(db), throwaway=True).close())
+    assert db.exists()
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO]
+
+
 # --- migrations --------------------------------------------------------------------
 
 
@@ -228,6 +288,7 @@ def test_processes_opening_a_fresh_file_at_once_all_succeed(db: Path) -> None:
     errors = [p.communicate(timeout=60)[1] for p in procs]
     assert [p.returncode for p in procs] == [0] * 6, errors
     assert pragma(db, "user_version") == latest_version()
+    assert not list(db.parent.glob(f".{db.name}.new-*"))  # no temporary file left behind
 
 
 # --- locking ------------------------------------------------------------------------
@@ -296,6 +357,58 @@ def test_the_expiry_sweep_reads_through_the_active_items_expiry_index(db: Path) 
     assert "USING INDEX items_expiry" in plan  # used/revoked items are not even in it
     assert "USING INDEX links_customer" in plan
     assert "SCAN" not in plan
+
+
+# Opens the store, then lowers the file size limit (RLIMIT_FSIZE, binding root
+# too) below any database page: the kernel refuses the writes as a full disk would.
+_FULL_DISK = """
+import asyncio, resource, sys
+from datetime import UTC, datetime
+from pathlib import Path
+from daemon.state import StoreWriteError
+from daemon.state_sqlite import SqliteStore
+
+async def main():
+    store = SqliteStore(Path(sys.argv[1]))
+    await store.record_error("alice", "x", datetime.now(UTC))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
+    writes = {
+        "commit_pass": store.commit_pass("bob", "200", None, [], {}, [], datetime.now(UTC)),
+        "record_error": store.record_error("bob", "y", datetime.now(UTC)),
+        "touch_unchanged": store.touch_unchanged({"alice": datetime.now(UTC)}),
+    }
+    for name, write in writes.items():
+        try:
+            await write
+        except StoreWriteError as exc:
+            print(name, exc)
+    print("read", [c.label for c in await store.customers()])
+    await store.close()
+
+asyncio.run(main())
+"""
+
+
+def test_writes_to_a_full_disk_raise_store_write_error_and_reads_go_on(db: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK, str(db)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split(" ")[0] for line in lines] == [
+        "commit_pass",
+        "record_error",
+        "touch_unchanged",
+        "read",
+    ]
+    for line in lines[:3]:
+        assert f" cannot write the state database {db}: " in line
+    assert lines[3] == "read ['alice']"  # nothing of the failed writes was stored
 
 
 # --- crashes --------------------------------------------------------------------------

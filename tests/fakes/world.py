@@ -143,6 +143,17 @@ class World:
         path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
         return path
 
+    def cli_command(self, *args: str) -> list[str]:
+        """`python -m daemon --config <folder>/config.yaml ARGS`."""
+        return [sys.executable, "-m", "daemon", "--config", str(self.folder / "config.yaml"), *args]
+
+    def cli_env(self, env: Mapping[str, str] | None = None) -> dict[str, str]:
+        """This process's environment without PERKSYNC_* overrides, plus `env`."""
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("PERKSYNC_")}
+        full_env["PYTHONPATH"] = str(REPO)
+        full_env.update(env or {})
+        return full_env
+
     def start_service(
         self, *args: str, env: Mapping[str, str] | None = None
     ) -> subprocess.Popen[str]:
@@ -150,16 +161,13 @@ class World:
 
         Its log goes to <folder>/service.log (appended, so restarts add to it).
         """
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("PERKSYNC_")}
-        full_env["PYTHONPATH"] = str(REPO)
-        full_env.update(env or {})
         log = (self.folder / "service.log").open("a")
         return subprocess.Popen(
-            [sys.executable, "-m", "daemon", "--config", str(self.folder / "config.yaml"), *args],
+            self.cli_command(*args),
             stdout=log,
             stderr=subprocess.STDOUT,
             text=True,
-            env=full_env,
+            env=self.cli_env(env),
             cwd=self.folder,
         )
 
@@ -171,15 +179,12 @@ class World:
         self, *args: str, env: Mapping[str, str] | None = None, timeout: float = 60
     ) -> subprocess.CompletedProcess[str]:
         """Run `python -m daemon --config <folder>/config.yaml ARGS` and wait."""
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("PERKSYNC_")}
-        full_env["PYTHONPATH"] = str(REPO)
-        full_env.update(env or {})
         return subprocess.run(
-            [sys.executable, "-m", "daemon", "--config", str(self.folder / "config.yaml"), *args],
+            self.cli_command(*args),
             capture_output=True,
             text=True,
             timeout=timeout,
-            env=full_env,
+            env=self.cli_env(env),
             cwd=self.folder,
             check=False,
         )
