@@ -56,8 +56,10 @@ class _ArgumentParser(argparse.ArgumentParser):
 EXIT_STATUS_HELP = """\
 exit status:
   0  all done
-  1  anything unexpected (the log says what)
-  2  the configuration or the command line is invalid; nothing was contacted
+  1  anything unexpected (the log says what), a state database that cannot be
+     written any more included
+  2  perksync cannot start as set up (the configuration, the command line, the
+     state folder or the listen address); nothing was contacted
   3  the pass finished, but something is not delivered: a customer's inventory
      could not be read, a command is still pending (server down), or a command
      failed in this pass
