@@ -28,8 +28,8 @@ from daemon.paynow import PayNowClient, make_session
 from daemon.placeholders import printable
 from daemon.preflight import setup_problems
 from daemon.state import Store, StoreError, StoreWriteError, open_store
-from daemon.state_lock import LockedError, LockFileError, state_lock
-from daemon.state_sqlite import empty_file_problem
+from daemon.state.lock import LockedError, LockFileError, state_lock
+from daemon.state.sqlite import empty_file_problem
 from daemon.undelivered import (
     Undelivered,
     describe_unmapped,

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from daemon.config import Settings
 from daemon.http_api import listen_error, parse_listen
-from daemon.state_lock import lock_holder, lock_path_of
-from daemon.state_sqlite import empty_file_problem, running_user
+from daemon.state.lock import lock_holder, lock_path_of
+from daemon.state.sqlite import empty_file_problem, running_user
 
 
 def setup_problems(settings: Settings, *, listen: bool) -> list[str]:

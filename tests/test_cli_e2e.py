@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from daemon.state_sqlite import latest_version
+from daemon.state.sqlite import latest_version
 from tests.fakes.world import RCON_PASSWORD, REPO, World
 
 PRODUCTS: dict[str, Any] = {

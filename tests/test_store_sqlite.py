@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-import daemon.state_sqlite as state_sqlite
+import daemon.state.sqlite as state_sqlite
 from daemon.diff import Mark, Phase
 from daemon.state import JournalEntry, SeenItem, StoreError, open_store
-from daemon.state_sqlite import Migration, SqliteStore, latest_version
+from daemon.state.sqlite import Migration, SqliteStore, latest_version
 from tests.test_store_contract import T0, T1, entry, granted, run_async, seen
 
 REPO = Path(__file__).resolve().parent.parent
@@ -266,7 +266,7 @@ def test_a_database_newer_than_the_code_is_refused(db: Path) -> None:
 _OPEN_AT_ONCE = """
 import sys, time
 from pathlib import Path
-from daemon.state_sqlite import SqliteStore
+from daemon.state.sqlite import SqliteStore
 start = float(sys.argv[2])
 time.sleep(max(0.0, start - time.time()))
 SqliteStore(Path(sys.argv[1]))
@@ -366,7 +366,7 @@ import asyncio, resource, sys
 from datetime import UTC, datetime
 from pathlib import Path
 from daemon.state import StoreWriteError
-from daemon.state_sqlite import SqliteStore
+from daemon.state.sqlite import SqliteStore
 
 async def main():
     store = SqliteStore(Path(sys.argv[1]))
@@ -422,7 +422,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from daemon.diff import Mark, Phase
 from daemon.state import JournalEntry, SeenItem
-from daemon.state_sqlite import SqliteStore
+from daemon.state.sqlite import SqliteStore
 
 path, how = Path(sys.argv[1]), sys.argv[2]
 store = SqliteStore(path)
@@ -532,7 +532,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from daemon.diff import Mark, Phase
 from daemon.state import JournalEntry, SeenItem
-from daemon.state_sqlite import SqliteStore
+from daemon.state.sqlite import SqliteStore
 
 path, me, start = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3])
 store = SqliteStore(path, busy_timeout=30)
@@ -624,7 +624,7 @@ def test_migration_2_keeps_the_marks_of_a_version_1_database(tmp_path: Path) -> 
     """A file written by schema version 1 is upgraded in place, marks intact."""
     import sqlite3
 
-    from daemon.state_sqlite import MIGRATIONS, SqliteStore
+    from daemon.state.sqlite import MIGRATIONS, SqliteStore
 
     path = tmp_path / "v1.sqlite3"
     conn = sqlite3.connect(path, isolation_level=None)
@@ -657,7 +657,7 @@ def test_migration_3_adds_digests_to_a_version_2_database(tmp_path: Path) -> Non
     the first pass after the upgrade diffs every customer."""
     import sqlite3
 
-    from daemon.state_sqlite import MIGRATIONS, SqliteStore
+    from daemon.state.sqlite import MIGRATIONS, SqliteStore
 
     path = tmp_path / "v2.sqlite3"
     conn = sqlite3.connect(path, isolation_level=None)

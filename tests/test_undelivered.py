@@ -19,7 +19,7 @@ from daemon.config import Settings, load_settings
 from daemon.engine import Engine
 from daemon.paynow import PayNowClient, make_session
 from daemon.state import LiveItems, SeenItem
-from daemon.state_sqlite import SqliteStore
+from daemon.state.sqlite import SqliteStore
 from daemon.undelivered import (
     Unmapped,
     Unroutable,
