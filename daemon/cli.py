@@ -1,4 +1,4 @@
-"""The `perksync` command line (SPEC §3). The only place logging is configured.
+"""The `perksync` command line. The only place logging is configured.
 
 Exit status: 0 all done; 2 invalid configuration or command line, or a state
 folder, state database or listen address that cannot be used as set up
@@ -17,26 +17,17 @@ import sqlite3
 import sys
 import tempfile
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 
 from daemon import __version__, log_format, startup_signals
 from daemon.config import ConfigError, Settings, config_path_from, load_settings
-from daemon.engine import Engine, PassReport, SyncPass, make_server_factory
 from daemon.http_api import ListenError
-from daemon.paynow import PayNowClient, make_session
-from daemon.placeholders import printable
 from daemon.preflight import setup_problems
-from daemon.state import Store, StoreError, StoreWriteError, open_store
+from daemon.state import StoreError, StoreWriteError, open_store
 from daemon.state.lock import LockedError, LockFileError, state_lock
 from daemon.state.sqlite import empty_file_problem
-from daemon.undelivered import (
-    Undelivered,
-    describe_unmapped,
-    describe_unroutable,
-    find_undelivered,
-    id_fields,
-)
+from daemon.status import print_status
+from daemon.sync_pass import run_pass
 
 log = logging.getLogger("perksync")
 
@@ -148,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return EXIT_OK
         if args.command == "status":
-            return asyncio.run(_status(settings))
+            return asyncio.run(print_status(settings))
         if args.sync_now and args.dry_run:
             return asyncio.run(_sync_now(settings, dry_run=True))
         # (The service's own bind reports a busy http.listen, before any poll.)
@@ -186,20 +177,6 @@ def _report_setup_problems(settings: Settings, *, listen: bool) -> bool:
     return bool(problems)
 
 
-async def _run_pass(settings: Settings, store: Store, *, dry_run: bool) -> PassReport:
-    async with make_session() as session:
-        paynow = PayNowClient(
-            session,
-            settings.paynow.api_url,
-            timeout_seconds=settings.paynow.timeout_seconds,
-            requests_per_second=settings.paynow.requests_per_second,
-        )
-        output = (lambda line: print(line, flush=True)) if dry_run else None
-        engine = Engine(settings, store, paynow)
-        sync = SyncPass(engine, make_server_factory(settings), dry_run_output=output)
-        return await sync.run()
-
-
 def _scratch_copy(db_path: Path, folder: str) -> str:
     """A throw-away copy of the state for a dry run (the real file is only read)."""
     scratch = os.path.join(folder, "dry-run.sqlite3")
@@ -216,19 +193,25 @@ def _scratch_copy(db_path: Path, folder: str) -> str:
     return scratch
 
 
+def _print_line(line: str) -> None:
+    print(line, flush=True)
+
+
 async def _sync_now(settings: Settings, *, dry_run: bool) -> int:
     if dry_run:
         with tempfile.TemporaryDirectory(prefix="perksync-dry-run-") as folder:
             store = open_store(_scratch_copy(settings.state_db_path, folder), throwaway=True)
+            # The printed lines are the output; "delivered" lines would mislead.
+            logging.getLogger("daemon.delivery").setLevel(logging.WARNING)
             try:
-                report = await _run_pass(settings, store, dry_run=True)
+                report = await run_pass(settings, store, dry_run_output=_print_line)
             finally:
                 await store.close()
-            log.info("dry run: %s (nothing was sent or stored)", report.summary())
+            log.info("dry run: %s (nothing was sent or stored)", report.summary(dry_run=True))
             return EXIT_UNDELIVERED if report.customers_failed else EXIT_OK
     store = open_store(str(settings.state_db_path))
     try:
-        report = await _run_pass(settings, store, dry_run=False)
+        report = await run_pass(settings, store)
     finally:
         await store.close()
     log.info("%s", report.summary())
@@ -244,64 +227,3 @@ async def _serve(config_path: Path, settings: Settings) -> int:
         return await Service(config_path, settings, store).run()
     finally:
         await store.close()
-
-
-def _when(moment: datetime | None) -> str:
-    return moment.strftime("%Y-%m-%d %H:%M:%S UTC") if moment else "never"
-
-
-async def _status(settings: Settings) -> int:
-    db_path = settings.state_db_path
-    if not db_path.exists():
-        print(f"state: {db_path} does not exist yet (no pass has run)")
-        known_customers, counts, undelivered = [], [], Undelivered()
-    else:
-        store = open_store(str(db_path))
-        try:
-            known_customers = await store.customers()
-            counts = await store.server_counts()
-            live = await store.live_items(id_fields(settings))
-            undelivered = find_undelivered(settings, live)
-        finally:
-            await store.close()
-        print(f"state: {db_path}")
-    by_label = {c.label: c for c in known_customers}
-    print(f"customers ({len(settings.customers)} linked):")
-    for index, link in enumerate(settings.customers):
-        label = link.describe(index)
-        known = by_label.get(label)
-        if known is None:
-            print(f"  {label}: never synced")
-            continue
-        who = known.customer_id or "?"
-        if known.name:
-            who += f" ({printable(known.name)})"
-        line = f"  {label}: customer {who}, last synced {_when(known.last_synced_at)}"
-        if known.last_error:
-            line += f"; last error {_when(known.last_error_at)}: {printable(known.last_error, 200)}"
-        print(line)
-    print("servers:")
-    by_server = {c.server: c for c in counts}
-    for name in sorted(set(settings.servers) | set(by_server)):
-        c = by_server.get(name)
-        note = "" if name in settings.servers else " (no longer in the config)"
-        if c is None:
-            print(f"  {name}: nothing journaled yet{note}")
-        else:
-            print(
-                f"  {name}: {c.pending} pending, {c.failed} failed, {c.skipped} skipped, "
-                f"{c.delivered} delivered{note}"
-            )
-    _print_undelivered(undelivered)
-    return EXIT_OK
-
-
-def _print_undelivered(undelivered: Undelivered) -> None:
-    if not (undelivered.unmapped or undelivered.unroutable):
-        print("live items that reach no server: none")
-        return
-    print(f"live items that reach no server: {undelivered.items}")
-    for unmapped in undelivered.unmapped:
-        print(f"  {describe_unmapped(unmapped)}")
-    for unroutable in undelivered.unroutable:
-        print(f"  {describe_unroutable(unroutable)}")

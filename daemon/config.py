@@ -58,11 +58,48 @@ class PayNowSettings(_Section):
     timeout_seconds: Annotated[float, Field(gt=0, le=300)] = 10.0
     # One budget for the whole process; PayNow's storefront limits are per IP.
     requests_per_second: Annotated[float, Field(ge=0, le=10_000)] = 20.0
+    # Store mode: the store and a Management API key (they go together).
+    store_id: Annotated[str, Field(pattern=r"^[0-9]{1,20}$")] | None = None
+    api_key_env: str | None = None
+    api_key_file: str | None = None
+    api_key: SecretStr | None = None
+    # Store mode, optional: the secret PayNow signs webhooks with.
+    webhook_secret_env: str | None = None
+    webhook_secret_file: str | None = None
+    webhook_secret: SecretStr | None = None
+
+    _api_key: SecretStr | None = PrivateAttr(default=None)
+    _webhook_secret: SecretStr | None = PrivateAttr(default=None)
 
     @field_validator("api_url")
     @classmethod
     def _check_url(cls, value: str) -> str:
         return validate_api_url(value)
+
+    @model_validator(mode="after")
+    def _at_most_one_source(self) -> Self:
+        _at_most_one(self, "api_key")
+        _at_most_one(self, "webhook_secret")
+        return self
+
+    @property
+    def has_api_key(self) -> bool:
+        return bool(self.api_key_env or self.api_key_file or self.api_key)
+
+    @property
+    def has_webhook_secret(self) -> bool:
+        return bool(self.webhook_secret_env or self.webhook_secret_file or self.webhook_secret)
+
+    @property
+    def api_key_secret(self) -> SecretStr:
+        if self._api_key is None:
+            raise RuntimeError("the API key is resolved by load_settings")
+        return self._api_key
+
+    @property
+    def webhook_secret_value(self) -> SecretStr | None:
+        """The webhook secret, resolved; None when webhooks are off."""
+        return self._webhook_secret
 
 
 class SyncSettings(_Section):
@@ -70,6 +107,10 @@ class SyncSettings(_Section):
     interval_seconds: Annotated[float, Field(ge=1, le=86_400)] = 60.0
     concurrency: Annotated[int, Field(ge=1, le=1000)] = 16
     expiry_grace_seconds: Annotated[float, Field(ge=0, le=86_400)] = 60.0
+    # Store mode: how often new items are read, and how far back each read
+    # looks again for items that became visible late.
+    new_items_seconds: Annotated[float, Field(ge=1, le=3_600)] = 5.0
+    new_items_overlap_seconds: Annotated[float, Field(ge=0, le=3_600)] = 30.0
 
 
 class HttpSettings(_Section):
@@ -86,12 +127,23 @@ class HttpSettings(_Section):
         return value
 
 
+def _secret_sources(model: BaseModel, prefix: str) -> list[str]:
+    return [f"{prefix}{s}" for s in ("_env", "_file", "") if getattr(model, f"{prefix}{s}")]
+
+
 def _exactly_one(model: BaseModel, prefix: str) -> None:
-    given = [f"{prefix}{s}" for s in ("_env", "_file", "") if getattr(model, f"{prefix}{s}")]
+    given = _secret_sources(model, prefix)
     if len(given) != 1:
         options = f"{prefix}_env, {prefix}_file or {prefix}"
         found = f" (found {', '.join(given)})" if given else ""
         raise ValueError(f"give exactly one of {options}{found}")
+
+
+def _at_most_one(model: BaseModel, prefix: str) -> None:
+    given = _secret_sources(model, prefix)
+    if len(given) > 1:
+        options = f"{prefix}_env, {prefix}_file or {prefix}"
+        raise ValueError(f"give at most one of {options} (found {', '.join(given)})")
 
 
 class CustomerLink(_Section):
@@ -134,6 +186,9 @@ class ServerSettings(_Section):
     password_file: str | None = None
     password: SecretStr | None = None
     timeout_seconds: Annotated[float, Field(gt=0, le=300)] = 5.0
+    # Store mode: PayNow's id of this game server; an item whose
+    # execute_on_gameserver_id is this id goes to this server only.
+    paynow_gameserver_id: Annotated[str, Field(pattern=r"^[0-9]{1,20}$")] | None = None
 
     _password: SecretStr | None = PrivateAttr(default=None)
 
@@ -211,6 +266,12 @@ class Settings(BaseSettings):
     def _resolve(self, value: str) -> Path:
         path = Path(value).expanduser()
         return path if path.is_absolute() else self._base_dir / path
+
+    @property
+    def store_mode(self) -> bool:
+        """A Management API key links every customer of the store (store mode);
+        without one, each customer is linked by its token (token mode)."""
+        return self.paynow.has_api_key
 
     @property
     def ignored_products(self) -> frozenset[str]:
@@ -509,6 +570,7 @@ def _check_cross_references(settings: Settings) -> list[str]:
                 if not command.strip():
                     errors.append(f"products.{slug}.{event}[{i}]: empty command")
             product._templates[event] = tuple(templates)
+    errors += _check_mode(settings)
     if settings.products and not settings.servers:
         errors.append("servers: no server is configured, so no product can be delivered")
     seen_tokens: dict[str, int] = {}
@@ -517,6 +579,51 @@ def _check_cross_references(settings: Settings) -> list[str]:
         if key and key in seen_tokens:
             errors.append(f"customers[{i}]: the same token source as customers[{seen_tokens[key]}]")
         seen_tokens.setdefault(key, i)
+    return errors
+
+
+def _check_mode(settings: Settings) -> list[str]:
+    """Store mode's keys go together and exclude the token mode's."""
+    paynow = settings.paynow
+    errors = []
+    if paynow.has_api_key and paynow.store_id is None:
+        errors.append("paynow.store_id: store mode (an API key is given) needs the store's id")
+    if paynow.store_id is not None and not paynow.has_api_key:
+        errors.append(
+            "paynow.store_id: store mode needs a Management API key too "
+            "(paynow.api_key_env, api_key_file or api_key)"
+        )
+    if paynow.has_api_key and settings.customers:
+        errors.append(
+            "customers: store mode (paynow.api_key) links every customer of the store; "
+            "remove the customers list, or the API key for token mode"
+        )
+    if paynow.has_webhook_secret and not paynow.has_api_key:
+        errors.append("paynow.webhook_secret: webhooks need store mode (paynow.api_key)")
+    if paynow.has_webhook_secret and not settings.http.listen:
+        errors.append(
+            "paynow.webhook_secret: webhooks arrive on http.listen, which is not set "
+            "(e.g. http.listen: 127.0.0.1:9108)"
+        )
+    return errors
+
+
+def _resolve_secrets(settings: Settings, base_dir: str, env: Mapping[str, str]) -> list[str]:
+    """Read every secret the settings name; one error line per one that fails."""
+    errors = []
+    jobs: list[tuple[BaseModel, str, str, str]] = [
+        (link, "token", f"customers[{i}]", "_token") for i, link in enumerate(settings.customers)
+    ]
+    jobs += [(s, "password", f"servers.{n}", "_password") for n, s in settings.servers.items()]
+    if settings.paynow.has_api_key:
+        jobs.append((settings.paynow, "api_key", "paynow", "_api_key"))
+    if settings.paynow.has_webhook_secret:
+        jobs.append((settings.paynow, "webhook_secret", "paynow", "_webhook_secret"))
+    for model, prefix, where, attribute in jobs:
+        try:
+            setattr(model, attribute, _read_secret(model, prefix, where, base_dir, env))
+        except ConfigError as exc:
+            errors.append(str(exc))
     return errors
 
 
@@ -540,18 +647,7 @@ def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
     settings._base_dir = base_dir
     settings._ignored_products = ignored
     errors += _check_cross_references(settings)
-    for i, link in enumerate(settings.customers):
-        try:
-            link._token = _read_secret(link, "token", f"customers[{i}]", str(base_dir), env)
-        except ConfigError as exc:
-            errors.append(str(exc))
-    for name, server in settings.servers.items():
-        try:
-            server._password = _read_secret(
-                server, "password", f"servers.{name}", str(base_dir), env
-            )
-        except ConfigError as exc:
-            errors.append(str(exc))
+    errors += _resolve_secrets(settings, str(base_dir), env)
     if errors:
         raise ConfigError("\n".join(_name_variables(errors, origins)))
     return settings

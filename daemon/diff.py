@@ -12,7 +12,7 @@ ones). Expire and revoke only ever follow a grant we ran, so an item first seen
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -89,15 +89,18 @@ def diff_inventory(
     known_marks: Mapping[MarkKey, Mark],
     known_items: Collection[str],
     items: Sequence[InventoryItem],
-    routes: Mapping[str, Sequence[str]],
+    route: Callable[[InventoryItem], Sequence[str]],
     now: datetime | None = None,
+    *,
+    complete: bool = True,
 ) -> DiffResult:
-    """Work out the events of one customer's whole inventory.
+    """Work out the events of one customer's items.
 
-    `routes` maps a product slug to the servers its commands go to *for this
-    customer* (platform routing already applied); products not in it are
-    ignored. `items` must be the complete inventory: a partial one would make
-    items look disappeared, and the caller never passes one.
+    `route` gives the servers an item's commands go to *for this customer*
+    (platform routing already applied; an empty result: ignored).
+    `complete` says that `items` is the whole inventory, every state: only
+    then are known items it lacks reported as disappeared. A part (new
+    items, a snapshot of live ones) says nothing of the items it lacks.
 
     Events come ordered by when they happened (then item id), so that a
     revoke never overtakes its grant and one customer's events on one server
@@ -105,7 +108,7 @@ def diff_inventory(
 
     An item id listed more than once is handled once (first copy) if every
     copy has the same state, and not at all this pass if they disagree; a
-    server listed twice for a product counts once. Either would otherwise
+    server listed twice for an item counts once. Either would otherwise
     run `on_active` twice, or both `on_expire` and `on_revoke`, in one pass.
 
     A LAPSED mark (the service ran on_expire locally when expires_at passed)
@@ -129,7 +132,7 @@ def diff_inventory(
         if item.state not in KNOWN_STATES:
             result.unknown_states.append((item.id, item.state))
             continue
-        for server in dict.fromkeys(routes.get(item.product.slug, ())):
+        for server in dict.fromkeys(route(item)):
             key = (item.id, server)
             mark = known_marks.get(key)
             if item.state in GRANTING_STATES:
@@ -151,7 +154,8 @@ def diff_inventory(
                     )
                 elif mark.phase is Phase.LAPSED:
                     result.marks[key] = Mark(Phase.ENDED, mark.cycle)
-    result.disappeared = sorted(set(known_items) - seen, key=_flake_order)
+    if complete:
+        result.disappeared = sorted(set(known_items) - seen, key=_flake_order)
     result.duplicates = sorted(duplicated, key=_flake_order)
     result.events.sort(key=lambda e: (e.happened_at, _flake_order(e.item.id), e.server))
     return result
