@@ -2,75 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
 
 from daemon.diff import DiffResult, EventKind, Mark, MarkKey, Phase, diff_inventory
-from daemon.models import InventoryItem
+from tests.conftest import ITEM_A, ITEM_B, ITEM_C, by_product, item
 
-CUSTOMER_ID = "150352880618967040"
-STORE_ID = "94688451781206016"
-ITEM_A = "149643503939362817"
-ITEM_B = "149643503939362818"
-ITEM_C = "149643503939362819"
-
-PRODUCTS = {
-    "vip": {
-        "id": "124249183568797696",
-        "store_id": STORE_ID,
-        "version_id": "147121000780144640",
-        "slug": "vip",
-        "name": "VIP",
-    },
-    "banana": {
-        "id": "124249183568797697",
-        "store_id": STORE_ID,
-        "version_id": "147121000780144641",
-        "slug": "banana",
-        "name": "Banana",
-    },
-}
-
-
-def item(
-    item_id: str = ITEM_A,
-    state: str = "active",
-    slug: str = "vip",
-    **fields: Any,
-) -> InventoryItem:
-    """An InventoryItem shaped like the seed's example, in `state`."""
-    data: dict[str, Any] = {
-        "id": item_id,
-        "store_id": STORE_ID,
-        "customer_id": CUSTOMER_ID,
-        "order_id": "149643389770407936",
-        "order_line_id": "149643389770407937",
-        "quantity_index": 1,
-        "product": dict(PRODUCTS[slug]),
-        "state": state,
-        "expirable": True,
-        "gift": False,
-        "added_at": "2023-04-11T20:52:13.659206Z",
-        "active_at": None,
-        "expires_at": None,
-        "removed_at": None,
-        "revoked_at": None,
-        "revoke_reason": None,
-    }
-    if state in ("active", "renewed", "used", "revoked"):
-        data["active_at"] = "2023-04-11T21:52:53.66545Z"
-        data["expires_at"] = "2023-05-11T21:52:53.66545Z"
-    if state == "used":
-        data["removed_at"] = "2023-05-11T21:53:55.763216Z"
-    if state == "revoked":
-        data["revoked_at"] = "2023-04-20T10:00:00Z"
-        data["revoke_reason"] = "chargeback"
-    data.update(fields)
-    return InventoryItem.from_api(data)
-
-
-VIP_ON_SURVIVAL: Mapping[str, Sequence[str]] = {"vip": ["survival"]}
+VIP_ON_SURVIVAL = by_product({"vip": ["survival"]})
 
 
 def granted(*keys: MarkKey) -> dict[MarkKey, Mark]:
@@ -230,7 +167,7 @@ def test_products_not_routed_are_ignored() -> None:
 
 
 def test_only_the_listed_servers_get_commands() -> None:
-    routes = {"vip": ["survival", "creative"], "banana": ["lobby"]}
+    routes = by_product({"vip": ["survival", "creative"], "banana": ["lobby"]})
     result = diff_inventory({}, set(), [item(ITEM_A, slug="vip")], routes)
     assert sorted(e.server for e in result.events) == ["creative", "survival"]
     assert set(result.marks) == {(ITEM_A, "survival"), (ITEM_A, "creative")}
@@ -238,14 +175,14 @@ def test_only_the_listed_servers_get_commands() -> None:
 
 def test_servers_are_tracked_independently() -> None:
     # vip was granted on survival; the operator adds creative to vip's servers.
-    routes = {"vip": ["survival", "creative"]}
+    routes = by_product({"vip": ["survival", "creative"]})
     result = diff_inventory(granted((ITEM_A, "survival")), {ITEM_A}, [item()], routes)
     assert kinds(result) == [(ITEM_A, "creative", EventKind.ACTIVE)]
     assert result.marks == granted((ITEM_A, "creative"))
 
 
 def test_end_event_only_where_the_grant_ran() -> None:
-    routes = {"vip": ["survival", "creative"]}
+    routes = by_product({"vip": ["survival", "creative"]})
     result = diff_inventory(
         granted((ITEM_A, "survival")), {ITEM_A}, [item(state="revoked")], routes
     )
@@ -254,7 +191,7 @@ def test_end_event_only_where_the_grant_ran() -> None:
 
 
 def test_server_listed_twice_is_granted_once() -> None:
-    result = diff_inventory({}, set(), [item()], {"vip": ["survival", "survival"]})
+    result = diff_inventory({}, set(), [item()], by_product({"vip": ["survival", "survival"]}))
     assert kinds(result) == [(ITEM_A, "survival", EventKind.ACTIVE)]
 
 
@@ -280,7 +217,7 @@ def test_events_are_ordered_by_when_they_happened() -> None:
 
 
 def test_same_time_events_are_ordered_by_item_then_server() -> None:
-    routes = {"vip": ["b-server", "a-server"]}
+    routes = by_product({"vip": ["b-server", "a-server"]})
     items = [item("20"), item("3")]
     result = diff_inventory({}, set(), items, routes)
     assert [(e.item.id, e.server) for e in result.events] == [

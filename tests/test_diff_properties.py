@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from daemon.diff import GRANTING_STATES, EventKind, Mark, MarkKey, Phase, diff_inventory
 from daemon.models import KNOWN_STATES, InventoryItem
+from tests.conftest import by_product
 
 STORE_ID = "94688451781206016"
 CUSTOMER_ID = "150352880618967040"
@@ -110,7 +111,7 @@ def test_folding_snapshots_obeys_the_event_rules(
 
     for snapshot, routes in run:
         items = [make_item(*entry) for entry in snapshot]
-        result = diff_inventory(marks, frozenset(known_items), items, routes)
+        result = diff_inventory(marks, frozenset(known_items), items, by_product(routes))
 
         listed = {entry[0] for entry in snapshot}
         clean = consistent_states(snapshot)
@@ -184,8 +185,8 @@ def test_the_diff_is_deterministic_and_order_independent(
     known: set[str] = set()
     for snapshot, routes in run:
         items = [make_item(*entry) for entry in snapshot]
-        forward = diff_inventory(marks, known, items, routes)
-        backward = diff_inventory(marks, known, items[::-1], routes)
+        forward = diff_inventory(marks, known, items, by_product(routes))
+        backward = diff_inventory(marks, known, items[::-1], by_product(routes))
         # Items listed twice in conflicting states are skipped, so the order of
         # the copies does not matter; agreeing copies differ only in timestamps.
         clean = consistent_states(snapshot)
@@ -211,7 +212,10 @@ def test_one_item_through_any_state_sequence(states: list[str], servers: list[st
     per_server: dict[str, list[EventKind]] = {s: [] for s in servers}
     for index, state in enumerate(states):
         result = diff_inventory(
-            marks, {"101"} if index else set(), [make_item("101", state, 5, 9)], {"vip": servers}
+            marks,
+            {"101"} if index else set(),
+            [make_item("101", state, 5, 9)],
+            by_product({"vip": servers}),
         )
         for event in result.events:
             per_server[event.server].append(event.kind)
@@ -269,7 +273,11 @@ def test_local_expiry_and_polls_alternate_grant_and_end(
         if action == "poll":
             state, expires = new_state, new_expiry
             result = diff_inventory(
-                marks, {"101"}, [expiring_item(state, expires)], {"vip": ["survival"]}, now
+                marks,
+                {"101"},
+                [expiring_item(state, expires)],
+                by_product({"vip": ["survival"]}),
+                now,
             )
             history += [(e.kind.value, e.cycle) for e in result.events]
             marks.update(result.marks)
