@@ -186,6 +186,24 @@ class PrometheusTelemetry:
             registry=r,
         )
         self._undelivered_series: set[tuple[str, str]] = set()
+        self._store_reads = Counter(
+            "perksync_store_reads",
+            "Store mode: reads of PayNow by kind (new_items, snapshot, look_up) and outcome.",
+            ["read", "outcome"],
+            registry=r,
+        )
+        self._last_store_read = Gauge(
+            "perksync_last_store_read_timestamp_seconds",
+            "Store mode: unix time of the last complete read of a kind.",
+            ["read"],
+            registry=r,
+        )
+        self._items_missing = Gauge(
+            "perksync_items_missing",
+            "Store mode: items held live that the last snapshot and their customer's "
+            "items both lacked (they stay granted).",
+            registry=r,
+        )
         self._customers_linked = Gauge(
             "perksync_customers_linked", "Customers in the configuration.", registry=r
         )
@@ -330,6 +348,25 @@ class PrometheusTelemetry:
             # Nothing is waiting, so nothing is failing to arrive.
             state.failing_since = None
             state.failures = 0
+
+    def store_read(self, read: str, error_kind: str | None, at: float) -> None:
+        """Counted like a poll for health: a failing store is as unhealthy."""
+        if error_kind is None:
+            self._store_reads.labels(read, "ok").inc()
+            self._last_store_read.labels(read).set(at)
+            self._last_any_success = max(at, self._last_any_success or at)
+            self._last_poll_activity = max(at, self._last_poll_activity or at)
+            self._failed_since_success = 0
+            self._skipped_since_success = 0
+        else:
+            self._store_reads.labels(read, "failed").inc()
+            self._api_errors.labels(error_kind).inc()
+            self._last_poll_activity = self._clock()
+            self._failed_since_success += 1
+            self._last_failure_kind = error_kind
+
+    def items_missing(self, count: int) -> None:
+        self._items_missing.set(count)
 
     def undelivered(self, unmapped: Mapping[str, int], missing_id: Mapping[str, int]) -> None:
         series = {(slug, "unmapped"): n for slug, n in unmapped.items() if n}

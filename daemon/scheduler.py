@@ -1,5 +1,9 @@
 """The service's clockwork: APScheduler jobs that make the sources read.
 
+Store mode (`StoreReads`): a new-items read every `sync.new_items_seconds`,
+a snapshot every `sync.interval_seconds` (both also at start), and the
+look-ups webhooks ask for.
+
 Token mode (`LinkPolls`): every linked customer is a job, polled every
 `sync.interval_seconds`; first runs are spread evenly over one interval and
 every run gets up to 10 % (at most 5 s) of jitter, so 10,000 customers never
@@ -13,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -23,6 +27,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from daemon.clock import Clock
 from daemon.config import CustomerLink, Settings
+from daemon.sources.store import StoreSource
 from daemon.sources.token import TokenSource
 from daemon.state import StoreWriteError
 from daemon.telemetry import Telemetry
@@ -138,6 +143,100 @@ class LinkPolls:
     async def cancel_running(self) -> None:
         """Stopping: cancel the polls under way (each commits atomically, so
         a cancelled one stores nothing) and wait for them to end."""
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+NEW_ITEMS_JOB = "store:new-items"
+SNAPSHOT_JOB = "store:snapshot"
+LOOK_UPS_AT_ONCE = 4  # webhook look-ups running at the same time
+
+
+class StoreReads:
+    """Store mode's jobs: new items every `sync.new_items_seconds`, a snapshot
+    every `sync.interval_seconds`, and look-ups as webhooks ask for them (a
+    customer asked for again while its look-up waits is looked up once)."""
+
+    def __init__(
+        self,
+        scheduler: AsyncIOScheduler,
+        source: StoreSource,
+        *,
+        clock: Clock,
+        stopping: asyncio.Event,
+        store_failed: Callable[[StoreWriteError], None],
+    ) -> None:
+        self.scheduler = scheduler
+        self.source = source
+        self.clock = clock
+        self.stopping = stopping
+        self.store_failed = store_failed
+        self._queued: dict[str, None] = {}  # customers to look up, in order asked
+        self._queue_changed = asyncio.Event()
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def schedule(self, settings: Settings) -> None:
+        now = self.clock.now()
+        for job_id, every, read in (
+            (NEW_ITEMS_JOB, settings.sync.new_items_seconds, self.source.read_new_items),
+            (SNAPSHOT_JOB, settings.sync.interval_seconds, self.source.snapshot),
+        ):
+            if self.scheduler.get_job(job_id) is not None:
+                self.scheduler.remove_job(job_id)
+            self.scheduler.add_job(
+                self._run, IntervalTrigger(seconds=every), args=(read,), id=job_id,
+                max_instances=1, coalesce=True, next_run_time=now,
+            )  # fmt: skip
+
+    def hint(self, customer_id: str | None) -> None:
+        """A webhook said where to look: one customer, or (None) new items."""
+        if customer_id is None:
+            now = self.clock.now()
+            for job_id in (NEW_ITEMS_JOB, SNAPSHOT_JOB):
+                job = self.scheduler.get_job(job_id)
+                if job is not None:
+                    job.modify(next_run_time=now)
+            return
+        self._queued[customer_id] = None
+        self._queue_changed.set()
+
+    async def look_ups(self) -> None:
+        """Run the asked-for look-ups, a few at a time, until cancelled."""
+        slots = asyncio.Semaphore(LOOK_UPS_AT_ONCE)
+        while True:
+            await self._queue_changed.wait()
+            self._queue_changed.clear()
+            while self._queued:
+                customer_id = next(iter(self._queued))
+                del self._queued[customer_id]
+                await slots.acquire()
+                task = asyncio.create_task(self._run(self._look_up, customer_id))
+                task.add_done_callback(lambda _: slots.release())
+
+    async def _look_up(self, customer_id: str) -> bool:
+        return await self.source.look_up(customer_id, why="a webhook") is not None
+
+    async def _run(self, read: Callable[..., Awaitable[bool]], *args: Any) -> None:
+        if self.stopping.is_set():
+            return
+        task = asyncio.current_task()
+        if task is not None:
+            self.tasks.add(task)
+        try:
+            await read(*args)
+        except asyncio.CancelledError:
+            return  # stopping: each customer commits atomically
+        except StoreWriteError as exc:
+            self.store_failed(exc)
+        except Exception:
+            log.exception("store mode: unexpected error in a read; will try again")
+        finally:
+            if task is not None:
+                self.tasks.discard(task)
+
+    async def cancel_running(self) -> None:
         tasks = list(self.tasks)
         for task in tasks:
             task.cancel()

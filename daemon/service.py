@@ -46,9 +46,11 @@ from daemon.delivery import ServerWorker, deliver_forever, make_server_factory
 from daemon.expiry import sweep_expiries
 from daemon.http_api import start_http, stop_http
 from daemon.metrics import PrometheusTelemetry
-from daemon.paynow import RateLimiter, StorefrontClient, make_session
-from daemon.scheduler import LinkPolls
+from daemon.paynow import RateLimiter, make_session
+from daemon.scheduler import LinkPolls, StoreReads
+from daemon.sources.store import StoreSource
 from daemon.sources.token import TokenSource
+from daemon.sources.webhooks import WebhookReceiver
 from daemon.state import Store, StoreWriteError
 from daemon.wiring import Core
 
@@ -87,8 +89,11 @@ class Service:
         self.scheduler = AsyncIOScheduler(timezone=UTC)
         self.workers: dict[str, ServerWorker] = {}
         self.worker_tasks: dict[str, asyncio.Task[None]] = {}
-        self.source: TokenSource | None = None
+        self.source: TokenSource | None = None  # token mode
         self.polls: LinkPolls | None = None
+        self.store_source: StoreSource | None = None  # store mode
+        self.store_reads: StoreReads | None = None
+        self.look_ups: asyncio.Task[None] | None = None
         self.session: Any = None
         self.store_failure: StoreWriteError | None = None  # the first; ends the service
         self._closing: set[asyncio.Task[None]] = set()  # connections closing after a reload
@@ -115,9 +120,12 @@ class Service:
         self.session = make_session()
         http_runner = None
         try:
+            self._make_sources()
             # First, so that an address in use stops the start before any poll.
             if self.settings.http.listen:
-                http_runner = await start_http(self.settings.http.listen, self.telemetry)
+                http_runner = await start_http(
+                    self.settings.http.listen, self.telemetry, self._webhooks()
+                )
             self._start_reading()
             for name in self.settings.servers:
                 self._start_worker(name)
@@ -127,11 +135,7 @@ class Service:
                 max_instances=1, coalesce=True, next_run_time=self.clock.now(),
             )  # fmt: skip
             self.scheduler.start()
-            log.info(
-                "perksync %s started: %d customers every %gs, %d servers",
-                __version__, len(self.settings.customers),
-                self.settings.sync.interval_seconds, len(self.settings.servers),
-            )  # fmt: skip
+            log.info("perksync %s started: %s", __version__, _what_runs(self.settings))
             notify.ready()
             self.ready.set()
             if reload_now:
@@ -150,13 +154,34 @@ class Service:
         log.info("perksync stopped")
         return 0
 
+    def _make_sources(self) -> None:
+        """The mode's source and the jobs that make it read (not started yet)."""
+        common: dict[str, Any] = {
+            "clock": self.clock, "stopping": self.stopping, "store_failed": self._store_failed,
+        }  # fmt: skip
+        if self.settings.store_mode:
+            client = self.core.management(self.session, self.rate_limiter)
+            self.store_source = self.core.store_source(client)
+            self.store_reads = StoreReads(self.scheduler, self.store_source, **common)
+        else:
+            client = self.core.storefront(self.session, self.rate_limiter)
+            self.source = self.core.token_source(client, cache_customers=True)
+            self.polls = LinkPolls(self.scheduler, self.source, telemetry=self.telemetry, **common)
+
+    def _webhooks(self) -> WebhookReceiver | None:
+        secret = self.settings.paynow.webhook_secret_value
+        if secret is None or self.store_reads is None:
+            return None
+        return WebhookReceiver(
+            secret.get_secret_value().encode(), self.store, self.store_reads.hint, clock=self.clock
+        )
+
     def _start_reading(self) -> None:
-        self.source = self.core.token_source(self._storefront(), cache_customers=True)
-        self.polls = LinkPolls(
-            self.scheduler, self.source, clock=self.clock, telemetry=self.telemetry,
-            stopping=self.stopping, store_failed=self._store_failed,
-        )  # fmt: skip
-        self.polls.schedule(self.settings)
+        if self.polls is not None:
+            self.polls.schedule(self.settings)
+        if self.store_reads is not None:
+            self.store_reads.schedule(self.settings)
+            self.look_ups = asyncio.create_task(self.store_reads.look_ups())
 
     def _store_failed(self, exc: StoreWriteError) -> None:
         """Nothing more can be recorded: stop polling and delivering (see run)."""
@@ -172,8 +197,11 @@ class Service:
         # and return. Cancelled before starting, APScheduler would log each
         # with a traceback.
         await asyncio.sleep(0)
-        if self.polls is not None:
-            polls_stopped = asyncio.create_task(self.polls.cancel_running())
+        if self.look_ups is not None:
+            self.look_ups.cancel()
+        reads = self.polls or self.store_reads
+        if reads is not None:
+            reads_stopped = asyncio.create_task(reads.cancel_running())
         for worker in self.workers.values():
             worker.wake.set()
         tasks = list(self.worker_tasks.values())
@@ -182,21 +210,13 @@ class Service:
             for task in late:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        if self.polls is not None:
-            await polls_stopped
+        if reads is not None:
+            await reads_stopped
         self.scheduler.shutdown(wait=False)
         if self.source is not None:
             await self._guarded(self.source.flush_unchanged())
         for worker in self.workers.values():
             await worker.close()
-
-    def _storefront(self) -> StorefrontClient:
-        return StorefrontClient(
-            self.session,
-            self.settings.paynow.api_url,
-            timeout_seconds=self.settings.paynow.timeout_seconds,
-            rate_limiter=self.rate_limiter,
-        )
 
     async def _sweep(self) -> None:
         try:
@@ -252,8 +272,11 @@ class Service:
         )
         if self.source is not None and self.polls is not None:
             self.source.use_settings(new)
-            self.source.client = self._storefront()
+            self.source.client = self.core.storefront(self.session, self.rate_limiter)
             self.polls.schedule(new)
+        if self.store_source is not None and self.store_reads is not None:
+            self.store_source.client = self.core.management(self.session, self.rate_limiter)
+            self.store_reads.schedule(new)
         self._reload_workers(old, new)
         log.info(
             "config reloaded: %d customers, %d servers, %d products",
@@ -323,6 +346,18 @@ class Service:
         busy = report.polls_failed or report.journaled or sum(report.delivered.values())
         level = logging.INFO if busy or report.unreachable else logging.DEBUG
         log.log(level, "%s", report.summary(service=True))
+
+
+def _what_runs(settings: Settings) -> str:
+    servers = f"{len(settings.servers)} servers"
+    every = settings.sync.interval_seconds
+    if settings.store_mode:
+        webhooks = ", webhooks" if settings.paynow.webhook_secret_value is not None else ""
+        return (
+            f"store mode: store {settings.paynow.store_id}, new items every "
+            f"{settings.sync.new_items_seconds:g}s, snapshot every {every:g}s{webhooks}, {servers}"
+        )
+    return f"{len(settings.customers)} customers every {every:g}s, {servers}"
 
 
 def _labels(settings: Settings) -> list[str]:

@@ -22,7 +22,7 @@ from daemon.clock import SYSTEM_CLOCK, Clock
 from daemon.config import CustomerLink, Settings
 from daemon.delivery import ServerWorker, make_server_factory
 from daemon.expiry import sweep_expiries
-from daemon.paynow import RateLimiter, StorefrontClient, make_session
+from daemon.paynow import RateLimiter, make_session
 from daemon.report import PassReport
 from daemon.sources.token import TokenSource
 from daemon.state import Store, StoreWriteError
@@ -109,7 +109,8 @@ async def run_pass(
     dry_run_output: Callable[[str], None] | None = None,
     clock: Clock = SYSTEM_CLOCK,
 ) -> PassReport:
-    """One `--sync-now` pass with everything it needs wired up; its report.
+    """One `--sync-now` pass with everything it needs wired up; its report
+    (which exits 3 when a read was incomplete, as any failed customer does).
 
     `dry_run_output`: print each command there instead of sending it (the
     store is then a throw-away copy)."""
@@ -117,16 +118,22 @@ async def run_pass(
     factory = make_server_factory(settings, dry_run_output=dry_run_output)
     workers = [core.worker(name, factory) for name in settings.servers]
     async with make_session() as session:
-        client = StorefrontClient(
-            session,
-            settings.paynow.api_url,
-            timeout_seconds=settings.paynow.timeout_seconds,
-            rate_limiter=RateLimiter(settings.paynow.requests_per_second),
-        )
-        source = core.token_source(client, cache_customers=False)
+        limiter = RateLimiter(settings.paynow.requests_per_second)
+        if settings.store_mode:
+            store_source = core.store_source(core.management(session, limiter))
 
-        async def read() -> None:
-            await poll_links(source, settings.customers, settings.sync.concurrency)
+            async def read() -> None:
+                # A new-items read, then one complete snapshot and its look-ups.
+                await store_source.read_new_items()
+                await store_source.snapshot()
+
+        else:
+            token_source = core.token_source(
+                core.storefront(session, limiter), cache_customers=False
+            )
+
+            async def read() -> None:
+                await poll_links(token_source, settings.customers, settings.sync.concurrency)
 
         await SyncPass(core.applier, read, workers).run()
     core.report.undelivered_items = (await core.undelivered.check()).items

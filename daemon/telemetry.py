@@ -31,6 +31,13 @@ class Telemetry(Protocol):
     def backlog(self, server: str, pending: int) -> None:
         """The number of pending journal rows of a server, as last seen."""
 
+    def store_read(self, read: str, error_kind: str | None, at: float) -> None:
+        """Store mode: a read ("new_items", "snapshot", "look_up") finished at
+        unix time `at`, complete (`error_kind` None) or not."""
+
+    def items_missing(self, count: int) -> None:
+        """Store mode: items held live that the last snapshot and look-ups lacked."""
+
     def undelivered(self, unmapped: Mapping[str, int], missing_id: Mapping[str, int]) -> None:
         """Live items that reach no server, per product slug, as last checked:
         of products the config does not map, and of mapped products whose
@@ -56,6 +63,12 @@ class NullTelemetry:
         pass
 
     def backlog(self, server: str, pending: int) -> None:
+        pass
+
+    def store_read(self, read: str, error_kind: str | None, at: float) -> None:
+        pass
+
+    def items_missing(self, count: int) -> None:
         pass
 
     def undelivered(self, unmapped: Mapping[str, int], missing_id: Mapping[str, int]) -> None:

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import aiohttp
+
 from daemon.apply import Applier
 from daemon.clock import SYSTEM_CLOCK, Clock
 from daemon.config import Settings
 from daemon.delivery import ServerFactory, ServerWorker, Wakers
-from daemon.paynow import StorefrontClient
+from daemon.paynow import ManagementClient, RateLimiter, StorefrontClient
 from daemon.report import PassReport
+from daemon.sources.store import StoreSource
 from daemon.sources.token import TokenSource
 from daemon.state import Store
 from daemon.telemetry import NullTelemetry, Telemetry
@@ -49,6 +52,39 @@ class Core:
         return ServerWorker(
             name, self.store, server_factory, wakers=self.wakers, clock=self.clock,
             report=self.report, telemetry=self.telemetry, names=self.names,
+        )  # fmt: skip
+
+    def storefront(
+        self, session: aiohttp.ClientSession, rate_limiter: RateLimiter
+    ) -> StorefrontClient:
+        """Token mode's PayNow client, of the settings of now."""
+        paynow = self.settings.paynow
+        return StorefrontClient(
+            session,
+            paynow.api_url,
+            timeout_seconds=paynow.timeout_seconds,
+            rate_limiter=rate_limiter,
+        )
+
+    def management(
+        self, session: aiohttp.ClientSession, rate_limiter: RateLimiter
+    ) -> ManagementClient:
+        """Store mode's PayNow client, of the settings of now."""
+        paynow = self.settings.paynow
+        assert paynow.store_id is not None
+        return ManagementClient(
+            session,
+            paynow.api_url,
+            paynow.store_id,
+            paynow.api_key_secret.get_secret_value(),
+            timeout_seconds=paynow.timeout_seconds,
+            rate_limiter=rate_limiter,
+        )
+
+    def store_source(self, client: ManagementClient) -> StoreSource:
+        return StoreSource(
+            self.store, client, self.applier, clock=self.clock, report=self.report,
+            telemetry=self.telemetry,
         )  # fmt: skip
 
     def token_source(self, client: StorefrontClient, *, cache_customers: bool) -> TokenSource:
