@@ -1,17 +1,22 @@
 """`perksync status`: what the state says, for an operator's eyes.
 
-Linked customers and when each was last synced, pending, failed and skipped
-commands per server, and the live items that reach no server. It only
-reads, and works beside a running service.
+Token mode: the linked customers and when each was last synced. Store mode:
+a summary (customers seen, live items, when the last snapshot, new-items
+read and webhook happened, items PayNow no longer lists). Both: pending,
+failed and skipped commands per server, and the live items that reach no
+server. It only reads, and works beside a running service.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from daemon.config import Settings
 from daemon.placeholders import printable
-from daemon.state import open_store
+from daemon.sources.store import CURSOR, LAST_NEW_ITEMS, LAST_SNAPSHOT, LAST_WEBHOOK, MISSING
+from daemon.state import LinkStatus, ServerCounts, Store, Totals, open_store
 from daemon.undelivered import (
     Undelivered,
     describe_unmapped,
@@ -25,22 +30,76 @@ def _when(moment: datetime | None) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S UTC") if moment else "never"
 
 
+@dataclass
+class _State:
+    """What status shows, read from the store in one go."""
+
+    links: list[LinkStatus] = field(default_factory=list)
+    counts: list[ServerCounts] = field(default_factory=list)
+    undelivered: Undelivered = field(default_factory=Undelivered)
+    totals: Totals = field(default_factory=lambda: Totals(0, 0))
+    meta: dict[str, str | None] = field(default_factory=dict)
+
+
+async def _read(settings: Settings, store: Store) -> _State:
+    live = await store.live_item_counts(id_fields(settings))
+    meta_keys = (LAST_SNAPSHOT, LAST_NEW_ITEMS, LAST_WEBHOOK, CURSOR, MISSING)
+    return _State(
+        links=await store.links(),
+        counts=await store.server_counts(),
+        undelivered=find_undelivered(settings, live),
+        totals=await store.totals(),
+        meta={key: await store.get_meta(key) for key in meta_keys},
+    )
+
+
 async def print_status(settings: Settings) -> int:
     db_path = settings.state_db_path
     if not db_path.exists():
         print(f"state: {db_path} does not exist yet (no pass has run)")
-        known_customers, counts, undelivered = [], [], Undelivered()
+        state = _State()
     else:
         store = open_store(str(db_path))
         try:
-            known_customers = await store.links()
-            counts = await store.server_counts()
-            live = await store.live_item_counts(id_fields(settings))
-            undelivered = find_undelivered(settings, live)
+            state = await _read(settings, store)
         finally:
             await store.close()
         print(f"state: {db_path}")
-    by_label = {c.label: c for c in known_customers}
+    if settings.store_mode:
+        _print_store(settings, state)
+    else:
+        _print_links(settings, state.links)
+    _print_servers(settings, state.counts)
+    _print_undelivered(state.undelivered)
+    return 0
+
+
+def _print_store(settings: Settings, state: _State) -> None:
+    meta = state.meta
+    print(f"store {settings.paynow.store_id} (store mode):")
+    print(f"  customers seen: {state.totals.customers}, live items: {state.totals.live_items}")
+    print(f"  last snapshot: {_stamp(meta.get(LAST_SNAPSHOT))}")
+    cursor = meta.get(CURSOR)
+    after = f" (new items after {cursor})" if cursor else ""
+    print(f"  last new-items read: {_stamp(meta.get(LAST_NEW_ITEMS))}{after}")
+    webhooks = "off" if settings.paynow.webhook_secret_value is None else "on"
+    print(f"  last webhook: {_stamp(meta.get(LAST_WEBHOOK))} (webhooks {webhooks})")
+    missing = json.loads(meta.get(MISSING) or '{"count": 0, "items": []}')
+    if missing["count"]:
+        shown = ", ".join(missing["items"])
+        more = "" if missing["count"] == len(missing["items"]) else ", …"
+        print(
+            f"  items held live that PayNow no longer lists (they stay granted): "
+            f"{missing['count']}: {shown}{more}"
+        )
+
+
+def _stamp(text: str | None) -> str:
+    return _when(datetime.fromisoformat(text)) if text else "never"
+
+
+def _print_links(settings: Settings, links: list[LinkStatus]) -> None:
+    by_label = {c.label: c for c in links}
     print(f"customers ({len(settings.customers)} linked):")
     for index, link in enumerate(settings.customers):
         label = link.describe(index)
@@ -55,6 +114,9 @@ async def print_status(settings: Settings) -> int:
         if known.last_error:
             line += f"; last error {_when(known.last_error_at)}: {printable(known.last_error, 200)}"
         print(line)
+
+
+def _print_servers(settings: Settings, counts: list[ServerCounts]) -> None:
     print("servers:")
     by_server = {c.server: c for c in counts}
     for name in sorted(set(settings.servers) | set(by_server)):
@@ -67,8 +129,6 @@ async def print_status(settings: Settings) -> int:
                 f"  {name}: {c.pending} pending, {c.failed} failed, {c.skipped} skipped, "
                 f"{c.delivered} delivered{note}"
             )
-    _print_undelivered(undelivered)
-    return 0
 
 
 def _print_undelivered(undelivered: Undelivered) -> None:
