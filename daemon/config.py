@@ -563,7 +563,7 @@ def _check_cross_references(settings: Settings) -> list[str]:
             templates = []
             for i, command in enumerate(getattr(product, event)):
                 try:
-                    templates.append(parse_template(command))
+                    templates.append(parse_template(command, store_mode=settings.store_mode))
                 except TemplateError as exc:
                     errors.append(f"products.{slug}.{event}[{i}]: {exc}")
                     continue
