@@ -1,6 +1,6 @@
 """The inventory diff: (what we knew, what the API says now) → events.
 
-A pure function, no I/O, so that the rules of SPEC §7 can be tested
+A pure function, no I/O, so that the rules of when commands run can be tested
 exhaustively (see tests/test_diff_properties.py).
 
 What we know is kept per item *and server* as a `Mark`: whether `on_active`
@@ -62,7 +62,7 @@ class DiffResult:
     unknown_states: list[tuple[str, str]] = field(default_factory=list)
     # Ids the API listed more than once in this inventory (logged). Copies that
     # agree on the state count once; copies that disagree make the answer
-    # ambiguous for that item, which then runs nothing this pass (SPEC §8).
+    # ambiguous for that item, which then runs nothing this pass.
     duplicates: list[str] = field(default_factory=list)
 
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics and the health model of the service (issue 3, part 7).
+"""Prometheus metrics and the health model of the service.
 
 `PrometheusTelemetry` implements the engine's `Telemetry` hook
 (daemon/telemetry.py) on its own `CollectorRegistry`, so a test, or a reload

@@ -42,7 +42,7 @@ contains `{customer.id}` is inserted literally.
 
 `render` returns a `Refusal` instead of a command when
 - a value is null or missing, or is an object/array rather than a single value
-  (`kind="null"`: the command is skipped by design, SPEC §5), or
+  (`kind="null"`: the command is skipped by design), or
 - a value contains a character that could break out of the command or that we
   refuse to relay (`kind="unsafe"`): every control character (Unicode category
   Cc: NUL, TAB, CR, LF, ESC, DEL, the C1 controls including NEL U+0085), the

@@ -1,4 +1,4 @@
-"""Example tests of `diff_inventory`, one or more per rule of SPEC §7."""
+"""Example tests of `diff_inventory`, one or more per rule of when commands run."""
 
 from __future__ import annotations
 

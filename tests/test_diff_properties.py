@@ -1,4 +1,4 @@
-"""Property-based tests of `diff_inventory` (SPEC §7).
+"""Property-based tests of `diff_inventory` (the rules of when commands run).
 
 Random sequences of inventory snapshots (items changing state, vanishing and
 coming back, listed twice) and random routing changes are folded through the
