@@ -708,6 +708,17 @@ def test_token_never_in_errors_or_logs(caplog: pytest.LogCaptureFixture) -> None
     assert token not in caplog.text
 
 
+def test_a_token_echoed_in_a_field_is_scrubbed_from_validation_errors() -> None:
+    async def scenario(fake: FakePayNow, client: StorefrontClient) -> None:
+        token = customer_with(fake)
+        item = fake.make_item(fake.customer(token)["id"], expires_at=token)
+        fake.fault(token, "body", path="items", body=json.dumps([item]))
+        await client.fetch_inventory(token)
+
+    error, _ = raises(PayNowBadResponse, scenario)
+    assert "not an ISO 8601 timestamp: '<token>'" in str(error)
+
+
 def test_bad_token_characters_make_no_request() -> None:
     async def scenario(fake: FakePayNow, client: StorefrontClient) -> None:
         await client.fetch_customer("abc\r\ndef")
