@@ -196,6 +196,8 @@ def test_an_oversized_error_body_only_loses_its_detail() -> None:
     [
         (Credential.customer("abc\r\nX-Evil: 1"), "the customer token is empty or has whitespace"),
         (Credential.customer(""), "the customer token is empty"),
+        (Credential.customer("abc\x7fdef"), "the customer token is empty or has whitespace"),
+        (Credential.customer("abc def"), "the customer token is empty or has whitespace"),
         (Credential.api_key("kéy"), "the API key is empty or has whitespace, control or non-ASCII"),
     ],
 )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final
@@ -46,6 +47,9 @@ RETRYABLE_STATUS: Final = frozenset({408, 429, 500, 502, 503, 504})  # and every
 # that inflates to gigabytes, an endless stream) can make us hold. (Decoding
 # the worst 4 MiB of JSON, a million empty objects, takes about 120 MB.)
 MAX_BODY_BYTES: Final = 4 * 1024 * 1024
+# What a credential may be made of: visible ASCII (no space, control or
+# non-ASCII character could be sent in a header safely).
+_SENDABLE: Final = re.compile(r"[!-~]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +85,7 @@ class Credential:
     def header(self, what: str) -> str:
         """The Authorization header's value; PayNowAuthError if it cannot be sent."""
         secret = self.secret
-        if not secret or not secret.isascii() or any(c <= " " or c == "\x7f" for c in secret):
+        if _SENDABLE.fullmatch(secret) is None:
             raise PayNowAuthError(
                 f"PayNow {what}: the {self.name} is empty or has whitespace, "
                 "control or non-ASCII characters"
