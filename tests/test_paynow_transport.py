@@ -226,6 +226,11 @@ def test_an_echoed_secret_is_replaced(make: Callable[[str], Credential], placeho
     assert placeholder in repr(error)
 
 
+def test_a_credentials_repr_hides_its_secret() -> None:
+    assert "pnapi_SECRET" not in repr(Credential.api_key("pnapi_SECRET"))
+    assert "pnc_SECRET" not in repr(Credential.customer("pnc_SECRET"))
+
+
 # ------------------------------------------------------------ pure helpers
 
 

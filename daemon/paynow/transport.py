@@ -18,7 +18,7 @@ import email.utils
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final
 
@@ -57,7 +57,7 @@ class Credential:
     """What a request authenticates with: `Authorization: <scheme> <secret>`."""
 
     scheme: str  # "Customer" (Storefront) or "APIKey" (Management)
-    secret: str
+    secret: str = field(repr=False)
     name: str  # what messages call it
     placeholder: str  # what replaces it in a message that echoes it
 
@@ -230,6 +230,7 @@ async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes | None
     async for chunk in resp.content.iter_any():
         size += len(chunk)
         if size > limit:
+            resp.close()  # the rest is never read: the connection cannot be reused
             return None
         chunks.append(chunk)
     return b"".join(chunks)
