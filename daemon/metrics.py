@@ -63,7 +63,7 @@ POLL_STALE_INTERVALS = 5
 
 POLL_OUTCOMES = ("ok", "failed", "skipped")
 COMMAND_OUTCOMES = ("delivered", "failed", "skipped")
-# PayNowError kinds (daemon/paynow.py) plus the engine's "unexpected": created at
+# PayNowError kinds (daemon/paynow/errors.py) plus the engine's "unexpected": created at
 # zero so that rate() and alerts work before the first error. Others still count.
 KNOWN_API_ERROR_KINDS = (
     "auth",
