@@ -188,8 +188,8 @@ class CustomerTxn(Protocol):
           product, state, expiry, `read_at` and (when given) JSON; an item is
           never moved from one customer to another silently: it is stored
           under this block's customer.
-        - `marks`: upsert; a mark must name an item in `seen` or stored
-          before, and every cycle must be >= 1.
+        - `marks`: upsert; a mark must name an item of this customer (in
+          `seen` or in `known`), and every cycle must be >= 1.
         - `entries`: inserted in order; one whose (item, server, cycle,
           event, command_index) exists already (or comes twice) is not
           inserted again and its id is not returned. Rows are created with
@@ -406,15 +406,21 @@ StoreOpener = Callable[[str], "Store"]
 
 
 def open_store(url: str, *, throwaway: bool = False) -> Store:
-    """Open the store named by `url`: a file path (SQLite) or `sqlite:///path`.
+    """Open the store named by `url`: a file path (SQLite), `sqlite:///path`,
+    or `memory://name` (in this process only, for tests: see
+    daemon/state/memory.py).
 
     `throwaway`: a scratch copy (a dry run's), whose creation is not news to
     the operator."""
-    from daemon.state.sqlite import SqliteStore  # the only backend so far
+    if url.startswith("memory://"):
+        from daemon.state.memory import MemoryStore
+
+        return MemoryStore(url)
+    from daemon.state.sqlite import SqliteStore
 
     path = url.removeprefix("sqlite://") if url.startswith("sqlite://") else url
     return SqliteStore(Path(path), throwaway=throwaway)
 
 
-# Backend name → opener; the contract tests run against each entry.
-BACKENDS: dict[str, StoreOpener] = {"sqlite": open_store}
+# Backend name → opener of its URLs; the contract tests run against each entry.
+BACKENDS: dict[str, StoreOpener] = {"memory": open_store, "sqlite": open_store}
