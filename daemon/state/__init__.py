@@ -58,8 +58,9 @@ class StoreWriteError(StoreError):
 
 class CustomerChanged(StoreError):
     """Another `Store` object (another process or host) committed for this
-    customer after this block read `known`: nothing of this commit was stored.
-    Leave the block, open a new one, decide again from the new `known`."""
+    customer after this block read `known` (or, rarely, another customer's
+    commit took one of its items): nothing of this commit was stored. Leave
+    the block, open a new one, decide again from the new `known`."""
 
 
 class JournalStatus(StrEnum):
@@ -187,7 +188,8 @@ class CustomerTxn(Protocol):
         - `customer`: upsert the customer's row. `seen`: upsert each item's
           product, state, expiry, `read_at` and (when given) JSON; an item is
           never moved from one customer to another silently: it is stored
-          under this block's customer.
+          under this block's customer, with a warning, and the customer it
+          leaves has changed (its open blocks get `CustomerChanged`).
         - `marks`: upsert; a mark must name an item of this customer (in
           `seen` or in `known`), and every cycle must be >= 1.
         - `entries`: inserted in order; one whose (item, server, cycle,
@@ -200,10 +202,11 @@ class CustomerTxn(Protocol):
           answers digests of every link of this customer (its marks no
           longer follow from those answers alone).
 
-        At most one commit per block. Raises `CustomerChanged` (see the
-        module docstring), `StoreError` on a broken rule or database error,
-        `StoreWriteError` when the database cannot be written; in every case
-        nothing of `change` is stored."""
+        At most one commit per block: a second call (even after a failed
+        first one) or a call after the block ended raises `StoreError`.
+        Raises `CustomerChanged` (see the module docstring), `StoreError` on
+        a broken rule or database error, `StoreWriteError` when the database
+        cannot be written; in every case nothing of `change` is stored."""
         ...
 
 
@@ -277,6 +280,17 @@ class ServerCounts:
     failed: int
     skipped: int
     delivered: int
+
+    @classmethod
+    def tally(cls, server: str, by_status: Mapping[str, int]) -> ServerCounts:
+        """From a count per journal status (statuses without rows left out)."""
+        return cls(
+            server=server,
+            pending=by_status.get(JournalStatus.PENDING, 0),
+            failed=by_status.get(JournalStatus.FAILED, 0),
+            skipped=by_status.get(JournalStatus.SKIPPED, 0),
+            delivered=by_status.get(JournalStatus.DELIVERED, 0),
+        )
 
 
 class Store(Protocol):

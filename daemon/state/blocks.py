@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from daemon.state import CustomerChange, CustomerChanged, KnownCustomer, StoreError
@@ -50,28 +50,39 @@ class CustomerLocks:
                 del self._held[customer_id]
 
 
+# A backend's commit of one block: the block (what it read) and its change.
+Commit = Callable[["Block", CustomerChange], Awaitable[list[int]]]
+
+
 class Block:
-    """The state a backend's `CustomerTxn` shares: what was read, and whether
-    the block may still commit.
+    """`daemon.state.CustomerTxn` for every backend: what was read, whether the
+    block may still commit, and the backend's `store` that does the commit.
 
     `version` is the customer's version when `known` was read (0: no row), the
     value the commit's compare-and-set expects."""
 
-    def __init__(self, customer_id: str, known: KnownCustomer, version: int, where: str) -> None:
+    def __init__(
+        self, customer_id: str, known: KnownCustomer, version: int, where: str, store: Commit
+    ) -> None:
         self.customer_id = customer_id
         self._known = known
         self.version = version
         self._where = where  # names the database in errors
+        self._store = store
         self._state = "open"  # "open" → "committing" (a commit was called) → "ended"
 
     @property
     def known(self) -> KnownCustomer:
         return self._known
 
-    def claim_commit(self) -> None:
-        """Called first by `commit`: refuses a second commit, and one after the
-        block ended. Set before anything else so that two commits started side
-        by side inside the block cannot both go through."""
+    async def commit(self, change: CustomerChange) -> list[int]:
+        self._claim_commit()
+        return await self._store(self, change)
+
+    def _claim_commit(self) -> None:
+        """Refuses a second commit, and one after the block ended. Set before
+        anything else so that two commits started side by side inside the
+        block cannot both go through."""
         if self._state == "ended":
             raise StoreError(
                 f"{self._where}: commit for customer {self.customer_id} after its block ended"

@@ -48,6 +48,8 @@ from daemon.state.blocks import Block, CustomerLocks
 log = logging.getLogger(__name__)
 
 LIVE_STATES = ("active", "renewed")  # the states that keep a perk
+_PHASES = frozenset(Phase)
+_STATUSES = frozenset(JournalStatus)
 
 
 @dataclass(slots=True)
@@ -181,14 +183,14 @@ class MemoryStore:
         await self._turn()
         async with self._locks.hold(customer_id):
             known, version = (await self._turn()).known(customer_id)
-            block = _Block(self, customer_id, known, version)
+            block = Block(customer_id, known, version, f"memory store {self.url}", self._commit)
             try:
                 await asyncio.sleep(0)
                 yield block
             finally:
                 block.end()
 
-    async def _commit(self, block: _Block, change: CustomerChange) -> list[int]:
+    async def _commit(self, block: Block, change: CustomerChange) -> list[int]:
         db = await self._turn()
         block.check_marks(change)
         customer_id = block.customer_id
@@ -222,7 +224,7 @@ class MemoryStore:
         return _journal(db, change.entries, at)
 
     @staticmethod
-    def _store_customer(db: _Database, block: _Block, change: CustomerChange) -> None:
+    def _store_customer(db: _Database, block: Block, change: CustomerChange) -> None:
         record = change.customer
         stored = db.customers.get(block.customer_id)
         if stored is None:
@@ -427,29 +429,8 @@ class MemoryStore:
             by_status = counts.setdefault(row.server, {})
             by_status[row.status] = by_status.get(row.status, 0) + 1
         return [
-            ServerCounts(
-                server=server,
-                pending=by_status.get(JournalStatus.PENDING, 0),
-                failed=by_status.get(JournalStatus.FAILED, 0),
-                skipped=by_status.get(JournalStatus.SKIPPED, 0),
-                delivered=by_status.get(JournalStatus.DELIVERED, 0),
-            )
-            for server, by_status in sorted(counts.items())
+            ServerCounts.tally(server, by_status) for server, by_status in sorted(counts.items())
         ]
-
-
-class _Block(Block):
-    """`daemon.state.CustomerTxn` of `MemoryStore`."""
-
-    def __init__(
-        self, store: MemoryStore, customer_id: str, known: KnownCustomer, version: int
-    ) -> None:
-        super().__init__(customer_id, known, version, f"memory store {store.url}")
-        self._store = store
-
-    async def commit(self, change: CustomerChange) -> list[int]:
-        self.claim_commit()
-        return await self._store._commit(self, change)
 
 
 def _keep_raw(item: _Item, old: _Item) -> _Item:
@@ -460,10 +441,10 @@ def _keep_raw(item: _Item, old: _Item) -> _Item:
 def _check(change: CustomerChange) -> None:
     """The rules SQLite's constraints enforce, checked before anything changes."""
     for (item_id, server), mark in change.marks.items():
-        if mark.phase not in set(Phase) or mark.cycle < 1:
+        if mark.phase not in _PHASES or mark.cycle < 1:
             raise StoreError(f"a mark for item {item_id} on {server}: {mark} is not a mark")
     for e in change.entries:
-        if e.status not in set(JournalStatus) or e.cycle < 1 or e.command_index < 0:
+        if e.status not in _STATUSES or e.cycle < 1 or e.command_index < 0:
             raise StoreError(
                 f"a journal entry for item {e.item_id} on {e.server}: status {e.status!r}, "
                 f"cycle {e.cycle}, command index {e.command_index}"

@@ -804,7 +804,7 @@ class SqliteStore:
     async def customer(self, customer_id: str) -> AsyncIterator[CustomerTxn]:
         async with self._locks.hold(customer_id):
             known, version = self._read_known(customer_id)
-            block = _Block(self, customer_id, known, version)
+            block = Block(customer_id, known, version, f"state database {self.path}", self._commit)
             try:
                 yield block
             finally:
@@ -827,7 +827,8 @@ class SqliteStore:
                     marks[(item_id, server)] = Mark(Phase(phase), cycle)
         return KnownCustomer(items, marks, raw, digest), version
 
-    def _commit(self, block: _Block, change: CustomerChange) -> list[int]:
+    async def _commit(self, block: Block, change: CustomerChange) -> list[int]:
+        # No await inside: the transaction runs whole within one call.
         customer_id = block.customer_id
         block.check_marks(change)
         at = _ts(change.at)
@@ -867,7 +868,7 @@ class SqliteStore:
 
     @staticmethod
     def _compare_and_set(
-        conn: sqlite3.Connection, block: _Block, change: CustomerChange, at: str
+        conn: sqlite3.Connection, block: Block, change: CustomerChange, at: str
     ) -> bool:
         """Move the customer's version on from the one read with `known` (and
         store its row when given); False if another process moved it first."""
@@ -885,7 +886,7 @@ class SqliteStore:
 
     @staticmethod
     def _take_items(
-        conn: sqlite3.Connection, block: _Block, seen: Sequence[SeenItem]
+        conn: sqlite3.Connection, block: Block, seen: Sequence[SeenItem]
     ) -> list[tuple[str, str]]:
         """Items of the commit stored under another customer move to this one
         (the caller warns); the customers they leave have changed too. The
@@ -1106,26 +1107,5 @@ class SqliteStore:
             ):
                 counts.setdefault(server, {})[status] = n
         return [
-            ServerCounts(
-                server=server,
-                pending=by_status.get(JournalStatus.PENDING, 0),
-                failed=by_status.get(JournalStatus.FAILED, 0),
-                skipped=by_status.get(JournalStatus.SKIPPED, 0),
-                delivered=by_status.get(JournalStatus.DELIVERED, 0),
-            )
-            for server, by_status in sorted(counts.items())
+            ServerCounts.tally(server, by_status) for server, by_status in sorted(counts.items())
         ]
-
-
-class _Block(Block):
-    """`daemon.state.CustomerTxn` of `SqliteStore`."""
-
-    def __init__(
-        self, store: SqliteStore, customer_id: str, known: KnownCustomer, version: int
-    ) -> None:
-        super().__init__(customer_id, known, version, f"state database {store.path}")
-        self._store = store
-
-    async def commit(self, change: CustomerChange) -> list[int]:
-        self.claim_commit()
-        return self._store._commit(self, change)
