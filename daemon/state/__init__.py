@@ -58,8 +58,9 @@ class StoreWriteError(StoreError):
 
 class CustomerChanged(StoreError):
     """Another `Store` object (another process or host) committed for this
-    customer after this block read `known`: nothing of this commit was stored.
-    Leave the block, open a new one, decide again from the new `known`."""
+    customer after this block read `known` (or, rarely, another customer's
+    commit took one of its items): nothing of this commit was stored. Leave
+    the block, open a new one, decide again from the new `known`."""
 
 
 class JournalStatus(StrEnum):
@@ -187,9 +188,10 @@ class CustomerTxn(Protocol):
         - `customer`: upsert the customer's row. `seen`: upsert each item's
           product, state, expiry, `read_at` and (when given) JSON; an item is
           never moved from one customer to another silently: it is stored
-          under this block's customer.
-        - `marks`: upsert; a mark must name an item in `seen` or stored
-          before, and every cycle must be >= 1.
+          under this block's customer, with a warning, and the customer it
+          leaves has changed (its open blocks get `CustomerChanged`).
+        - `marks`: upsert; a mark must name an item of this customer (in
+          `seen` or in `known`), and every cycle must be >= 1.
         - `entries`: inserted in order; one whose (item, server, cycle,
           event, command_index) exists already (or comes twice) is not
           inserted again and its id is not returned. Rows are created with
@@ -200,10 +202,11 @@ class CustomerTxn(Protocol):
           answers digests of every link of this customer (its marks no
           longer follow from those answers alone).
 
-        At most one commit per block. Raises `CustomerChanged` (see the
-        module docstring), `StoreError` on a broken rule or database error,
-        `StoreWriteError` when the database cannot be written; in every case
-        nothing of `change` is stored."""
+        At most one commit per block: a second call (even after a failed
+        first one) or a call after the block ended raises `StoreError`.
+        Raises `CustomerChanged` (see the module docstring), `StoreError` on
+        a broken rule or database error, `StoreWriteError` when the database
+        cannot be written; in every case nothing of `change` is stored."""
         ...
 
 
@@ -277,6 +280,17 @@ class ServerCounts:
     failed: int
     skipped: int
     delivered: int
+
+    @classmethod
+    def tally(cls, server: str, by_status: Mapping[str, int]) -> ServerCounts:
+        """From a count per journal status (statuses without rows left out)."""
+        return cls(
+            server=server,
+            pending=by_status.get(JournalStatus.PENDING, 0),
+            failed=by_status.get(JournalStatus.FAILED, 0),
+            skipped=by_status.get(JournalStatus.SKIPPED, 0),
+            delivered=by_status.get(JournalStatus.DELIVERED, 0),
+        )
 
 
 class Store(Protocol):
@@ -406,15 +420,21 @@ StoreOpener = Callable[[str], "Store"]
 
 
 def open_store(url: str, *, throwaway: bool = False) -> Store:
-    """Open the store named by `url`: a file path (SQLite) or `sqlite:///path`.
+    """Open the store named by `url`: a file path (SQLite), `sqlite:///path`,
+    or `memory://name` (in this process only, for tests: see
+    daemon/state/memory.py).
 
     `throwaway`: a scratch copy (a dry run's), whose creation is not news to
     the operator."""
-    from daemon.state.sqlite import SqliteStore  # the only backend so far
+    if url.startswith("memory://"):
+        from daemon.state.memory import MemoryStore
+
+        return MemoryStore(url)
+    from daemon.state.sqlite import SqliteStore
 
     path = url.removeprefix("sqlite://") if url.startswith("sqlite://") else url
     return SqliteStore(Path(path), throwaway=throwaway)
 
 
-# Backend name → opener; the contract tests run against each entry.
-BACKENDS: dict[str, StoreOpener] = {"sqlite": open_store}
+# Backend name → opener of its URLs; the contract tests run against each entry.
+BACKENDS: dict[str, StoreOpener] = {"memory": open_store, "sqlite": open_store}

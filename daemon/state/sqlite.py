@@ -14,6 +14,13 @@ fails with `StoreError`. The calls are synchronous inside the async methods
 transaction never spans an `await`; one `SqliteStore` belongs to one event
 loop.
 
+A customer block (`SqliteStore.customer`) holds an asyncio lock of that
+customer for this object, and reads the customer's `version` with `known`.
+Its commit is one `BEGIN IMMEDIATE` transaction whose first statement is the
+compare-and-set on that version; another process that committed for the
+customer in between has moved it, and the commit raises `CustomerChanged`
+before writing anything else.
+
 A new file is built whole under a temporary name in the same folder and
 linked into place, so the path never holds a half-made database: a file found
 there empty was emptied (a restore gone wrong, a full disk, a careless `>`),
@@ -40,13 +47,15 @@ with the `sqlite3` shell.
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import logging
 import os
 import pwd
 import sqlite3
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,18 +63,25 @@ from typing import Any, Final
 
 from daemon.diff import Mark, MarkKey, Phase
 from daemon.state import (
-    CustomerStatus,
+    CustomerChange,
+    CustomerTxn,
     DueExpiry,
     JournalEntry,
     JournalRow,
     JournalStatus,
     KnownCustomer,
+    LinkStatus,
+    LiveBaseline,
+    LiveItem,
     LiveItems,
     SeenItem,
     ServerCounts,
+    StoredItem,
     StoreError,
     StoreWriteError,
+    Totals,
 )
+from daemon.state.blocks import Block, CustomerLocks
 
 log = logging.getLogger(__name__)
 
@@ -228,15 +244,74 @@ def _v4(conn: sqlite3.Connection) -> None:
     )
 
 
+@migration("customers of their own, when each item was read, named values, webhook event ids")
+def _v5(conn: sqlite3.Connection) -> None:
+    now = _ts(datetime.now(UTC))
+    _run(
+        conn,
+        [
+            # One row per customer ever stored, whatever linked it (a token, the
+            # store's API key). `version` grows with every commit for the
+            # customer: the compare-and-set that keeps two processes from
+            # committing on the same stale read.
+            """CREATE TABLE customers (
+                customer_id TEXT PRIMARY KEY,
+                name        TEXT,
+                raw         TEXT,
+                digest      BLOB,
+                version     INTEGER NOT NULL CHECK (version >= 1),
+                updated_at  TEXT NOT NULL
+            ) STRICT, WITHOUT ROWID""",
+            "ALTER TABLE items ADD COLUMN read_at TEXT",
+            """CREATE TABLE meta (
+                key   TEXT PRIMARY KEY,
+                value TEXT NOT NULL
+            ) STRICT, WITHOUT ROWID""",
+            """CREATE TABLE webhook_events (
+                event_id    TEXT PRIMARY KEY,
+                received_at TEXT NOT NULL
+            ) STRICT, WITHOUT ROWID""",
+            "CREATE INDEX webhook_events_received ON webhook_events (received_at)",
+        ],
+    )
+    conn.execute(_CUSTOMERS_FROM_LINKS, (now,))
+    conn.execute(_CUSTOMERS_FROM_ITEMS, (now,))
+    # The customer's JSON and name now live in customers only.
+    _run(conn, ["ALTER TABLE links DROP COLUMN customer_raw", "ALTER TABLE links DROP COLUMN name"])
+
+
+# Per customer, the JSON and name of its link that has JSON and synced last.
+_CUSTOMERS_FROM_LINKS = """
+INSERT INTO customers (customer_id, name, raw, version, updated_at)
+SELECT customer_id, name, customer_raw, 1, coalesce(last_synced_at, ?1) FROM (
+    SELECT customer_id, name, customer_raw, last_synced_at, row_number() OVER (
+        PARTITION BY customer_id ORDER BY customer_raw IS NULL, last_synced_at DESC
+    ) AS n
+    FROM links WHERE customer_id IS NOT NULL
+) WHERE n = 1
+"""
+
+# Customers with items but no link (none are expected): a row without JSON.
+_CUSTOMERS_FROM_ITEMS = """
+INSERT INTO customers (customer_id, version, updated_at)
+SELECT DISTINCT customer_id, 1, ?1 FROM items WHERE true
+ON CONFLICT (customer_id) DO NOTHING
+"""
+
+
 # --- times -------------------------------------------------------------------
 
 
+# Cached both ways: the items of one answer share its read time and often an
+# expiry, and a pass converts tens of thousands of them.
+@functools.lru_cache(maxsize=4096)
 def _ts(value: datetime) -> str:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"naive datetime {value.isoformat()}: the store needs aware times")
     return value.astimezone(UTC).isoformat(timespec="microseconds")
 
 
+@functools.lru_cache(maxsize=4096)
 def _dt(text: str) -> datetime:
     return datetime.fromisoformat(text).astimezone(UTC)
 
@@ -247,18 +322,76 @@ def _dt_or_none(text: str | None) -> datetime | None:
 
 # --- statements (module constants, so sqlite3's statement cache reuses them) ---
 
+# The customer's row with its items and their marks, in one statement (one
+# snapshot: a commit by another process lands wholly before or after it).
+# Every customer with items has a row (commits and the migration make it).
+_KNOWN = """
+SELECT c.version, c.raw, c.digest,
+       i.item_id, i.product, i.state, i.expires_at, i.read_at, m.server, m.phase, m.cycle
+FROM customers AS c
+LEFT JOIN items AS i ON i.customer_id = c.customer_id
+LEFT JOIN marks AS m ON m.item_id = i.item_id
+WHERE c.customer_id = ?
+"""
+
+# The compare-and-set that opens every commit: each changes one row or none.
+# A new customer (version 0 when read): insert at version 1, unless another
+# process inserted it first.
+_INSERT_CUSTOMER = """
+INSERT INTO customers (customer_id, name, raw, digest, version, updated_at)
+VALUES (?, ?, ?, ?, 1, ?)
+ON CONFLICT (customer_id) DO NOTHING
+"""
+
+_BUMP_CUSTOMER = """
+UPDATE customers SET version = version + 1, updated_at = ?
+WHERE customer_id = ? AND version = ?
+"""
+
+_REPLACE_CUSTOMER = """
+UPDATE customers SET version = version + 1, updated_at = ?, name = ?, raw = ?, digest = ?
+WHERE customer_id = ? AND version = ?
+"""
+
+# Items of a commit that another customer holds (json_each: any number of ids
+# in one parameter).
+_ITEMS_OF_OTHERS = """
+SELECT item_id, customer_id FROM items
+WHERE item_id IN (SELECT value FROM json_each(?)) AND customer_id != ?
+"""
+
+# The customer an item is taken from has changed too.
+_BUMP_VERSION = "UPDATE customers SET version = version + 1 WHERE customer_id = ?"
+
+_UPSERT_ITEM = """
+INSERT INTO items (item_id, customer_id, product, state, first_seen_at, last_seen_at,
+                   expires_at, raw, read_at)
+VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7, ?8)
+ON CONFLICT (item_id) DO UPDATE SET
+    customer_id = excluded.customer_id,
+    product = excluded.product,
+    state = excluded.state,
+    last_seen_at = excluded.last_seen_at,
+    expires_at = excluded.expires_at,
+    raw = coalesce(excluded.raw, items.raw),
+    read_at = excluded.read_at
+"""
+
 _UPSERT_LINK = """
-INSERT INTO links (label, customer_id, name, last_synced_at, last_error, last_error_at,
-                   customer_raw, digest)
-VALUES (?, ?, ?, ?, NULL, NULL, ?, ?)
+INSERT INTO links (label, customer_id, last_synced_at, last_error, last_error_at, digest)
+VALUES (?, ?, ?, NULL, NULL, ?)
 ON CONFLICT (label) DO UPDATE SET
     customer_id = excluded.customer_id,
-    name = excluded.name,
     last_synced_at = excluded.last_synced_at,
-    customer_raw = coalesce(excluded.customer_raw, links.customer_raw),
     digest = excluded.digest,
     last_error = NULL,
     last_error_at = NULL
+"""
+
+# A commit without a link sync: the customer's marks no longer follow from
+# the answers its links' digests stand for.
+_FORGET_DIGESTS = """
+UPDATE links SET digest = NULL WHERE customer_id = ? AND digest IS NOT NULL
 """
 
 _LINK_ERROR = """
@@ -268,30 +401,27 @@ ON CONFLICT (label) DO UPDATE SET
     last_error_at = excluded.last_error_at
 """
 
-_UPSERT_ITEM = """
-INSERT INTO items (item_id, customer_id, product, state, first_seen_at, last_seen_at,
-                   expires_at, raw)
-VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7)
-ON CONFLICT (item_id) DO UPDATE SET
-    customer_id = excluded.customer_id,
-    product = excluded.product,
-    state = excluded.state,
-    last_seen_at = excluded.last_seen_at,
-    expires_at = excluded.expires_at,
-    raw = coalesce(excluded.raw, items.raw)
+_RECORD_UNCHANGED = """
+UPDATE links SET last_synced_at = ?, last_error = NULL, last_error_at = NULL WHERE label = ?
+"""
+
+_LINKS = """
+SELECT l.label, l.customer_id, c.name, l.last_synced_at, l.last_error, l.last_error_at
+FROM links AS l LEFT JOIN customers AS c ON c.customer_id = l.customer_id
+ORDER BY l.label
 """
 
 # CROSS JOIN fixes the join order (SQLite never reorders it): the few items
-# due, through items_expiry, then their marks and links. Left to itself the
-# planner may scan every link and its items on each sweep.
+# due, through items_expiry, then their marks and customers. Left to itself
+# the planner may scan every customer and its items on each sweep.
 _DUE_EXPIRIES = """
-SELECT l.label, l.customer_raw, i.raw, m.server, m.cycle, i.expires_at
+SELECT i.customer_id, i.item_id, m.server, m.cycle, i.expires_at, c.raw, i.raw
 FROM items AS i
 CROSS JOIN marks AS m ON m.item_id = i.item_id AND m.phase = 'granted'
-CROSS JOIN links AS l ON l.customer_id = i.customer_id
+CROSS JOIN customers AS c ON c.customer_id = i.customer_id
 WHERE i.expires_at IS NOT NULL AND i.expires_at <= ?
-  AND i.state = 'active'  -- a `renewed` item keeps its perk (SPEC §7)
-  AND i.raw IS NOT NULL AND l.customer_raw IS NOT NULL
+  AND i.state = 'active'  -- a `renewed` item keeps its perk
+  AND i.raw IS NOT NULL AND c.raw IS NOT NULL
 ORDER BY i.expires_at, i.item_id, m.server
 """
 
@@ -309,57 +439,56 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)
 ON CONFLICT (item_id, server, cycle, event, command_index) DO NOTHING
 """
 
-_KNOWN = """
-SELECT i.item_id, i.state, i.expires_at, m.server, m.phase, m.cycle
-FROM items AS i LEFT JOIN marks AS m ON m.item_id = i.item_id
-WHERE i.customer_id = ?
+# Live items are read through items_live: used and revoked items, which pile
+# up over the years, are not even in it.
+_LIVE_ITEMS = """
+SELECT item_id, customer_id, state, expires_at FROM items INDEXED BY items_live
+WHERE state IN ('active', 'renewed')
 """
 
-_TOUCH_LINK = """
-INSERT INTO links (label, customer_id, name, last_synced_at, last_error, last_error_at, digest,
-                   customer_raw)
-VALUES (?, ?, ?, ?, NULL, NULL, ?, ?)
-ON CONFLICT (label) DO UPDATE SET
-    customer_id = excluded.customer_id,
-    name = excluded.name,
-    last_synced_at = excluded.last_synced_at,
-    digest = excluded.digest,
-    customer_raw = coalesce(excluded.customer_raw, links.customer_raw),
-    last_error = NULL,
-    last_error_at = NULL
-"""
+_CUSTOMER_DIGESTS = "SELECT customer_id, digest FROM customers WHERE digest IS NOT NULL"
 
-_TOUCH_UNCHANGED = """
-UPDATE links SET last_synced_at = ?, last_error = NULL, last_error_at = NULL WHERE label = ?
-"""
-
-_FORGET_DIGEST = """
-UPDATE links SET digest = NULL
-WHERE customer_id = (SELECT customer_id FROM items WHERE item_id = ?) AND digest IS NOT NULL
+_TOTALS = """
+SELECT (SELECT count(*) FROM customers),
+       (SELECT count(*) FROM items INDEXED BY items_live WHERE state IN ('active', 'renewed'))
 """
 
 # Two scans (joined in Python), each cheaper than their join in SQL: the live
-# items through items_live, in its order, and the links.
+# items through items_live, in its order, and the customers.
 _LIVE_PRODUCTS = """
 SELECT customer_id, product, count(*) FROM items INDEXED BY items_live
 WHERE state IN ('active', 'renewed')
 GROUP BY customer_id, product
 """
 
+_LINKED = "SELECT customer_id, label FROM links WHERE customer_id IS NOT NULL"
 
-def _links_with_ids_sql(count: int) -> str:
+
+def _customers_with_ids_sql(count: int) -> str:
     # One column per asked field: set unless missing, JSON null, "" or false/0
     # (as a Python truth test of the value would judge it). A customer JSON
     # that is missing or not JSON (a hand-edited file) leaves its ids unknown.
-    field = ", coalesce(json_extract(customer_raw, ?), '') NOT IN ('', 0)"
+    field = ", coalesce(json_extract(raw, ?), '') NOT IN ('', 0)"
     return (
-        f"SELECT label, customer_id, name, valid{field * count} FROM ("
-        " SELECT label, customer_id, name, json_valid(customer_raw) AS valid,"
-        "  CASE WHEN json_valid(customer_raw) THEN customer_raw ELSE '{}' END AS customer_raw"
-        " FROM links WHERE customer_id IS NOT NULL"
-        ") ORDER BY label"
+        f"SELECT customer_id, name, valid{field * count} FROM ("
+        " SELECT customer_id, name, json_valid(raw) AS valid,"
+        "  CASE WHEN json_valid(raw) THEN raw ELSE '{}' END AS raw"
+        " FROM customers"
+        ")"
     )
 
+
+_SET_META = """
+INSERT INTO meta (key, value) VALUES (?, ?)
+ON CONFLICT (key) DO UPDATE SET value = excluded.value
+"""
+
+_FORGET_WEBHOOKS = "DELETE FROM webhook_events WHERE received_at < ?"
+
+_REMEMBER_WEBHOOK = """
+INSERT INTO webhook_events (event_id, received_at) VALUES (?, ?)
+ON CONFLICT (event_id) DO NOTHING
+"""
 
 _ROW_COLUMNS = """id, customer_id, item_id, product, server, event, cycle, command_index,
     command, status, reason, attempts, created_at, finished_at"""
@@ -475,6 +604,7 @@ class SqliteStore:
                 raise StoreError(f"cannot open the state database {self.path}: {e}") from e
             raise
         self._conn: sqlite3.Connection | None = conn
+        self._locks = CustomerLocks()
         if created:
             log.log(
                 logging.DEBUG if throwaway else logging.INFO,
@@ -670,62 +800,38 @@ class SqliteStore:
             self._conn.close()
             self._conn = None
 
-    async def known(self, customer_id: str) -> KnownCustomer:
-        states: dict[str, tuple[str, datetime | None]] = {}
+    @contextlib.asynccontextmanager
+    async def customer(self, customer_id: str) -> AsyncIterator[CustomerTxn]:
+        async with self._locks.hold(customer_id):
+            known, version = self._read_known(customer_id)
+            block = Block(customer_id, known, version, f"state database {self.path}", self._commit)
+            try:
+                yield block
+            finally:
+                block.end()
+
+    def _read_known(self, customer_id: str) -> tuple[KnownCustomer, int]:
+        """What the store knows of the customer, and its version (0: no row yet)."""
+        version, raw, digest = 0, None, None
+        items: dict[str, StoredItem] = {}
         marks: dict[MarkKey, Mark] = {}
         with self._errors(f"read customer {customer_id}") as conn:
-            for item_id, state, expires_at, server, phase, cycle in conn.execute(
-                _KNOWN, (customer_id,)
-            ):
-                if item_id not in states:
-                    states[item_id] = (state, _dt_or_none(expires_at))
+            for row in conn.execute(_KNOWN, (customer_id,)):
+                version, raw, digest, item_id, product, state, expires_at, read_at = row[:8]
+                server, phase, cycle = row[8:]
+                if item_id is not None and item_id not in items:
+                    items[item_id] = StoredItem(
+                        product, state, _dt_or_none(expires_at), _dt_or_none(read_at)
+                    )
                 if server is not None:
                     marks[(item_id, server)] = Mark(Phase(phase), cycle)
-        return KnownCustomer(items=frozenset(states), marks=marks, states=states)
+        return KnownCustomer(items, marks, raw, digest), version
 
-    async def touch(
-        self,
-        label: str,
-        customer_id: str,
-        customer_name: str | None,
-        synced_at: datetime,
-        digest: bytes | None = None,
-        customer_raw: str | None = None,
-    ) -> None:
-        with self._errors(
-            f"record the pass of {label} (customer {customer_id})", write=True
-        ) as conn:
-            conn.execute(
-                _TOUCH_LINK,
-                (label, customer_id, customer_name, _ts(synced_at), digest, customer_raw),
-            )
-
-    async def digests(self) -> dict[str, bytes]:
-        with self._errors("read the links' digests") as conn:
-            return dict(
-                conn.execute("SELECT label, digest FROM links WHERE digest IS NOT NULL").fetchall()
-            )
-
-    async def touch_unchanged(self, synced: Mapping[str, datetime]) -> None:
-        if not synced:
-            return
-        rows = [(_ts(at), label) for label, at in synced.items()]
-        with self._transaction(f"record the sync of {len(rows)} unchanged customers") as conn:
-            conn.executemany(_TOUCH_UNCHANGED, rows)
-
-    async def commit_pass(
-        self,
-        label: str,
-        customer_id: str,
-        customer_name: str | None,
-        seen: Sequence[SeenItem],
-        marks: Mapping[MarkKey, Mark],
-        entries: Sequence[JournalEntry],
-        synced_at: datetime,
-        customer_raw: str | None = None,
-        digest: bytes | None = None,
-    ) -> list[int]:
-        at = _ts(synced_at)
+    async def _commit(self, block: Block, change: CustomerChange) -> list[int]:
+        # No await inside: the transaction runs whole within one call.
+        customer_id = block.customer_id
+        block.check_marks(change)
+        at = _ts(change.at)
         item_rows = [
             (
                 s.item_id,
@@ -735,32 +841,64 @@ class SqliteStore:
                 at,
                 None if s.expires_at is None else _ts(s.expires_at),
                 s.raw,
+                None if s.read_at is None else _ts(s.read_at),
             )
-            for s in seen
+            for s in change.seen
         ]
-        with self._transaction(f"store the pass of {label} (customer {customer_id})") as conn:
-            conn.execute(
-                _UPSERT_LINK, (label, customer_id, customer_name, at, customer_raw, digest)
-            )
+        with self._transaction(f"store customer {customer_id}") as conn:
+            if not self._compare_and_set(conn, block, change, at):
+                raise block.changed()
+            moved = self._take_items(conn, block, change.seen)
             if item_rows:
                 conn.executemany(_UPSERT_ITEM, item_rows)
-            return self._journal(conn, marks, entries, at)
+            if change.link is None:
+                conn.execute(_FORGET_DIGESTS, (customer_id,))
+            else:
+                conn.execute(_UPSERT_LINK, (change.link.label, customer_id, at, change.link.digest))
+            new_ids = self._journal(conn, change.marks, change.entries, at)
+        for item_id, owner in moved:
+            log.warning(
+                "state database %s: item %s moves from customer %s to customer %s",
+                self.path,
+                item_id,
+                owner,
+                customer_id,
+            )
+        return new_ids
 
-    async def due_expiries(self, cutoff: datetime) -> list[DueExpiry]:
-        with self._errors("read the items due to expire") as conn:
-            return [
-                DueExpiry(label, customer_raw, item_raw, server, cycle, _dt(expires_at))
-                for label, customer_raw, item_raw, server, cycle, expires_at in conn.execute(
-                    _DUE_EXPIRIES, (_ts(cutoff),)
-                )
-            ]
+    @staticmethod
+    def _compare_and_set(
+        conn: sqlite3.Connection, block: Block, change: CustomerChange, at: str
+    ) -> bool:
+        """Move the customer's version on from the one read with `known` (and
+        store its row when given); False if another process moved it first."""
+        record = change.customer
+        if block.version == 0:
+            params: tuple[Any, ...] = (block.customer_id, None, None, None, at)
+            if record is not None:
+                params = (block.customer_id, record.name, record.raw, record.digest, at)
+            return conn.execute(_INSERT_CUSTOMER, params).rowcount == 1
+        if record is None:
+            params = (at, block.customer_id, block.version)
+            return conn.execute(_BUMP_CUSTOMER, params).rowcount == 1
+        params = (at, record.name, record.raw, record.digest, block.customer_id, block.version)
+        return conn.execute(_REPLACE_CUSTOMER, params).rowcount == 1
 
-    async def commit_expiry(
-        self, marks: Mapping[MarkKey, Mark], entries: Sequence[JournalEntry], at: datetime
-    ) -> list[int]:
-        with self._transaction("store local expiries") as conn:
-            conn.executemany(_FORGET_DIGEST, [(i,) for i in dict.fromkeys(i for i, _ in marks)])
-            return self._journal(conn, marks, entries, _ts(at))
+    @staticmethod
+    def _take_items(
+        conn: sqlite3.Connection, block: Block, seen: Sequence[SeenItem]
+    ) -> list[tuple[str, str]]:
+        """Items of the commit stored under another customer move to this one
+        (the caller warns); the customers they leave have changed too. The
+        (item, customer left) pairs."""
+        new = [s.item_id for s in seen if s.item_id not in block.known.items]
+        if not new:
+            return []
+        moved = conn.execute(_ITEMS_OF_OTHERS, (json.dumps(new), block.customer_id)).fetchall()
+        for owner in sorted({owner for _, owner in moved}):
+            conn.execute(_BUMP_VERSION, (owner,))
+            conn.execute(_FORGET_DIGESTS, (owner,))
+        return [(item_id, owner) for item_id, owner in moved]
 
     @staticmethod
     def _journal(
@@ -803,9 +941,81 @@ class SqliteStore:
             r[0] for r in conn.execute("SELECT id FROM journal WHERE id > ? ORDER BY id", (last,))
         ]
 
-    async def record_error(self, label: str, error: str, at: datetime) -> None:
+    # --- token mode: the configured links ---------------------------------------
+
+    async def link_digests(self) -> dict[str, bytes]:
+        with self._errors("read the links' digests") as conn:
+            return dict(
+                conn.execute("SELECT label, digest FROM links WHERE digest IS NOT NULL").fetchall()
+            )
+
+    async def record_unchanged(self, synced: Mapping[str, datetime]) -> None:
+        if not synced:
+            return
+        rows = [(_ts(at), label) for label, at in synced.items()]
+        with self._transaction(f"record the sync of {len(rows)} unchanged links") as conn:
+            conn.executemany(_RECORD_UNCHANGED, rows)
+
+    async def record_link_error(self, label: str, error: str, at: datetime) -> None:
         with self._errors(f"record the error of {label}", write=True) as conn:
             conn.execute(_LINK_ERROR, (label, error, _ts(at)))
+
+    async def links(self) -> list[LinkStatus]:
+        with self._errors("read the links") as conn:
+            return [
+                LinkStatus(
+                    label=label,
+                    customer_id=customer_id,
+                    name=name,
+                    last_synced_at=_dt_or_none(synced),
+                    last_error=error,
+                    last_error_at=_dt_or_none(error_at),
+                )
+                for label, customer_id, name, synced, error, error_at in conn.execute(_LINKS)
+            ]
+
+    # --- local expiry -----------------------------------------------------------
+
+    async def due_expiries(self, cutoff: datetime) -> list[DueExpiry]:
+        with self._errors("read the items due to expire") as conn:
+            return [
+                DueExpiry(customer_id, item_id, server, cycle, _dt(expires_at), c_raw, i_raw)
+                for customer_id, item_id, server, cycle, expires_at, c_raw, i_raw in conn.execute(
+                    _DUE_EXPIRIES, (_ts(cutoff),)
+                )
+            ]
+
+    # --- store mode ---------------------------------------------------------------
+
+    async def live_baseline(self) -> LiveBaseline:
+        with self._errors("read the live items") as conn:
+            items = {
+                item_id: LiveItem(customer_id, state, _dt_or_none(expires_at))
+                for item_id, customer_id, state, expires_at in conn.execute(_LIVE_ITEMS)
+            }
+            customers = dict(conn.execute(_CUSTOMER_DIGESTS).fetchall())
+        return LiveBaseline(items, customers)
+
+    async def get_meta(self, key: str) -> str | None:
+        with self._errors(f"read the value {key}") as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    async def set_meta(self, values: Mapping[str, str]) -> None:
+        if not values:
+            return
+        with self._transaction(f"store the values {', '.join(values)}") as conn:
+            conn.executemany(_SET_META, values.items())
+
+    async def remember_webhook(self, event_id: str, at: datetime, forget_before: datetime) -> bool:
+        params = (event_id, _ts(at))
+        before = _ts(forget_before)
+        with self._transaction(f"remember webhook event {event_id}") as conn:
+            conn.execute(_FORGET_WEBHOOKS, (before,))
+            remembered: bool = conn.execute(_REMEMBER_WEBHOOK, params).rowcount == 1
+        return remembered
+
+    # --- delivery -------------------------------------------------------------------
 
     async def pending(self, server: str, after_id: int = 0, limit: int = 500) -> list[JournalRow]:
         if limit < 1:
@@ -839,6 +1049,8 @@ class SqliteStore:
             f"mark journal row {row_id} failed",
         )
 
+    # --- reading, for status and reports ------------------------------------------------
+
     async def rows(self, server: str | None = None) -> list[JournalRow]:
         with self._errors("read the journal") as conn:
             if server is None:
@@ -849,42 +1061,35 @@ class SqliteStore:
                 )
             return [_journal_row(r) for r in cursor]
 
-    async def customers(self) -> list[CustomerStatus]:
-        with self._errors("read the links") as conn:
-            return [
-                CustomerStatus(
-                    label=label,
-                    customer_id=customer_id,
-                    name=name,
-                    last_synced_at=_dt_or_none(synced),
-                    last_error=error,
-                    last_error_at=_dt_or_none(error_at),
-                )
-                for label, customer_id, name, synced, error, error_at in conn.execute(
-                    "SELECT label, customer_id, name, last_synced_at, last_error, last_error_at "
-                    "FROM links ORDER BY label"
-                )
-            ]
-
-    async def live_items(self, id_fields: Sequence[str]) -> list[LiveItems]:
+    async def live_item_counts(self, id_fields: Sequence[str]) -> list[LiveItems]:
         fields = list(dict.fromkeys(id_fields))
         paths = [f'$."{name}"' for name in fields]
         products: dict[str, list[tuple[str, int]]] = {}
+        labels: dict[str, list[str | None]] = {}
         with self._errors("read the live items") as conn:
             for customer_id, product, count in conn.execute(_LIVE_PRODUCTS):
                 products.setdefault(customer_id, []).append((product, count))
-            links = conn.execute(_links_with_ids_sql(len(paths)), paths).fetchall()
+            for customer_id, label in conn.execute(_LINKED):
+                labels.setdefault(customer_id, []).append(label)
+            customers = conn.execute(_customers_with_ids_sql(len(paths)), paths).fetchall()
         live = []
-        for label, customer_id, name, valid, *flags in links:
+        for customer_id, name, valid, *flags in customers:
             held = products.get(customer_id)
             if not held:
                 continue
             ids = frozenset(f for f, has in zip(fields, flags, strict=True) if has)
-            for product, count in sorted(held):
-                live.append(
-                    LiveItems(label, customer_id, name, product, count, ids if valid else None)
-                )
+            for label in labels.get(customer_id) or [None]:
+                live += [
+                    LiveItems(label, customer_id, name, product, n, ids if valid else None)
+                    for product, n in held
+                ]
+        live.sort(key=lambda r: (r.label is None, r.label or "", r.customer_id, r.product))
         return live
+
+    async def totals(self) -> Totals:
+        with self._errors("count the customers and live items") as conn:
+            customers, live = conn.execute(_TOTALS).fetchone()
+        return Totals(customers=customers, live_items=live)
 
     async def pending_counts(self) -> dict[str, int]:
         with self._errors("count the pending commands") as conn:
@@ -902,12 +1107,5 @@ class SqliteStore:
             ):
                 counts.setdefault(server, {})[status] = n
         return [
-            ServerCounts(
-                server=server,
-                pending=by_status.get(JournalStatus.PENDING, 0),
-                failed=by_status.get(JournalStatus.FAILED, 0),
-                skipped=by_status.get(JournalStatus.SKIPPED, 0),
-                delivered=by_status.get(JournalStatus.DELIVERED, 0),
-            )
-            for server, by_status in sorted(counts.items())
+            ServerCounts.tally(server, by_status) for server, by_status in sorted(counts.items())
         ]
