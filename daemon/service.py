@@ -160,12 +160,12 @@ class Service:
             "clock": self.clock, "stopping": self.stopping, "store_failed": self._store_failed,
         }  # fmt: skip
         if self.settings.store_mode:
-            client = self.core.management(self.session, self.rate_limiter)
-            self.store_source = self.core.store_source(client)
+            management = self.core.management(self.session, self.rate_limiter)
+            self.store_source = self.core.store_source(management)
             self.store_reads = StoreReads(self.scheduler, self.store_source, **common)
         else:
-            client = self.core.storefront(self.session, self.rate_limiter)
-            self.source = self.core.token_source(client, cache_customers=True)
+            storefront = self.core.storefront(self.session, self.rate_limiter)
+            self.source = self.core.token_source(storefront, cache_customers=True)
             self.polls = LinkPolls(self.scheduler, self.source, telemetry=self.telemetry, **common)
 
     def _webhooks(self) -> WebhookReceiver | None:
