@@ -516,7 +516,7 @@ def test_a_restarted_service_trusts_the_stored_digest_unless_the_config_changed(
 
 
 def test_interval_stretches_to_what_the_rate_limit_allows() -> None:
-    from daemon.service import effective_interval
+    from daemon.scheduler import effective_interval
 
     assert effective_interval(60, 10_000, 20) == pytest.approx(550)
     assert effective_interval(60, 1_000, 20) == 60
