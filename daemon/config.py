@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Mapping
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from types import NoneType, UnionType
 from typing import Annotated, Any, Self, get_args
@@ -109,6 +110,8 @@ class SyncSettings(_Section):
     expiry_grace_seconds: Annotated[float, Field(ge=0, le=86_400)] = 60.0
     # Store mode: how often new items are read, and how far back each read
     # looks again for items that became visible late.
+    # Finished journal rows older than this are pruned (0: at the next pass).
+    journal_retention_days: Annotated[float, Field(ge=0, le=36_500)] = 90.0
     new_items_seconds: Annotated[float, Field(ge=1, le=3_600)] = 5.0
     new_items_overlap_seconds: Annotated[float, Field(ge=0, le=3_600)] = 30.0
 
@@ -125,6 +128,13 @@ class HttpSettings(_Section):
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:9108")
         return value
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"not a regular expression: {exc}") from None
 
 
 def _secret_sources(model: BaseModel, prefix: str) -> list[str]:
@@ -186,11 +196,38 @@ class ServerSettings(_Section):
     password_file: str | None = None
     password: SecretStr | None = None
     timeout_seconds: Annotated[float, Field(gt=0, le=300)] = 5.0
+    # Regular expressions searched anywhere in a reply: a match marks the
+    # command rejected (on top of the platform's own error replies).
+    error_replies: list[str] = []
+    # Regular expressions: a reply to an online-only command saying the player
+    # is not there returns it to waiting (on top of the platform's own).
+    offline_replies: list[str] = []
+    # How the player list is read, where the game's differs from the
+    # platform's default (`players_pattern`: a regular expression with a
+    # group for the player's id).
+    players_command: Annotated[str, Field(min_length=1)] | None = None
+    players_pattern: str | None = None
+    # The player list is read at most this often, only while a command waits.
+    presence_seconds: Annotated[float, Field(ge=1, le=3_600)] = 10.0
     # Store mode: PayNow's id of this game server; an item whose
     # execute_on_gameserver_id is this id goes to this server only.
     paynow_gameserver_id: Annotated[str, Field(pattern=r"^[0-9]{1,20}$")] | None = None
 
     _password: SecretStr | None = PrivateAttr(default=None)
+
+    @field_validator("error_replies", "offline_replies")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            _compile(pattern)
+        return value
+
+    @field_validator("players_pattern")
+    @classmethod
+    def _players_pattern(cls, value: str | None) -> str | None:
+        if value is not None and _compile(value).groups < 1:
+            raise ValueError("needs a group for the player's id, e.g. (STEAM_[0-5]:[01]:\\d+)")
+        return value
 
     @field_validator("platform")
     @classmethod
@@ -211,13 +248,41 @@ class ServerSettings(_Section):
         return self._password
 
 
+class CommandSettings(_Section):
+    """A command written as a mapping: `{run: TEMPLATE, online: true, delay_seconds: 30}`."""
+
+    run: str
+    # Sent only while the customer's player is online on that server.
+    online: bool = False
+    # Not sent before this long after its event was journaled.
+    delay_seconds: Annotated[float, Field(ge=0, le=30 * 86_400)] = 0.0
+    # Runs for its own item whatever the product's shared perk does.
+    per_item: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A parsed command of a product's event list (plain strings get the defaults)."""
+
+    template: Template
+    online: bool = False
+    delay_seconds: float = 0.0
+    per_item: bool = False
+
+
 class ProductSettings(_Section):
     servers: list[str] | None = None  # None: every server
-    on_active: list[str] = []
-    on_expire: list[str] = []
-    on_revoke: list[str] = []
+    # Items of every product with the same perk share one grant per customer
+    # and server, as a rank does.
+    perk: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] | None = None
+    # A one-time product (keys, coins): on_active runs on the servers it went
+    # to when first granted, never again for a server added later nor by resend.
+    once: bool = False
+    on_active: list[str | CommandSettings] = []
+    on_expire: list[str | CommandSettings] = []
+    on_revoke: list[str | CommandSettings] = []
 
-    _templates: dict[str, tuple[Template, ...]] = PrivateAttr(default_factory=dict)
+    _commands: dict[str, tuple[Command, ...]] = PrivateAttr(default_factory=dict)
 
     @field_validator("servers")
     @classmethod
@@ -226,8 +291,11 @@ class ProductSettings(_Section):
             raise ValueError("an empty list routes to no server; omit the key for every server")
         return value
 
+    def commands(self, event: str) -> tuple[Command, ...]:
+        return self._commands.get(event, ())
+
     def templates(self, event: str) -> tuple[Template, ...]:
-        return self._templates.get(event, ())
+        return tuple(command.template for command in self.commands(event))
 
 
 class Settings(BaseSettings):
@@ -560,16 +628,25 @@ def _check_cross_references(settings: Settings) -> list[str]:
                 known = ", ".join(settings.servers) or "none are configured"
                 errors.append(f"products.{slug}.servers[{i}]: unknown server {server!r} ({known})")
         for event in EVENT_KEYS:
-            templates = []
-            for i, command in enumerate(getattr(product, event)):
+            commands = []
+            for i, written in enumerate(getattr(product, event)):
+                spec = written if isinstance(written, CommandSettings) else None
+                text = spec.run if spec is not None else written
+                where = f"products.{slug}.{event}[{i}]" + (".run" if spec is not None else "")
                 try:
-                    templates.append(parse_template(command, store_mode=settings.store_mode))
+                    template = parse_template(text, store_mode=settings.store_mode)
                 except TemplateError as exc:
-                    errors.append(f"products.{slug}.{event}[{i}]: {exc}")
+                    errors.append(f"{where}: {exc}")
                     continue
-                if not command.strip():
-                    errors.append(f"products.{slug}.{event}[{i}]: empty command")
-            product._templates[event] = tuple(templates)
+                if not text.strip():
+                    errors.append(f"{where}: empty command")
+                if spec is None:
+                    commands.append(Command(template))
+                else:
+                    commands.append(
+                        Command(template, spec.online, spec.delay_seconds, spec.per_item)
+                    )
+            product._commands[event] = tuple(commands)
     errors += _check_mode(settings)
     if settings.products and not settings.servers:
         errors.append("servers: no server is configured, so no product can be delivered")
@@ -666,6 +743,8 @@ __all__ = [
     "DEFAULT_CONFIG_PATH",
     "EVENT_KEYS",
     "IGNORE",
+    "Command",
+    "CommandSettings",
     "ConfigError",
     "CustomerLink",
     "HttpSettings",
