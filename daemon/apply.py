@@ -288,14 +288,13 @@ def _still_due(known: KnownCustomer, expiry: DueExpiry) -> bool:
 
 
 def _seen(item: InventoryItem, read_at: datetime) -> SeenItem:
-    """The item to store. Its JSON is kept only where local expiry may need to
-    render from it (json.dumps escapes what UTF-8 cannot carry)."""
-    expiry = effective_expiry(item)
+    """The item to store, with its JSON (local expiry, resend and retry render
+    from it; json.dumps escapes what UTF-8 cannot carry)."""
     return SeenItem(
         item.id,
         encodable(item.product.slug),
         encodable(item.state),
-        expiry,
-        json.dumps(item.raw, separators=(",", ":")) if expiry else None,
+        effective_expiry(item),
+        json.dumps(item.raw, separators=(",", ":")),
         read_at,
     )

@@ -126,7 +126,7 @@ class ServerWorker:
         Stops between two commands (never in the middle of one) once `stopping` is set.
         """
         while True:
-            rows = await self.store.pending(self.name)
+            rows = await self.store.unfinished(self.name)
             if not rows:
                 self.telemetry.backlog(self.name, 0)
                 return True

@@ -37,6 +37,20 @@ class EventKind(StrEnum):
 class Mark:
     phase: Phase
     cycle: int
+    # The shared perk the item was granted under (`products.<slug>.perk` at
+    # the time), or None: a config change later does not move a grant.
+    perk: str | None = None
+
+
+class Share(StrEnum):
+    """How an event of an item of a shared perk runs (items without a perk: OWN)."""
+
+    OWN = "own"  # all of the event's commands
+    # A grant while the customer holds the perk there already, or a take-back
+    # while another granted item of the perk remains: only the commands marked
+    # `per_item` run; the others are journaled `kept` and not sent.
+    JOINED = "joined"
+    KEPT = "kept"
 
 
 MarkKey = tuple[str, str]  # (item id, server name)
@@ -49,6 +63,7 @@ class Event:
     kind: EventKind
     cycle: int
     happened_at: datetime
+    share: Share = Share.OWN
 
 
 @dataclass(slots=True)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
+from typing import Final, Protocol
 
 from daemon.diff import Mark, MarkKey
 
@@ -65,9 +65,23 @@ class CustomerChanged(StoreError):
 
 class JournalStatus(StrEnum):
     PENDING = "pending"  # to be delivered (or in flight)
+    # Not sendable yet: an online-only command whose player is away, a delayed
+    # one before its time, or a row behind such a one (same customer and
+    # server); `reason` says which.
+    WAITING = "waiting"
     DELIVERED = "delivered"  # the server answered
     FAILED = "failed"  # can never succeed (unsafe value, too long); not retried
     SKIPPED = "skipped"  # a placeholder was null: not sent, by design
+    # The server answered with an error reply (an unknown command, ...): not retried.
+    REJECTED = "rejected"
+    # A shared perk's command not sent because another item holds the perk.
+    KEPT = "kept"
+    CANCELLED = "cancelled"  # by the item's take-back, or by an operator
+
+
+UNFINISHED: Final = frozenset({JournalStatus.PENDING, JournalStatus.WAITING})
+# Kept at most this many characters of a server's reply.
+REPLY_LIMIT: Final = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +97,12 @@ class JournalEntry:
     command_index: int
     command: str  # rendered; for FAILED/SKIPPED the template
     status: JournalStatus = JournalStatus.PENDING
-    reason: str | None = None  # why FAILED or SKIPPED
+    reason: str | None = None  # why FAILED, SKIPPED or KEPT
+    online: bool = False  # sent only while the customer's player is online there
+    not_before: datetime | None = None  # not sent before then (delay_seconds)
+    # 0 for the event's own rows; n for the n-th time they were journaled
+    # again (`perksync resend`, `perksync retry`): never mistaken for the original.
+    resend: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +123,10 @@ class JournalRow:
     attempts: int
     created_at: datetime
     finished_at: datetime | None
+    online: bool = False
+    not_before: datetime | None = None
+    reply: str | None = None  # the server's answer (first REPLY_LIMIT characters)
+    resend: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +154,8 @@ class StoredItem:
     expires_at: datetime | None
     # When the read behind `state` started (None: stored before this was kept).
     read_at: datetime | None
+    # The item's JSON as last stored (to render a resend or a retry from).
+    raw: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +168,8 @@ class KnownCustomer:
     # given with it (store mode compares a snapshot's embedded customer by it).
     customer_raw: str | None = None
     customer_digest: bytes | None = None
+    # (item, server) that have an on_active row still pending or waiting.
+    open_grants: frozenset[MarkKey] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +199,11 @@ class CustomerChange:
     marks: Mapping[MarkKey, Mark] = field(default_factory=dict)
     entries: Sequence[JournalEntry] = ()
     link: LinkSync | None = None
+    # (item, server) whose take-back this change journals: their on_active
+    # rows still pending or waiting become CANCELLED (they hold nothing back).
+    cancel_grants: Sequence[MarkKey] = ()
+    # Rows an operator cancels (pending or waiting ones; others stay as they are).
+    cancel_rows: Sequence[int] = ()
 
 
 class CustomerTxn(Protocol):
@@ -193,10 +225,13 @@ class CustomerTxn(Protocol):
         - `marks`: upsert; a mark must name an item of this customer (in
           `seen` or in `known`), and every cycle must be >= 1.
         - `entries`: inserted in order; one whose (item, server, cycle,
-          event, command_index) exists already (or comes twice) is not
-          inserted again and its id is not returned. Rows are created with
+          event, command_index, resend) exists already (or comes twice) is
+          not inserted again and its id is not returned. Rows are created with
           `at` as `created_at`, zero attempts and, if FAILED or SKIPPED,
           already finished at `at`.
+        - `cancel_grants`, `cancel_rows`: those PENDING or WAITING rows of this
+          customer become CANCELLED, finished at `at` (others are left as
+          they are).
         - `link`: upsert the link row (customer id, sync time `at`, error
           cleared, answers digest). A commit without `link` drops the
           answers digests of every link of this customer (its marks no
@@ -222,6 +257,17 @@ class DueExpiry:
     expires_at: datetime
     customer_raw: str
     item_raw: str
+
+
+@dataclass(frozen=True, slots=True)
+class GrantedItem:
+    customer_id: str
+    item_id: str
+    product: str
+    server: str
+    cycle: int
+    perk: str | None
+    open_grant: bool  # its on_active there is still pending or waiting
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +326,10 @@ class ServerCounts:
     failed: int
     skipped: int
     delivered: int
+    waiting: int = 0
+    rejected: int = 0
+    kept: int = 0
+    cancelled: int = 0
 
     @classmethod
     def tally(cls, server: str, by_status: Mapping[str, int]) -> ServerCounts:
@@ -366,30 +416,69 @@ class Store(Protocol):
 
     # --- delivery --------------------------------------------------------------------
 
-    async def pending(self, server: str, after_id: int = 0, limit: int = 500) -> list[JournalRow]:
-        """PENDING rows for `server` with id > after_id, in id order."""
+    async def unfinished(
+        self, server: str, after_id: int = 0, limit: int = 500
+    ) -> list[JournalRow]:
+        """PENDING and WAITING rows for `server` with id > after_id, in id order."""
         ...
 
     async def mark_attempt(self, row_id: int) -> None:
         """Count one delivery attempt; called right before the command is sent.
+        The row becomes PENDING if it was WAITING.
 
-        Like `mark_delivered` and `mark_failed`: a row id that does not exist
-        raises `StoreError`; a row that is no longer PENDING is left as it is
-        (its first outcome stands)."""
+        Like every `mark_*`: a row id that does not exist raises `StoreError`;
+        a row that is no longer PENDING or WAITING is left as it is (its first
+        outcome stands)."""
         ...
 
-    async def mark_delivered(self, row_id: int, at: datetime) -> None:
-        """PENDING → DELIVERED, finished at `at`."""
+    async def mark_waiting(self, row_id: int, reason: str) -> None:
+        """PENDING or WAITING → WAITING, with why (for the player, until a time,
+        behind another row). Not finished."""
+        ...
+
+    async def mark_delivered(self, row_id: int, at: datetime, reply: str | None = None) -> None:
+        """→ DELIVERED, finished at `at`, with the server's reply (cut to
+        `REPLY_LIMIT` characters)."""
+        ...
+
+    async def mark_rejected(self, row_id: int, reply: str, reason: str, at: datetime) -> None:
+        """→ REJECTED (never retried): the server's reply said it failed."""
         ...
 
     async def mark_failed(self, row_id: int, reason: str, at: datetime) -> None:
-        """PENDING → FAILED (never retried), with why, finished at `at`."""
+        """→ FAILED (never retried), with why, finished at `at`."""
+        ...
+
+    async def prune_journal(self, finished_before: datetime, limit: int) -> int:
+        """Delete up to `limit` finished rows (delivered, skipped, kept, failed,
+        rejected, cancelled) finished before `finished_before`, oldest first;
+        how many went. PENDING and WAITING rows never go. One short
+        transaction: call it again while it returns `limit`."""
         ...
 
     # --- reading, for status and reports ---------------------------------------------
 
     async def rows(self, server: str | None = None) -> list[JournalRow]:
         """Every journal row (of one server), in id order. For status and tests."""
+        ...
+
+    async def journal(
+        self,
+        *,
+        server: str | None = None,
+        customer_id: str | None = None,
+        statuses: Sequence[JournalStatus] = (),
+        row_ids: Sequence[int] = (),
+        limit: int | None = 100,
+    ) -> list[JournalRow]:
+        """Journal rows matching every filter given, newest first, at most
+        `limit` (None: all). For `perksync journal`, `cancel`, `retry`."""
+        ...
+
+    async def granted(self, server: str) -> list[GrantedItem]:
+        """Every item GRANTED on `server` (phase granted), with its customer,
+        product, cycle, perk and whether its on_active there is still pending
+        or waiting: what `perksync resend` starts from."""
         ...
 
     async def live_item_counts(self, id_fields: Sequence[str]) -> list[LiveItems]:

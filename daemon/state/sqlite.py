@@ -299,6 +299,61 @@ ON CONFLICT (customer_id) DO NOTHING
 """
 
 
+@migration("shared perks on marks; waiting, rejected, kept and cancelled rows, replies, resends")
+def _v6(conn: sqlite3.Connection) -> None:
+    _run(
+        conn,
+        [
+            "ALTER TABLE marks ADD COLUMN perk TEXT",
+            # SQLite cannot change a CHECK or UNIQUE constraint in place: rebuild
+            # the journal, keeping its ids and its AUTOINCREMENT sequence.
+            """CREATE TABLE journal_v6 (
+                id            INTEGER PRIMARY KEY AUTOINCREMENT,
+                customer_id   TEXT NOT NULL,
+                item_id       TEXT NOT NULL,
+                product       TEXT NOT NULL,
+                server        TEXT NOT NULL,
+                event         TEXT NOT NULL,
+                cycle         INTEGER NOT NULL CHECK (cycle >= 1),
+                command_index INTEGER NOT NULL CHECK (command_index >= 0),
+                resend        INTEGER NOT NULL DEFAULT 0 CHECK (resend >= 0),
+                command       TEXT NOT NULL,
+                status        TEXT NOT NULL CHECK (status IN (
+                                  'pending', 'waiting', 'delivered', 'failed', 'skipped',
+                                  'rejected', 'kept', 'cancelled')),
+                reason        TEXT,
+                online        INTEGER NOT NULL DEFAULT 0 CHECK (online IN (0, 1)),
+                not_before    TEXT,
+                reply         TEXT,
+                attempts      INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+                created_at    TEXT NOT NULL,
+                finished_at   TEXT,
+                UNIQUE (item_id, server, cycle, event, command_index, resend)
+            ) STRICT""",
+            """INSERT INTO journal_v6 (id, customer_id, item_id, product, server, event, cycle,
+                                       command_index, command, status, reason, attempts,
+                                       created_at, finished_at)
+               SELECT id, customer_id, item_id, product, server, event, cycle, command_index,
+                      command, status, reason, attempts, created_at, finished_at
+               FROM journal""",
+            """INSERT INTO sqlite_sequence (name, seq)
+               SELECT 'journal_v6', seq FROM sqlite_sequence WHERE name = 'journal'
+               AND NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'journal_v6')""",
+            """UPDATE sqlite_sequence
+               SET seq = max(seq, (SELECT seq FROM sqlite_sequence WHERE name = 'journal'))
+               WHERE name = 'journal_v6'""",
+            "DROP TABLE journal",
+            "ALTER TABLE journal_v6 RENAME TO journal",
+            "CREATE INDEX journal_server_status ON journal (server, status)",
+            # Each customer's unfinished rows (its open grants, `journal --customer`).
+            "CREATE INDEX journal_open ON journal (customer_id)"
+            " WHERE status IN ('pending', 'waiting')",
+            # Retention: finished rows by when they finished.
+            "CREATE INDEX journal_finished ON journal (finished_at) WHERE finished_at IS NOT NULL",
+        ],
+    )
+
+
 # --- times -------------------------------------------------------------------
 
 
