@@ -191,8 +191,8 @@ async def snapshot(store: Store) -> dict[str, Any]:
         "links": await store.links(),
         "digests": await store.link_digests(),
         "server counts": await store.server_counts(),
-        "pending survival": await store.pending("survival"),
-        "pending jailbreak": await store.pending("jailbreak"),
+        "pending survival": await store.unfinished("survival"),
+        "pending jailbreak": await store.unfinished("jailbreak"),
         "due": await store.due_expiries(LATER),
         "baseline": await store.live_baseline(),
         "totals": await store.totals(),
@@ -215,7 +215,7 @@ def items_of(customer: KnownCustomer) -> set[str]:
 async def test_an_empty_store_knows_nothing(opener: Opener) -> None:
     store = opener()
     assert await known(store, "100") == KnownCustomer({}, {}, None, None)
-    assert await store.pending("survival") == []
+    assert await store.unfinished("survival") == []
     assert await store.rows() == []
     assert await store.rows("survival") == []
     assert await store.links() == []
@@ -439,14 +439,14 @@ async def test_pending_filters_by_server_after_id_and_limit(opener: Opener) -> N
     survival = [first[0], first[1]]
     jailbreak = [first[2], first[3]]
 
-    assert ids(await store.pending("survival")) == survival
-    assert ids(await store.pending("jailbreak")) == jailbreak
-    assert await store.pending("nowhere") == []
-    assert ids(await store.pending("survival", after_id=survival[0])) == survival[1:]
-    assert await store.pending("survival", after_id=survival[1]) == []
-    assert ids(await store.pending("survival", limit=1)) == survival[:1]
-    assert ids(await store.pending("jailbreak", after_id=0, limit=5)) == jailbreak
-    pending = await store.pending("survival")
+    assert ids(await store.unfinished("survival")) == survival
+    assert ids(await store.unfinished("jailbreak")) == jailbreak
+    assert await store.unfinished("nowhere") == []
+    assert ids(await store.unfinished("survival", after_id=survival[0])) == survival[1:]
+    assert await store.unfinished("survival", after_id=survival[1]) == []
+    assert ids(await store.unfinished("survival", limit=1)) == survival[:1]
+    assert ids(await store.unfinished("jailbreak", after_id=0, limit=5)) == jailbreak
+    pending = await store.unfinished("survival")
     assert all(r.server == "survival" and r.status is JournalStatus.PENDING for r in pending)
 
 
@@ -476,7 +476,7 @@ async def test_pending_pages_through_a_long_journal_in_id_order(opener: Opener) 
 
     paged: list[int] = []
     after = 0
-    while page := await store.pending("survival", after_id=after, limit=250):
+    while page := await store.unfinished("survival", after_id=after, limit=250):
         assert len(page) <= 250
         paged += ids(page)
         after = page[-1].id
@@ -494,7 +494,7 @@ async def test_recommitting_the_same_change_journals_nothing_new(opener: Opener)
     after = await store.rows()
     assert after == before  # not re-inserted, and the old rows are untouched
     assert (await store.links())[0].last_synced_at == T1  # the rest of the commit did apply
-    assert ids(await store.pending("survival")) == first[:2]
+    assert ids(await store.unfinished("survival")) == first[:2]
 
 
 @run_async
@@ -548,8 +548,8 @@ async def test_attempts_and_outcomes(opener: Opener) -> None:
     assert rows[b].finished_at is None
 
     # Delivered and failed rows leave pending().
-    assert ids(await store.pending("survival")) == [b]
-    assert ids(await store.pending("jailbreak")) == [d]
+    assert ids(await store.unfinished("survival")) == [b]
+    assert ids(await store.unfinished("jailbreak")) == [d]
     assert await store.server_counts() == [
         ServerCounts("jailbreak", pending=1, failed=1, skipped=0, delivered=0),
         ServerCounts("survival", pending=1, failed=0, skipped=0, delivered=1),
@@ -623,7 +623,7 @@ async def test_failed_and_skipped_entries_are_never_pending(opener: Opener) -> N
         ),
     )
     assert len(new) == 3
-    assert ids(await store.pending("survival")) == [new[1]]
+    assert ids(await store.unfinished("survival")) == [new[1]]
     skipped, pending, failed = await store.rows()
     assert (skipped.status, skipped.reason, skipped.finished_at) == (
         JournalStatus.SKIPPED,
@@ -739,7 +739,7 @@ async def test_links_and_server_counts(opener: Opener) -> None:
         ServerCounts("lobby", pending=1, failed=0, skipped=0, delivered=0),
         ServerCounts("survival", pending=0, failed=0, skipped=0, delivered=2),
     ]
-    assert ids(await store.pending("jailbreak")) == [d, (await store.rows())[-1].id]
+    assert ids(await store.unfinished("jailbreak")) == [d, (await store.rows())[-1].id]
 
 
 @run_async
@@ -1187,8 +1187,8 @@ async def test_two_stores_on_the_same_database(opener: Opener) -> None:
     mine = await commit(reader, "300", carol)
     await writer.mark_delivered(first[0], T2)
     assert [c.label for c in await writer.links()] == ["alice", "bob", "carol"]
-    assert ids(await writer.pending("survival")) == [first[1], *mine]
-    assert ids(await reader.pending("survival")) == [first[1], *mine]
+    assert ids(await writer.unfinished("survival")) == [first[1], *mine]
+    assert ids(await reader.unfinished("survival")) == [first[1], *mine]
     assert ids(await writer.rows()) == first + mine
     # The same commit through the other store is still a duplicate.
     assert await commit(writer, "300", carol) == []
@@ -1279,7 +1279,7 @@ async def test_an_expiry_commit_lapses_the_marks_and_journals_the_commands(opene
     )
     assert len(await commit(store, "100", lapse)) == 1
     assert dict((await known(store, "100")).marks) == {("1", "survival"): Mark(Phase.LAPSED, 1)}
-    assert [r.event for r in await store.pending("survival")] == ["on_active", "on_expire"]
+    assert [r.event for r in await store.unfinished("survival")] == ["on_active", "on_expire"]
     assert await store.due_expiries(T2) == []
     assert await store.link_digests() == {}
     # Committing the same expiry again journals nothing new.

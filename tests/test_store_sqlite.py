@@ -349,14 +349,15 @@ def test_a_writer_locked_out_too_long_fails_cleanly_and_readers_still_read(db: P
     close(store)
 
 
-def test_pending_reads_through_the_server_status_index(db: Path) -> None:
+def test_unfinished_rows_are_read_through_their_own_index(db: Path) -> None:
     close(SqliteStore(db))
     conn = raw(db)
     plan = " ".join(
-        str(r[3]) for r in conn.execute("EXPLAIN QUERY PLAN " + state_sqlite._PENDING, ("s", 0, 10))
+        str(r[3])
+        for r in conn.execute("EXPLAIN QUERY PLAN " + state_sqlite._UNFINISHED, ("s", 0, 10))
     )
     conn.close()
-    assert "journal_server_status" in plan
+    assert "journal_unfinished" in plan
     assert "SCAN" not in plan
     assert "TEMP B-TREE" not in plan  # no sort: the index gives id order
 
@@ -699,7 +700,7 @@ async def test_many_commits_of_five_items(db: Path) -> None:
         assert set(stored.items) == {f"{last}{i}" for i in range(5)}
         assert len(stored.marks) == 5
         assert len(await store.links()) == PASSES
-        page = await store.pending("survival", after_id=all_ids[-3])
+        page = await store.unfinished("survival", after_id=all_ids[-3])
         assert [r.id for r in page] == all_ids[-2:]
         assert len(store._locks) == 0  # no lock kept per customer met
     finally:

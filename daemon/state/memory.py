@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 
 from daemon.diff import Mark, Phase
 from daemon.state import (
+    UNFINISHED,
     CustomerChange,
     CustomerTxn,
     DueExpiry,
@@ -79,7 +80,8 @@ class _Link:
     digest: bytes | None = None
 
 
-JournalKey = tuple[str, str, int, str, int]  # item, server, cycle, event, command index
+JournalKey = tuple[str, str, int, str, int, int]  # item, server, cycle, event, index, resend
+JournalKey = tuple[str, str, int, str, int, int]  # item, server, cycle, event, command index
 
 
 @dataclass(slots=True)
@@ -339,13 +341,15 @@ class MemoryStore:
 
     # --- delivery -----------------------------------------------------------------------
 
-    async def pending(self, server: str, after_id: int = 0, limit: int = 500) -> list[JournalRow]:
+    async def unfinished(
+        self, server: str, after_id: int = 0, limit: int = 500
+    ) -> list[JournalRow]:
         if limit < 1:
             raise ValueError(f"limit must be at least 1, not {limit}")
         db = await self._turn()
         rows = []
         for row in db.journal.values():
-            if row.id > after_id and row.server == server and row.status == JournalStatus.PENDING:
+            if row.id > after_id and row.server == server and row.status in UNFINISHED:
                 rows.append(row)
                 if len(rows) == limit:
                     break
@@ -362,7 +366,7 @@ class MemoryStore:
     async def mark_attempt(self, row_id: int) -> None:
         await self._finish(row_id, lambda row: dataclasses.replace(row, attempts=row.attempts + 1))
 
-    async def mark_delivered(self, row_id: int, at: datetime) -> None:
+    async def mark_delivered(self, row_id: int, at: datetime, reply: str | None = None) -> None:
         when = _utc(at)
         await self._finish(
             row_id,
@@ -454,7 +458,7 @@ def _check(change: CustomerChange) -> None:
 def _journal(db: _Database, entries: Sequence[JournalEntry], at: datetime) -> list[int]:
     new = []
     for e in entries:
-        key = (e.item_id, e.server, e.cycle, str(e.event), e.command_index)
+        key = (e.item_id, e.server, e.cycle, str(e.event), e.command_index, e.resend)
         if key in db.journal_keys:
             continue
         db.journal_keys.add(key)
@@ -473,7 +477,10 @@ def _journal(db: _Database, entries: Sequence[JournalEntry], at: datetime) -> li
             reason=e.reason,
             attempts=0,
             created_at=at,
-            finished_at=None if e.status == JournalStatus.PENDING else at,
+            finished_at=None if e.status in UNFINISHED else at,
+            online=e.online,
+            not_before=_utc_or_none(e.not_before),
+            resend=e.resend,
         )
         new.append(db.last_id)
     return new

@@ -63,6 +63,7 @@ from typing import Any, Final
 
 from daemon.diff import Mark, MarkKey, Phase
 from daemon.state import (
+    UNFINISHED,
     CustomerChange,
     CustomerTxn,
     DueExpiry,
@@ -345,7 +346,10 @@ def _v6(conn: sqlite3.Connection) -> None:
             "DROP TABLE journal",
             "ALTER TABLE journal_v6 RENAME TO journal",
             "CREATE INDEX journal_server_status ON journal (server, status)",
-            # Each customer's unfinished rows (its open grants, `journal --customer`).
+            # Each server's unfinished rows in id order (delivery), and each
+            # customer's (its open grants): short however long the journal grows.
+            "CREATE INDEX journal_unfinished ON journal (server)"
+            " WHERE status IN ('pending', 'waiting')",
             "CREATE INDEX journal_open ON journal (customer_id)"
             " WHERE status IN ('pending', 'waiting')",
             # Retention: finished rows by when they finished.
@@ -489,9 +493,10 @@ ON CONFLICT (item_id, server) DO UPDATE SET phase = excluded.phase, cycle = excl
 # silently drop a row that breaks a CHECK constraint).
 _INSERT_ENTRY = """
 INSERT INTO journal (customer_id, item_id, product, server, event, cycle, command_index,
-                     command, status, reason, attempts, created_at, finished_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)
-ON CONFLICT (item_id, server, cycle, event, command_index) DO NOTHING
+                     command, status, reason, attempts, created_at, finished_at,
+                     online, not_before, resend)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?)
+ON CONFLICT (item_id, server, cycle, event, command_index, resend) DO NOTHING
 """
 
 # Live items are read through items_live: used and revoked items, which pile
@@ -546,11 +551,12 @@ ON CONFLICT (event_id) DO NOTHING
 """
 
 _ROW_COLUMNS = """id, customer_id, item_id, product, server, event, cycle, command_index,
-    command, status, reason, attempts, created_at, finished_at"""
+    command, status, reason, attempts, created_at, finished_at, online, not_before, reply,
+    resend"""
 
-_PENDING = f"""
-SELECT {_ROW_COLUMNS} FROM journal
-WHERE server = ? AND status = 'pending' AND id > ?
+_UNFINISHED = f"""
+SELECT {_ROW_COLUMNS} FROM journal INDEXED BY journal_unfinished
+WHERE server = ? AND status IN ('pending', 'waiting') AND id > ?
 ORDER BY id LIMIT ?
 """
 
@@ -614,6 +620,10 @@ def _journal_row(r: Sequence[Any]) -> JournalRow:
         attempts=r[11],
         created_at=_dt(r[12]),
         finished_at=_dt_or_none(r[13]),
+        online=bool(r[14]),
+        not_before=_dt_or_none(r[15]),
+        reply=r[16],
+        resend=r[17],
     )
 
 
@@ -980,7 +990,10 @@ class SqliteStore:
                 str(e.status),
                 e.reason,
                 at,
-                None if e.status == JournalStatus.PENDING else at,
+                None if e.status in UNFINISHED else at,
+                int(e.online),
+                None if e.not_before is None else _ts(e.not_before),
+                e.resend,
             )
             for e in entries
         ]
@@ -1072,11 +1085,13 @@ class SqliteStore:
 
     # --- delivery -------------------------------------------------------------------
 
-    async def pending(self, server: str, after_id: int = 0, limit: int = 500) -> list[JournalRow]:
+    async def unfinished(
+        self, server: str, after_id: int = 0, limit: int = 500
+    ) -> list[JournalRow]:
         if limit < 1:
             raise ValueError(f"limit must be at least 1, not {limit}")
         with self._errors(f"read the pending commands of {server}") as conn:
-            return [_journal_row(r) for r in conn.execute(_PENDING, (server, after_id, limit))]
+            return [_journal_row(r) for r in conn.execute(_UNFINISHED, (server, after_id, limit))]
 
     async def mark_attempt(self, row_id: int) -> None:
         self._finish(
@@ -1086,7 +1101,7 @@ class SqliteStore:
             f"count an attempt of journal row {row_id}",
         )
 
-    async def mark_delivered(self, row_id: int, at: datetime) -> None:
+    async def mark_delivered(self, row_id: int, at: datetime, reply: str | None = None) -> None:
         self._finish(
             row_id,
             "UPDATE journal SET status = 'delivered', finished_at = ? "
