@@ -327,7 +327,7 @@ class PrometheusTelemetry:
     def command_finished(self, server: str, outcome: str) -> None:
         state = self._server(server)
         self._commands.labels(server, outcome).inc()
-        if outcome == "delivered":
+        if outcome in ("delivered", "rejected"):
             # The server answered: whatever failed before is over.
             state.failing_since = None
             state.failures = 0
