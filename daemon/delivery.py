@@ -166,7 +166,7 @@ class _Unusable(Exception):
 
 @dataclass(slots=True)
 class _Scan:
-    """What one pass over a server's rows learns as it goes."""
+    """What one round through a server's rows learns as it goes."""
 
     held: dict[str, int] = field(default_factory=dict)  # customer → the row it waits at
     keys: dict[str, str | None] = field(default_factory=dict)  # customer → player key
@@ -230,9 +230,9 @@ class ServerWorker:
         return max(0.0, self.wake_at - self.clock.monotonic())
 
     async def deliver_available(self, stopping: asyncio.Event | None = None) -> bool:
-        """One pass over the server's unfinished rows, in id order: send what is
-        due, mark the rest waiting. False if the server failed (rows stay as
-        they are). Rows journaled meanwhile are part of the pass.
+        """One round through the server's unfinished rows, in id order: send
+        what is due, mark the rest waiting. False if the server failed (rows
+        stay as they are). Rows journaled meanwhile are part of the round.
 
         Stops between two commands (never in the middle of one) once `stopping` is set.
         """
@@ -285,15 +285,15 @@ class ServerWorker:
         if not row.online:
             return None
         key = await self._player_key(row.customer_id, scan)
+        if key is None:  # no list can show them (a poll that brings the id wakes us)
+            field_name = PLATFORMS[self.rules.platform].routing_field
+            return f"{WAIT_FOR_PLAYER} (the customer has no {field_name})"
         presence = await self._players()
-        if key is not None and presence.ids is not None and key in presence.ids:
+        if presence.ids is not None and key in presence.ids:
             return None
         scan.for_player = True
         if presence.ids is None:
             return f"{WAIT_FOR_PLAYER} (the player list cannot be read)"
-        if key is None:
-            field_name = PLATFORMS[self.rules.platform].routing_field
-            return f"{WAIT_FOR_PLAYER} (the customer has no {field_name})"
         return WAIT_FOR_PLAYER
 
     async def _wait(self, row: JournalRow, reason: str, *, head: bool) -> None:
@@ -477,7 +477,7 @@ class ServerWorker:
             return False
         note = None
         if row.customer_id in scan.held:
-            note = "after the waiting command above"
+            note = "after this customer's waiting command above"
         elif row.not_before is not None and self.clock.now() < row.not_before:
             note = f"delayed: waits {until(row.not_before)}"
         elif row.online:

@@ -144,7 +144,7 @@ def test_dry_run_prints_commands_that_may_wait_with_a_note(world: World) -> None
     # In id order: the rows from before, then this pass's.
     assert result.stdout.splitlines() == [
         "survival: give Notch diamond 64  (online only: waits for the player to be on the server)",
-        "survival: say welcome Notch  (after the waiting command above)",
+        "survival: say welcome Notch  (after this customer's waiting command above)",
         "survival: say alex bought a kit",
     ]
     assert world.received("survival") == []

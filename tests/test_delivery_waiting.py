@@ -401,6 +401,27 @@ async def test_a_player_list_that_cannot_be_read_keeps_online_commands_waiting_a
         await rig.stop()
 
 
+@run_async
+async def test_a_customer_without_the_platforms_id_waits_without_a_list_read(
+    tmp_path: Path,
+) -> None:
+    fake = FakeRconServer("minecraft", PASSWORD)
+    rig = await Rig(tmp_path, {"survival": fake}).start()
+    try:
+        bedrock = {"id": "505", "name": "Steve", "minecraft_uuid": None}
+        [give] = await rig.journal(bedrock, "survival", Command("give Steve apple", online=True))
+        worker = rig.worker("survival")
+        assert await worker.deliver_available()
+        row = (await rig.rows())[give]
+        assert (row.status, row.reason) == (
+            WAITING,
+            "for the player (the customer has no minecraft_uuid)",
+        )
+        assert (fake.list_reads, worker.seconds_to_wait()) == (0, None)
+    finally:
+        await rig.stop()
+
+
 # --- delayed commands ----------------------------------------------------------------
 
 
