@@ -30,6 +30,7 @@ import contextlib
 import json
 import logging
 import random
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -439,27 +440,27 @@ class ServerWorker:
                 "server %s: the player of customer %s is not there (%s); row %d waits again",
                 self.name, self._who(row), shown, row.id,
             )  # fmt: skip
-            return
-        now = self.clock.now()
-        if judgement.verdict is Verdict.REJECTED:
+        elif judgement.verdict is Verdict.REJECTED:
             reason = f"the server's reply is an error (it matches {judgement.pattern!r})"
-            await self.store.mark_rejected(row.id, reply, reason, now)
-            self.report.rejected[self.name] += 1
-            self.telemetry.command_finished(self.name, "rejected")
-            log.warning(
-                "rejected server=%s customer=%s product=%s event=%s: %s; the server answered: %s",
-                self.name, self._who(row), row.product, row.event, row.command, shown,
-            )  # fmt: skip
-            return
-        await self.store.mark_delivered(row.id, now, reply)
-        self.report.delivered[self.name] += 1
-        self.telemetry.command_finished(self.name, "delivered")
-        log.info(
-            "delivered server=%s customer=%s product=%s event=%s: %s",
-            self.name, self._who(row), row.product, row.event, row.command,
+            await self.store.mark_rejected(row.id, reply, reason, self.clock.now())
+            self._counted(row, "rejected", self.report.rejected, f"; the server answered: {shown}")
+        else:
+            await self.store.mark_delivered(row.id, self.clock.now(), reply)
+            self._counted(row, "delivered", self.report.delivered)
+            if shown:
+                log.debug("server %s replied: %s", self.name, shown)
+
+    def _counted(
+        self, row: JournalRow, outcome: str, counter: Counter[str], more: str = ""
+    ) -> None:
+        """Count and log a row the server answered."""
+        counter[self.name] += 1
+        self.telemetry.command_finished(self.name, outcome)
+        log.log(
+            logging.INFO if outcome == "delivered" else logging.WARNING,
+            "%s server=%s customer=%s product=%s event=%s: %s%s",
+            outcome, self.name, self._who(row), row.product, row.event, row.command, more,
         )  # fmt: skip
-        if reply.strip():
-            log.debug("server %s replied: %s", self.name, shown)
 
     def _forget_player(self, key: str | None) -> None:
         """The server said the player is not there, whatever the list said."""
