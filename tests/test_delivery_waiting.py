@@ -33,6 +33,7 @@ from daemon.state import (
     Store,
 )
 from daemon.state.sqlite import SqliteStore
+from daemon.status import print_status
 from daemon.wiring import Core
 from tests.fakes.paynow_api import FakePayNow
 from tests.fakes.rcon_server import FakeRconServer, unused_port
@@ -557,6 +558,30 @@ async def test_replies_are_kept_up_to_1000_characters(tmp_path: Path) -> None:
         assert (await rig.rows())[row].reply == "é" * 1000
     finally:
         await rig.stop()
+
+
+@run_async
+async def test_status_tells_per_server_what_rows_wait_for_and_how_many_were_rejected(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake = FakeRconServer("minecraft", PASSWORD)
+    fake.known_commands = frozenset({"give", "say"})
+    rig = await Rig(tmp_path, {"survival": fake}).start()
+    try:
+        await rig.journal(NOTCH, "survival", Command("give Notch apple", online=True), "say hi")
+        await rig.journal(JEB, "survival", Command("say soon", delay=30), "oops")
+        await rig.journal(M0UKA, "survival", Command("say later", delay=90))
+        await rig.journal({**M0UKA, "id": "504"}, "survival", "gvie x y")
+        assert await rig.worker("survival").deliver_available()
+        await print_status(rig.settings)
+    finally:
+        await rig.stop()
+    out = capsys.readouterr().out
+    assert (
+        "  survival: 0 pending, 0 failed, 0 skipped, 0 delivered, 5 waiting (1 for the player, "
+        "2 delayed, the first until 2026-03-01 12:00:30 UTC, 2 behind them), 1 rejected\n"
+    ) in out
+    assert "perksync journal --status rejected" in out
 
 
 # --- across a restart -------------------------------------------------------------------
