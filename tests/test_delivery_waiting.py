@@ -9,10 +9,11 @@ about.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -175,6 +176,15 @@ class Rig:
             await fake.stop()
 
 
+@contextlib.asynccontextmanager
+async def rigged(*args: Any, **kwargs: Any) -> AsyncIterator[Rig]:
+    rig = await Rig(*args, **kwargs).start()
+    try:
+        yield rig
+    finally:
+        await rig.stop()
+
+
 def sent(fake: FakeRconServer) -> list[str]:
     """What the server ran, its player-list reads left out."""
     return [c for c in fake.commands if c not in (LIST, "status")]
@@ -196,8 +206,7 @@ async def test_an_online_only_command_waits_for_its_player_and_is_delivered_once
     tmp_path: Path,
 ) -> None:
     fake = FakeRconServer("minecraft", PASSWORD)
-    rig = await Rig(tmp_path, {"survival": fake}).start()
-    try:
+    async with rigged(tmp_path, {"survival": fake}) as rig:
         give, rank = await rig.journal(
             NOTCH,
             "survival",
@@ -233,8 +242,6 @@ async def test_an_online_only_command_waits_for_its_player_and_is_delivered_once
         assert len(sent(fake)) == 3  # once
         assert fake.list_reads == 2
         assert rig.core.report.delivered["survival"] == 3
-    finally:
-        await rig.stop()
 
 
 @run_async
@@ -242,8 +249,7 @@ async def test_the_player_list_is_read_at_most_every_presence_seconds_and_only_w
     tmp_path: Path,
 ) -> None:
     fake = FakeRconServer("minecraft", PASSWORD)
-    rig = await Rig(tmp_path, {"survival": fake}, survival={"presence_seconds": 30}).start()
-    try:
+    async with rigged(tmp_path, {"survival": fake}, survival={"presence_seconds": 30}) as rig:
         worker = rig.worker("survival")
         await rig.journal(JEB, "survival", "say hello")
         assert await worker.deliver_available()
@@ -260,15 +266,12 @@ async def test_the_player_list_is_read_at_most_every_presence_seconds_and_only_w
         assert await worker.deliver_available()
         assert fake.list_reads == 2
         assert (await rig.rows())[give].status is WAITING
-    finally:
-        await rig.stop()
 
 
 @run_async
 async def test_one_pass_reads_each_player_list_once_and_waits_for_nothing(tmp_path: Path) -> None:
     fake = FakeRconServer("minecraft", PASSWORD)
-    rig = await Rig(tmp_path, {"survival": fake}).start()
-    try:
+    async with rigged(tmp_path, {"survival": fake}) as rig:
         worker = rig.worker("survival", one_pass=True)
         [give] = await rig.journal(NOTCH, "survival", Command("give Notch apple", online=True))
         assert await worker.deliver_available()
@@ -279,8 +282,6 @@ async def test_one_pass_reads_each_player_list_once_and_waits_for_nothing(tmp_pa
         assert fake.list_reads == 1
         assert (await rig.rows())[give].status is WAITING
         assert sent(fake) == ["say hi"]
-    finally:
-        await rig.stop()
 
 
 @run_async
@@ -290,8 +291,7 @@ async def test_no_player_found_sends_an_online_only_command_back_to_waiting(
     fake = FakeRconServer("minecraft", PASSWORD)
     fake.players = {"Notch": NOTCH["minecraft_uuid"]}  # the list still shows them...
     fake.reply = lambda c: "No player was found" if c.startswith("give") else c
-    rig = await Rig(tmp_path, {"survival": fake}).start()
-    try:
+    async with rigged(tmp_path, {"survival": fake}) as rig:
         give, after = await rig.journal(
             NOTCH, "survival", Command("give Notch diamond 1", online=True), "say thanks Notch"
         )
@@ -311,8 +311,6 @@ async def test_no_player_found_sends_an_online_only_command_back_to_waiting(
         assert (rows[give].status, rows[after].status) == (DELIVERED, DELIVERED)
         assert rows[give].reply == "Gave 1 [Diamond] to Notch (give Notch diamond 1)"
         assert sent(fake) == ["give Notch diamond 1", "give Notch diamond 1", "say thanks Notch"]
-    finally:
-        await rig.stop()
 
 
 @run_async
@@ -320,15 +318,12 @@ async def test_a_plain_command_is_delivered_whatever_the_server_says_of_the_play
     tmp_path: Path,
 ) -> None:
     fake = FakeRconServer("minecraft", PASSWORD, reply=lambda c: "No player was found")
-    rig = await Rig(tmp_path, {"survival": fake}).start()
-    try:
+    async with rigged(tmp_path, {"survival": fake}) as rig:
         [give] = await rig.journal(NOTCH, "survival", "give Notch diamond 1")
         assert await rig.worker("survival").deliver_available()
         row = (await rig.rows())[give]
         assert (row.status, row.reply) == (DELIVERED, "No player was found")
         assert fake.list_reads == 0
-    finally:
-        await rig.stop()
 
 
 @pytest.mark.parametrize("game", ["tf2", "css", "gmod", "csgo"])
@@ -337,8 +332,7 @@ async def test_a_steam_player_is_found_in_each_games_status(tmp_path: Path, game
     fake = FakeRconServer("srcds", PASSWORD, game=game)  # type: ignore[arg-type]
     # Another player whose name is the customer's SteamID3: never taken for them.
     fake.players = {"[U:1:46143802] STEAM_0:0:23071901": "76561198060265727"}
-    rig = await Rig(tmp_path, {"jail": fake}).start()
-    try:
+    async with rigged(tmp_path, {"jail": fake}) as rig:
         worker = rig.worker("jail")
         [vip] = await rig.journal(M0UKA, "jail", Command('sm_addvip "STEAM_0:0:23071901"', True))
         assert await worker.deliver_available()
@@ -349,8 +343,6 @@ async def test_a_steam_player_is_found_in_each_games_status(tmp_path: Path, game
         assert await worker.deliver_available()
         assert (await rig.rows())[vip].status is DELIVERED
         assert fake.commands == ["status", "status", 'sm_addvip "STEAM_0:0:23071901"']
-    finally:
-        await rig.stop()
 
 
 @run_async
@@ -361,14 +353,11 @@ async def test_players_command_and_pattern_read_a_list_of_the_games_own(tmp_path
 
     fake = FakeRconServer("srcds", PASSWORD, reply=plugin)
     extra = {"players_command": "sm_plist", "players_pattern": r"^\d+ (?P<id>\d{17}) "}
-    rig = await Rig(tmp_path, {"jail": fake}, jail=extra).start()
-    try:
+    async with rigged(tmp_path, {"jail": fake}, jail=extra) as rig:
         [vip] = await rig.journal(M0UKA, "jail", Command("sm_addvip m0uka", online=True))
         assert await rig.worker("jail").deliver_available()
         assert (await rig.rows())[vip].status is DELIVERED
         assert fake.commands == ["sm_plist", "sm_addvip m0uka"]
-    finally:
-        await rig.stop()
 
 
 @run_async
@@ -377,8 +366,7 @@ async def test_a_player_list_that_cannot_be_read_keeps_online_commands_waiting_a
 ) -> None:
     fake = FakeRconServer("minecraft", PASSWORD)
     fake.known_commands = frozenset({"give"})
-    rig = await Rig(tmp_path, {"survival": fake}, survival={"players_command": "who"}).start()
-    try:
+    async with rigged(tmp_path, {"survival": fake}, survival={"players_command": "who"}) as rig:
         worker = rig.worker("survival")
         [give] = await rig.journal(NOTCH, "survival", Command("give Notch apple", online=True))
         with caplog.at_level(logging.WARNING, logger="daemon.delivery"):
@@ -398,8 +386,6 @@ async def test_a_player_list_that_cannot_be_read_keeps_online_commands_waiting_a
             "Unknown or incomplete command, see below for errorwho<--[HERE];"
         )
         assert "servers.survival.players_command and players_pattern" in warning
-    finally:
-        await rig.stop()
 
 
 @run_async
@@ -407,8 +393,7 @@ async def test_a_customer_without_the_platforms_id_waits_without_a_list_read(
     tmp_path: Path,
 ) -> None:
     fake = FakeRconServer("minecraft", PASSWORD)
-    rig = await Rig(tmp_path, {"survival": fake}).start()
-    try:
+    async with rigged(tmp_path, {"survival": fake}) as rig:
         bedrock = {"id": "505", "name": "Steve", "minecraft_uuid": None}
         [give] = await rig.journal(bedrock, "survival", Command("give Steve apple", online=True))
         worker = rig.worker("survival")
@@ -419,8 +404,6 @@ async def test_a_customer_without_the_platforms_id_waits_without_a_list_read(
             "for the player (the customer has no minecraft_uuid)",
         )
         assert (fake.list_reads, worker.seconds_to_wait()) == (0, None)
-    finally:
-        await rig.stop()
 
 
 # --- delayed commands ----------------------------------------------------------------
@@ -429,8 +412,7 @@ async def test_a_customer_without_the_platforms_id_waits_without_a_list_read(
 @run_async
 async def test_a_delayed_command_waits_for_its_time_and_holds_what_follows(tmp_path: Path) -> None:
     fake = FakeRconServer("minecraft", PASSWORD)
-    rig = await Rig(tmp_path, {"survival": fake}).start()
-    try:
+    async with rigged(tmp_path, {"survival": fake}) as rig:
         later, after = await rig.journal(
             NOTCH, "survival", Command("crate give Notch vote 1", delay=30), "say enjoy"
         )
@@ -454,8 +436,6 @@ async def test_a_delayed_command_waits_for_its_time_and_holds_what_follows(tmp_p
         assert sent(fake) == ["say hi jeb_", "crate give Notch vote 1", "say enjoy"]
         assert worker.seconds_to_wait() is None
         assert fake.list_reads == 0
-    finally:
-        await rig.stop()
 
 
 @run_async
@@ -463,8 +443,7 @@ async def test_a_delayed_online_only_command_looks_for_its_player_once_its_time_
     tmp_path: Path,
 ) -> None:
     fake = FakeRconServer("minecraft", PASSWORD)
-    rig = await Rig(tmp_path, {"survival": fake}).start()
-    try:
+    async with rigged(tmp_path, {"survival": fake}) as rig:
         [row] = await rig.journal(NOTCH, "survival", Command("give Notch cake", True, delay=60))
         worker = rig.worker("survival")
         assert await worker.deliver_available()
@@ -473,8 +452,6 @@ async def test_a_delayed_online_only_command_looks_for_its_player_once_its_time_
         assert await worker.deliver_available()
         assert fake.list_reads == 1
         assert state(await rig.rows(), row) == (WAITING, "for the player")
-    finally:
-        await rig.stop()
 
 
 # --- replies --------------------------------------------------------------------------
@@ -486,8 +463,7 @@ async def test_an_error_reply_rejects_the_command_keeps_the_reply_and_holds_noth
 ) -> None:
     fake = FakeRconServer("minecraft", PASSWORD)
     fake.known_commands = frozenset({"give", "lp"})
-    rig = await Rig(tmp_path, {"survival": fake}).start()
-    try:
+    async with rigged(tmp_path, {"survival": fake}) as rig:
         typo, kit = await rig.journal(
             NOTCH, "survival", "lpp user Notch parent add vip", "give Notch diamond 1"
         )
@@ -511,8 +487,6 @@ async def test_an_error_reply_rejects_the_command_keeps_the_reply_and_holds_noth
         assert sent(fake) == ["lpp user Notch parent add vip", "give Notch diamond 1"]
         [counts] = await rig.store.server_counts()
         assert (counts.rejected, counts.delivered, counts.pending) == (1, 1, 0)
-    finally:
-        await rig.stop()
 
 
 @run_async
@@ -525,8 +499,7 @@ async def test_a_servers_own_error_and_offline_replies(tmp_path: Path) -> None:
     fake = FakeRconServer("srcds", PASSWORD, reply=sourcemod)
     fake.players = {"m0uka": M0UKA["steam_id"]}
     extra = {"error_replies": [r"could not be found\.$"], "offline_replies": ["No matching client"]}
-    rig = await Rig(tmp_path, {"jail": fake}, jail=extra).start()
-    try:
+    async with rigged(tmp_path, {"jail": fake}, jail=extra) as rig:
         online, group = await rig.journal(
             M0UKA, "jail", Command("sm_addvip m0uka", online=True), "sm_setgroup m0uka vipp"
         )
@@ -544,20 +517,15 @@ async def test_a_servers_own_error_and_offline_replies(tmp_path: Path) -> None:
             JournalStatus.REJECTED,
             "[SM] Group vipp could not be found.\n",
         )
-    finally:
-        await rig.stop()
 
 
 @run_async
 async def test_replies_are_kept_up_to_1000_characters(tmp_path: Path) -> None:
     fake = FakeRconServer("minecraft", PASSWORD, reply=lambda c: "é" * 5000)
-    rig = await Rig(tmp_path, {"survival": fake}).start()
-    try:
+    async with rigged(tmp_path, {"survival": fake}) as rig:
         [row] = await rig.journal(NOTCH, "survival", "data get entity Notch")
         assert await rig.worker("survival").deliver_available()
         assert (await rig.rows())[row].reply == "é" * 1000
-    finally:
-        await rig.stop()
 
 
 @run_async
@@ -566,16 +534,13 @@ async def test_status_tells_per_server_what_rows_wait_for_and_how_many_were_reje
 ) -> None:
     fake = FakeRconServer("minecraft", PASSWORD)
     fake.known_commands = frozenset({"give", "say"})
-    rig = await Rig(tmp_path, {"survival": fake}).start()
-    try:
+    async with rigged(tmp_path, {"survival": fake}) as rig:
         await rig.journal(NOTCH, "survival", Command("give Notch apple", online=True), "say hi")
         await rig.journal(JEB, "survival", Command("say soon", delay=30), "oops")
         await rig.journal(M0UKA, "survival", Command("say later", delay=90))
         await rig.journal({**M0UKA, "id": "504"}, "survival", "gvie x y")
         assert await rig.worker("survival").deliver_available()
         await print_status(rig.settings)
-    finally:
-        await rig.stop()
     out = capsys.readouterr().out
     assert (
         "  survival: 0 pending, 0 failed, 0 skipped, 0 delivered, 5 waiting (1 for the player, "
@@ -592,8 +557,7 @@ async def test_order_per_customer_and_server_holds_across_a_restart_while_waitin
     tmp_path: Path,
 ) -> None:
     fake = FakeRconServer("minecraft", PASSWORD)
-    rig = await Rig(tmp_path, {"survival": fake}).start()
-    try:
+    async with rigged(tmp_path, {"survival": fake}) as rig:
         first = await rig.journal(
             NOTCH, "survival", Command("give Notch sword", online=True), "say one", "say two"
         )
@@ -614,8 +578,6 @@ async def test_order_per_customer_and_server_holds_across_a_restart_while_waitin
         rig.clock.advance(10)
         assert await worker.deliver_available()
         assert sent(fake) == ["give Notch sword", "say one", "say two", "say three"]
-    finally:
-        await rig.stop()
 
 
 # --- the service -------------------------------------------------------------------------
