@@ -345,7 +345,7 @@ class Service:
         report.undelivered_items = self.core.undelivered.found.items
         busy = report.polls_failed or report.journaled or sum(report.delivered.values())
         level = logging.INFO if busy or report.unreachable else logging.DEBUG
-        log.log(level, "%s", report.summary(service=True))
+        log.log(level, "%s", report.summary(service=True, store_mode=self.settings.store_mode))
 
 
 def _what_runs(settings: Settings) -> str:
