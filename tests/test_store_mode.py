@@ -9,15 +9,16 @@ takes back, and that absence alone never takes a perk back.
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from daemon.expiry import sweep_expiries
 from daemon.paynow.parse import store_item
 from daemon.sources import Answer
-from daemon.sources.store import CURSOR, MISSING
+from daemon.sources.store import CONFIRMED_SNAPSHOTS, CURSOR, MISSING
 from tests.fakes.paynow_store import FakeStore
 from tests.store_rig import SURVIVAL, ManualClock, Rig, old, run_async, store_rig
 
@@ -455,3 +456,96 @@ async def test_a_gifts_customer_placeholders_are_the_recipients(tmp_path: Path) 
         assert await rig.source.read_new_items()
         assert await rig.commands() == [grant(rig, friend, gift)]
         assert [r.customer_id for r in await rig.rows()] == [friend]
+
+
+# --- whichever states activeOnly lists ------------------------------------------------------
+
+
+@run_async
+async def test_a_snapshot_that_lists_usable_items_grants_them_only_once_activated(
+    tmp_path: Path,
+) -> None:
+    async with store_rig(tmp_path) as rig:
+        rig.fake.active_only_states = {"active", "renewed", "usable"}
+        steve = rig.fake.add_customer()["id"]
+        crate = rig.fake.add_item(steve, state="usable", added_at=old(days=1))["id"]
+        await first_pass(rig)
+        assert await rig.commands() == []
+        commits = rig.commits
+        assert await rig.source.snapshot()
+        assert rig.commits == commits
+
+        rig.fake.activate(crate)
+        assert await rig.source.snapshot()
+        assert await rig.source.snapshot()
+        assert await rig.commands() == [grant(rig, steve, crate)]
+
+
+@run_async
+async def test_a_snapshot_without_renewed_items_looks_them_up_and_keeps_them(
+    tmp_path: Path,
+) -> None:
+    async with store_rig(tmp_path) as rig:
+        rig.fake.active_only_states = {"active"}
+        steve = rig.fake.add_customer()["id"]
+        vip = rig.fake.add_item(steve, expirable=True, added_at=old(days=1))["id"]
+        await first_pass(rig)
+        rig.fake.renew(vip)
+        rig.fake.reset_counters()
+        for _ in range(CONFIRMED_SNAPSHOTS):
+            assert await rig.source.snapshot()
+        assert rig.fake.count("customer_items", steve) == 1
+        assert await rig.events(vip) == [("survival", "on_active")]
+        assert (await rig.store.live_baseline()).items[vip].state == "renewed"
+        assert await rig.source.snapshot()
+        assert rig.fake.count("customer_items", steve) == 2  # confirmed again, now and then
+
+
+# --- local expiry ----------------------------------------------------------------------------
+
+
+@run_async
+async def test_local_expiry_then_paynows_end_runs_on_expire_once(tmp_path: Path) -> None:
+    clock = ManualClock()
+    async with store_rig(tmp_path, clock=clock) as rig:
+        steve = rig.fake.add_customer()["id"]
+        ends = clock.now() + timedelta(hours=1)
+        vip = rig.fake.add_item(steve, expires_at=ends, added_at=old(days=1))["id"]
+        await first_pass(rig)
+        clock.advance(2 * 3600)
+        assert await sweep_expiries(rig.core.applier) == 1
+        rig.fake.expire(vip, at=ends)
+        assert await rig.source.snapshot()
+        assert await rig.source.read_new_items()
+        assert await rig.commands() == [grant(rig, steve, vip), remove(rig, steve, vip)]
+
+
+# --- one broken customer ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("read", ["read_new_items", "snapshot"])
+@run_async
+async def test_a_malformed_item_fails_its_customer_only(tmp_path: Path, read: str) -> None:
+    async with store_rig(tmp_path) as rig:
+        await first_pass(rig)
+        steve = rig.fake.add_customer()["id"]
+        alex = rig.fake.add_customer()["id"]
+        broken = rig.fake.add_item(steve)["id"]
+        also_steve = rig.fake.add_item(steve)["id"]
+        fine = rig.fake.add_item(alex)["id"]
+        rig.fake.update_item(broken, active_at="yesterday")
+
+        assert not await getattr(rig.source, read)()
+        assert await rig.commands() == [grant(rig, alex, fine)]
+        assert list(rig.source.report.customers_failed) == [steve]
+        if read == "read_new_items":
+            assert await rig.store.get_meta(CURSOR) == fine
+
+        # Once PayNow sends it whole again, the snapshot delivers the customer's items.
+        rig.fake.update_item(broken, active_at=rig.fake.item(fine)["active_at"])
+        assert await rig.source.snapshot()
+        assert set(await rig.commands()) == {
+            grant(rig, alex, fine),
+            grant(rig, steve, broken),
+            grant(rig, steve, also_steve),
+        }
