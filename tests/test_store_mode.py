@@ -199,7 +199,9 @@ async def test_one_look_up_per_customer_whatever_number_of_items_it_lacks(tmp_pa
 
 
 @run_async
-async def test_an_item_missing_from_both_stays_granted_and_is_counted(tmp_path: Path) -> None:
+async def test_an_item_missing_from_both_stays_granted_and_is_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     async with store_rig(tmp_path) as rig:
         steve = rig.fake.add_customer()["id"]
         vip = rig.fake.add_item(steve, added_at=old(days=1))["id"]
@@ -211,6 +213,10 @@ async def test_an_item_missing_from_both_stays_granted_and_is_counted(tmp_path: 
         assert await rig.commands() == [grant(rig, steve, vip), grant(rig, steve, other)]
         missing = json.loads(await rig.store.get_meta(MISSING) or "")
         assert missing == {"count": 1, "items": [vip]}
+        assert (
+            f"1 items held live are listed neither in the snapshot nor among their customer's "
+            f"items (first: {vip}); they stay granted" in caplog.text
+        )
 
         rig.fake.reveal(vip)
         assert await rig.source.snapshot()

@@ -344,14 +344,32 @@ async def test_other_events_are_acknowledged_and_ignored(tmp_path: Path) -> None
 
 @run_async
 async def test_metrics_and_healthz_share_the_webhook_listener(tmp_path: Path) -> None:
-    async with scene(tmp_path) as s, s.service() as running, aiohttp.ClientSession() as http:
-        async with http.get(running.url + "/healthz") as response:
-            assert (response.status, await response.text()) == (200, "ok\n")
-        async with http.get(running.url + "/metrics") as response:
-            assert response.status == 200
-            assert "perksync" in await response.text()
-        async with http.get(running.webhook) as response:
-            assert response.status == 405
+    async with scene(tmp_path) as s:
+        steve = s.fake.add_customer()["id"]
+        vip = s.fake.add_item(steve, added_at=old(days=1))["id"]
+        async with s.service() as running, aiohttp.ClientSession() as http:
+
+            async def metrics() -> str:
+                async with http.get(running.url + "/metrics") as response:
+                    assert response.status == 200
+                    return await response.text()
+
+            async with http.get(running.url + "/healthz") as response:
+                assert (response.status, await response.text()) == (200, "ok\n")
+            assert 'perksync_store_reads_total{outcome="ok",read="snapshot"} 1.0' in await metrics()
+            async with http.get(running.webhook) as response:
+                assert response.status == 405
+
+            # Listed nowhere any more: the next snapshot (asked for by a
+            # webhook without a customer) counts it as missing.
+            s.fake.conceal(vip)
+            await s.send(running, "ON_DELIVERY_ITEM_REVOKED", vip, customer=False)
+
+            async def missing_counted() -> bool:
+                return "perksync_items_missing 1.0" in await metrics()
+
+            await until(missing_counted, "the missing item counted")
+            assert s.rcon.commands == [s.grant(steve, vip)]
 
 
 @run_async
