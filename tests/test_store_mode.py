@@ -555,3 +555,51 @@ async def test_a_malformed_item_fails_its_customer_only(tmp_path: Path, read: st
             grant(rig, steve, broken),
             grant(rig, steve, also_steve),
         }
+
+
+@run_async
+async def test_a_look_up_applies_only_the_customers_own_items(tmp_path: Path) -> None:
+    async with store_rig(tmp_path) as rig:
+        await first_pass(rig)
+        buyer = rig.fake.add_customer(name="Buyer")["id"]
+        friend = rig.fake.add_customer(name="Friend")["id"]
+        own = rig.fake.add_item(buyer)["id"]
+        gift = rig.fake.add_item(friend, gift_from=buyer)["id"]
+        # Should PayNow list a gift among its buyer's items too:
+        listing = [rig.fake.served_item(own), rig.fake.served_item(gift)]
+        rig.fake.fault("status", path="customer_items", customer=buyer, status=200,
+                       body=json.dumps(listing).encode())  # fmt: skip
+
+        assert await rig.source.look_up(buyer, why="a webhook") == {own}
+        assert await rig.commands() == [grant(rig, buyer, own)]
+        assert [r.customer_id for r in await rig.rows()] == [buyer]
+        assert await rig.source.look_up(friend, why="a webhook") == {gift}
+        assert await rig.commands() == [grant(rig, buyer, own), grant(rig, friend, gift)]
+
+
+@run_async
+async def test_a_customer_paynow_no_longer_knows_keeps_its_perks_as_missing(
+    tmp_path: Path,
+) -> None:
+    async with store_rig(tmp_path) as rig:
+        steve = rig.fake.add_customer()["id"]
+        vip = rig.fake.add_item(steve, added_at=old(days=1))["id"]
+        await first_pass(rig)
+        rig.fake.conceal(vip)
+        rig.fake.fault("status", path="customer_items", customer=steve, status=404, times=None)
+        assert await rig.source.snapshot()
+        assert json.loads(await rig.store.get_meta(MISSING) or "") == {"count": 1, "items": [vip]}
+        assert await rig.commands() == [grant(rig, steve, vip)]
+        assert not rig.source.report.customers_failed
+
+
+@run_async
+async def test_a_customer_whose_only_item_is_listed_nowhere_keeps_it(tmp_path: Path) -> None:
+    async with store_rig(tmp_path) as rig:
+        steve = rig.fake.add_customer()["id"]
+        vip = rig.fake.add_item(steve, added_at=old(days=1))["id"]
+        await first_pass(rig)
+        rig.fake.conceal(vip)
+        assert await rig.source.snapshot()
+        assert json.loads(await rig.store.get_meta(MISSING) or "")["items"] == [vip]
+        assert await rig.commands() == [grant(rig, steve, vip)]

@@ -42,7 +42,7 @@ from typing import Any, Final
 from daemon.apply import Applier, customer_fingerprint, describe_customer
 from daemon.clock import Clock
 from daemon.models import parse_timestamp
-from daemon.paynow import ManagementClient, PayNowBadResponse, PayNowError
+from daemon.paynow import ManagementClient, PayNowBadResponse, PayNowError, PayNowNotFound
 from daemon.paynow.parse import StoreItem, store_item
 from daemon.report import PassReport
 from daemon.sources import Answer
@@ -224,15 +224,23 @@ class StoreSource:
             async for page in self.client.customer_item_pages(customer_id):
                 for index, raw in enumerate(page):
                     items.append(store_item(raw, f"item {index} of customer {customer_id}"))
+        except PayNowNotFound:
+            # PayNow knows no such customer (any more): it lists none of its
+            # items, which stay as they are (held live ones are "missing").
+            log.warning("store mode: PayNow knows no customer %s (%s)", customer_id, why)
+            self._read_ok("look_up")
+            return set()
         except PayNowError as exc:
             self._read_failed("look_up", f"look-up of customer {customer_id} ({why})", exc)
             return None
-        if items:
-            found = _Customers({customer_id: items})
-            if not await self._apply_all(found, read_at, complete=True):
-                return None
+        # Only the customer's own: were a gift it bought listed too, it is the
+        # recipient's, and goes with the recipient's reads.
+        own = [one for one in items if one.customer.id == customer_id]
+        found = _Customers({customer_id: own} if own else {})
+        if not await self._apply_all(found, read_at, complete=True):
+            return None
         self._read_ok("look_up")
-        return {found.item.id for found in items}
+        return {one.item.id for one in own}
 
     # --- applying -------------------------------------------------------------------
 
