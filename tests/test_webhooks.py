@@ -421,3 +421,27 @@ async def test_a_reload_into_token_mode_is_refused_and_store_mode_goes_on(
         bought = s.fake.add_item(steve)["id"]
         assert (await s.send(running, "ON_DELIVERY_ITEM_ADDED", bought)).status == 200
         await s.delivered(s.grant(steve, bought))
+
+
+@run_async
+async def test_without_webhooks_the_service_delivers_a_purchase_expiry_and_chargeback_once(
+    tmp_path: Path,
+) -> None:
+    fast = {"interval_seconds": 1, "new_items_seconds": 1, "new_items_overlap_seconds": 0}
+    async with scene(tmp_path) as s, s.service(fast):
+        steve = s.fake.add_customer()["id"]
+        who = s.fake.customer(steve)["minecraft_uuid"]
+        expiring = s.fake.add_item(steve, expires_at=datetime.now(UTC) + timedelta(days=1))["id"]
+        charged = s.fake.add_item(steve)["id"]
+        await s.delivered(s.grant(steve, expiring), s.grant(steve, charged))
+
+        s.fake.expire(expiring)
+        s.fake.revoke(charged, "chargeback")
+        removals = [f"lp user {who} parent remove vip {item}" for item in (expiring, charged)]
+        await s.delivered(*removals)
+        # Several more new-items reads and snapshots change nothing.
+        reads = s.fake.count()
+        await until(lambda: s.fake.count() >= reads + 6, "six more reads")
+        assert sorted(s.rcon.commands) == sorted(
+            [s.grant(steve, expiring), s.grant(steve, charged), *removals]
+        )
