@@ -22,7 +22,7 @@ from daemon.clock import SYSTEM_CLOCK, Clock
 from daemon.config import Settings, load_settings
 from daemon.paynow import ManagementClient, make_session
 from daemon.sources.store import StoreSource
-from daemon.state import JournalRow, Store, open_store
+from daemon.state import JournalRow, Store, StoreError, open_store
 from daemon.state import memory as memory_backend
 from daemon.wiring import Core
 from tests.fakes.paynow_store import FakeStore
@@ -107,11 +107,13 @@ def secrets_env(fake: FakeStore, webhook_secret: str | None = None) -> dict[str,
 
 class CountingStore:
     """A store that counts the commits of customer blocks (an apply that finds
-    nothing to change commits nothing)."""
+    nothing to change commits nothing), and refuses those of the customers in
+    `refuse` with a `StoreError`."""
 
     def __init__(self, store: Store) -> None:
         self.inner = store
         self.commits = 0
+        self.refuse: set[str] = set()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -119,19 +121,22 @@ class CountingStore:
     @contextlib.asynccontextmanager
     async def customer(self, customer_id: str) -> AsyncIterator[Any]:
         async with self.inner.customer(customer_id) as txn:
-            yield _CountingTxn(txn, self)
+            yield _CountingTxn(txn, self, customer_id)
 
 
 class _CountingTxn:
-    def __init__(self, txn: Any, counter: CountingStore) -> None:
+    def __init__(self, txn: Any, counter: CountingStore, customer_id: str) -> None:
         self.txn = txn
         self.counter = counter
+        self.customer_id = customer_id
 
     @property
     def known(self) -> Any:
         return self.txn.known
 
     async def commit(self, change: Any) -> list[int]:
+        if self.customer_id in self.counter.refuse:
+            raise StoreError(f"refused for customer {self.customer_id} (test)")
         ids: list[int] = await self.txn.commit(change)
         self.counter.commits += 1
         return ids

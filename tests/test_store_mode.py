@@ -603,3 +603,25 @@ async def test_a_customer_whose_only_item_is_listed_nowhere_keeps_it(tmp_path: P
         assert await rig.source.snapshot()
         assert json.loads(await rig.store.get_meta(MISSING) or "")["items"] == [vip]
         assert await rig.commands() == [grant(rig, steve, vip)]
+
+
+@run_async
+async def test_a_customer_that_cannot_be_stored_is_read_again_and_stops_no_other(
+    tmp_path: Path,
+) -> None:
+    async with store_rig(tmp_path) as rig:
+        await first_pass(rig)
+        cursor = await rig.store.get_meta(CURSOR)
+        steve = rig.fake.add_customer()["id"]
+        alex = rig.fake.add_customer()["id"]
+        refused = rig.fake.add_item(steve)["id"]
+        fine = rig.fake.add_item(alex)["id"]
+        rig.counter.refuse.add(steve)
+        assert not await rig.source.read_new_items()
+        assert await rig.commands() == [grant(rig, alex, fine)]
+        assert await rig.store.get_meta(CURSOR) == cursor  # read again next time
+
+        rig.counter.refuse.clear()
+        assert await rig.source.read_new_items()
+        assert await rig.commands() == [grant(rig, alex, fine), grant(rig, steve, refused)]
+        assert await rig.store.get_meta(CURSOR) == fine
