@@ -185,9 +185,12 @@ class StoreReads:
         ):
             if self.scheduler.get_job(job_id) is not None:
                 self.scheduler.remove_job(job_id)
+            # A run late by more than the grace would be dropped, not run late
+            # (APScheduler's default grace is one second: a busy loop misses reads).
             self.scheduler.add_job(
                 self._run, IntervalTrigger(seconds=every), args=(read,), id=job_id,
                 max_instances=1, coalesce=True, next_run_time=now,
+                misfire_grace_time=max(1, int(every)),
             )  # fmt: skip
 
     def hint(self, customer_id: str | None) -> None:

@@ -82,7 +82,8 @@ def verify(secret: bytes, headers: Mapping[str, str], body: bytes, now: datetime
         raise Forged("the signature does not match")
     age = now.timestamp() - int(stamp) / 1000
     if abs(age) > WINDOW_SECONDS:
-        raise Forged(f"the signed timestamp is {age:+.0f} s from now (allowed ±{WINDOW_SECONDS})")
+        when = f"{age:.0f} s old" if age > 0 else f"{-age:.0f} s in the future"
+        raise Forged(f"the signed timestamp is {when} (allowed: {WINDOW_SECONDS} s either way)")
 
 
 def _decodings(text: str) -> list[bytes]:
