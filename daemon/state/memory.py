@@ -81,7 +81,6 @@ class _Link:
 
 
 JournalKey = tuple[str, str, int, str, int, int]  # item, server, cycle, event, index, resend
-JournalKey = tuple[str, str, int, str, int, int]  # item, server, cycle, event, command index
 
 
 @dataclass(slots=True)
