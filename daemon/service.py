@@ -83,6 +83,7 @@ class Service:
             interval_seconds=settings.sync.interval_seconds,
             customers=_labels(settings),
             servers=settings.servers,
+            store_mode=settings.store_mode,
         )
         self.core = Core(settings, store, clock, self.telemetry)
         self.report = self.core.report

@@ -214,7 +214,7 @@ async def test_an_item_missing_from_both_stays_granted_and_is_counted(
         missing = json.loads(await rig.store.get_meta(MISSING) or "")
         assert missing == {"count": 1, "items": [vip]}
         assert (
-            f"1 items held live are listed neither in the snapshot nor among their customer's "
+            f"1 item held live is listed neither in the snapshot nor among their customer's "
             f"items (first: {vip}); they stay granted" in caplog.text
         )
 

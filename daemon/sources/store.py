@@ -205,9 +205,10 @@ class StoreSource:
     async def _record_missing(self, missing: Sequence[str], at: datetime) -> None:
         if missing:
             log.warning(
-                "%d items held live are listed neither in the snapshot nor among their "
+                "%d item%s held live %s listed neither in the snapshot nor among their "
                 "customer's items (first: %s); they stay granted",
-                len(missing), ", ".join(missing[:5]),
+                len(missing), "" if len(missing) == 1 else "s",
+                "is" if len(missing) == 1 else "are", ", ".join(missing[:5]),
             )  # fmt: skip
         self.telemetry.items_missing(len(missing))
         value = json.dumps({"count": len(missing), "items": list(missing[:MISSING_SHOWN])})
