@@ -53,7 +53,8 @@ exit status:
      state folder or the listen address); nothing was contacted
   3  the pass finished, but something is not delivered: a customer's inventory
      could not be read, a command is still pending (server down), or a command
-     failed in this pass
+     failed or was rejected (an error reply) in this pass; commands waiting for
+     their player or their time do not count
 """
 
 

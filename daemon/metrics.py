@@ -12,7 +12,7 @@ Metrics:
 | --- | --- | --- |
 | `perksync_polls_total` | counter | `outcome` = ok / failed / skipped |
 | `perksync_api_errors_total` | counter | `kind` (PayNowError.kind, or "unexpected") |
-| `perksync_commands_total` | counter | `server`, `outcome` = delivered / failed / skipped |
+| `perksync_commands_total` | counter | `server`, `outcome` = delivered/failed/skipped/rejected |
 | `perksync_delivery_failures_total` | counter | `server` |
 | `perksync_journal_backlog` | gauge | `server` (pending journal rows, as last seen) |
 | `perksync_undelivered_items` | gauge | `product`, `reason` = unmapped / missing_id (live items) |
@@ -62,7 +62,7 @@ MIN_POLL_STALE_SECONDS = 300.0
 POLL_STALE_INTERVALS = 5
 
 POLL_OUTCOMES = ("ok", "failed", "skipped")
-COMMAND_OUTCOMES = ("delivered", "failed", "skipped")
+COMMAND_OUTCOMES = ("delivered", "failed", "skipped", "rejected")
 # PayNowError kinds (daemon/paynow/errors.py) plus the engine's "unexpected": created at
 # zero so that rate() and alerts work before the first error. Others still count.
 KNOWN_API_ERROR_KINDS = (
@@ -329,7 +329,7 @@ class PrometheusTelemetry:
     def command_finished(self, server: str, outcome: str) -> None:
         state = self._server(server)
         self._commands.labels(server, outcome).inc()
-        if outcome == "delivered":
+        if outcome in ("delivered", "rejected"):
             # The server answered: whatever failed before is over.
             state.failing_since = None
             state.failures = 0

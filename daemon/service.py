@@ -43,7 +43,7 @@ from adapters.base import GameServer
 from daemon import __version__, notify, startup_signals
 from daemon.clock import SYSTEM_CLOCK, Clock
 from daemon.config import ConfigError, Settings, load_settings
-from daemon.delivery import ServerWorker, deliver_forever, make_server_factory
+from daemon.delivery import ServerRules, ServerWorker, deliver_forever, make_server_factory
 from daemon.expiry import sweep_expiries
 from daemon.http_api import start_http, stop_http
 from daemon.metrics import PrometheusTelemetry
@@ -317,6 +317,7 @@ class Service:
                 self._close_later(worker)
             elif new.servers[name] != old.servers[name]:
                 # Reconnect with the new address/password at the next command.
+                worker.use_rules(ServerRules.of(new.servers[name]))
                 self._close_later(worker)
                 worker.wake.set()
         for name in new.servers:
