@@ -20,8 +20,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from daemon import __version__, log_format, startup_signals
+from daemon.commands import (
+    DRY_RUN_COMMANDS,
+    OPERATOR_COMMANDS,
+    WRITING_COMMANDS,
+    add_commands,
+    run_command,
+)
 from daemon.config import ConfigError, Settings, config_path_from, load_settings
 from daemon.http_api import ListenError
+from daemon.operator import UsageProblem
 from daemon.preflight import setup_problems
 from daemon.state import StoreError, StoreWriteError, open_store
 from daemon.state.lock import LockedError, LockFileError, state_lock
@@ -57,24 +65,39 @@ exit status:
 """
 
 
+CONFIG_HELP = "config file (default: $PERKSYNC_CONFIG or /etc/perksync/config.yaml)"
+
+
+def _common_options(*, defaults: bool) -> argparse.ArgumentParser:
+    """--config and -v, accepted before and after a command's name. A
+    command's copy leaves them unset unless given (argparse would otherwise
+    let it overwrite what was given before the command's name)."""
+    common = argparse.ArgumentParser(add_help=False)
+    unset = argparse.SUPPRESS
+    common.add_argument(
+        "--config", metavar="PATH", help=CONFIG_HELP, default=None if defaults else unset
+    )
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging",
+        default=False if defaults else unset,
+    )
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog="perksync",
         description=(
             "Turn PayNow purchases into in-game perks over RCON, exactly once.\n\n"
-            "Plain `perksync` (no --sync-now, --check-config or status) runs the\n"
+            "Plain `perksync` (no --sync-now, --check-config or command) runs the\n"
             "long-lived service, as the systemd unit does; SIGTERM stops it."
         ),
         epilog=EXIT_STATUS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "command", nargs="?", choices=["status"], help="status: show customers and the journal"
-    )
-    parser.add_argument(
-        "--config",
-        metavar="PATH",
-        help="config file (default: $PERKSYNC_CONFIG or /etc/perksync/config.yaml)",
+        parents=[_common_options(defaults=True)],
     )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--sync-now", action="store_true", help="run one full pass and exit")
@@ -84,8 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --sync-now: print the commands a pass would send; change nothing",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"perksync {__version__}")
+    add_commands(
+        parser.add_subparsers(dest="command", metavar="COMMAND"), _common_options(defaults=False)
+    )
     return parser
 
 
@@ -112,10 +137,10 @@ def _print_error(line: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        if args.dry_run and not args.sync_now:
-            raise _UsageError("--dry-run goes with --sync-now")
-        if args.command == "status" and (args.sync_now or args.check_config or args.dry_run):
-            raise _UsageError("status takes no other mode flag")
+        if args.command and (args.sync_now or args.check_config):
+            raise _UsageError(f"{args.command} takes no other mode flag")
+        if args.dry_run and not (args.sync_now or args.command in DRY_RUN_COMMANDS):
+            raise _UsageError("--dry-run goes with --sync-now, resend or adopt")
     except _UsageError as exc:
         _print_error(str(exc))
         return EXIT_USAGE
@@ -140,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
         if args.command == "status":
             return asyncio.run(print_status(settings))
+        if args.command in OPERATOR_COMMANDS:
+            return _operator_command(args, settings)
         if args.sync_now and args.dry_run:
             return asyncio.run(_sync_now(settings, dry_run=True))
         # (The service's own bind reports a busy http.listen, before any poll.)
@@ -166,6 +193,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception:
         log.exception("unexpected error")
         return EXIT_UNEXPECTED
+
+
+def _operator_command(args: argparse.Namespace, settings: Settings) -> int:
+    """journal, resend, adopt, cancel, retry: beside the service, without the
+    state lock (see daemon/operator.py)."""
+    if args.command in WRITING_COMMANDS and _report_setup_problems(settings, listen=False):
+        return EXIT_USAGE
+    try:
+        return asyncio.run(run_command(args, settings))
+    except UsageProblem as exc:
+        _print_error(str(exc))
+        return EXIT_USAGE
 
 
 def _report_setup_problems(settings: Settings, *, listen: bool) -> bool:

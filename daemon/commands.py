@@ -1,0 +1,130 @@
+"""The command line's commands (`perksync COMMAND`): their options, and the
+dispatch of the operator commands to their modules.
+
+`status` and `journal` only read; `resend`, `adopt`, `cancel` and `retry`
+change the state through customer blocks. None of them takes the state
+lock: they work beside a running service (see daemon/operator.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any, Final
+
+from daemon.clock import SYSTEM_CLOCK
+from daemon.config import Settings
+from daemon.journal_view import DEFAULT_LIMIT, show_journal
+from daemon.operator import open_existing
+from daemon.resend import check_request, resend
+from daemon.state import JournalStatus, open_store
+
+log = logging.getLogger(__name__)
+
+OPERATOR_COMMANDS: Final = frozenset({"journal", "resend"})
+WRITING_COMMANDS: Final = frozenset({"resend"})  # they check the state folder first
+DRY_RUN_COMMANDS: Final = frozenset({"resend"})
+EXIT_OK, EXIT_NOT_ALL_DONE = 0, 3
+
+
+def _count(text: str) -> int:
+    """A whole number >= 0 (argparse names the option in the error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
+    """The commands, on the top parser's subparsers; `common`: --config and -v."""
+    commands.add_parser(
+        "status",
+        parents=[common],
+        help="linked customers, commands per server, live items that reach no server",
+    )
+    journal = commands.add_parser(
+        "journal", parents=[common], help="the delivery journal, newest first"
+    )
+    journal.add_argument("--server", metavar="S", help="only this server's rows")
+    journal.add_argument("--customer", metavar="ID", help="only this PayNow customer's rows")
+    journal.add_argument(
+        "--status",
+        action="append",
+        choices=[str(s) for s in JournalStatus],
+        help="only rows in this status (may be given more than once)",
+    )
+    journal.add_argument(
+        "--limit",
+        metavar="N",
+        type=_count,
+        default=DEFAULT_LIMIT,
+        help=f"at most N rows (default {DEFAULT_LIMIT}; 0: all)",
+    )
+    journal.add_argument("--json", action="store_true", help="one JSON array of objects")
+    _add_resend(commands, common)
+
+
+def _dry_run(command: argparse.ArgumentParser, help: str) -> None:
+    # Unset unless given: `perksync --dry-run resend` means the same.
+    command.add_argument("--dry-run", action="store_true", default=argparse.SUPPRESS, help=help)
+
+
+def _add_resend(commands: Any, common: argparse.ArgumentParser) -> None:
+    resend = commands.add_parser(
+        "resend",
+        parents=[common],
+        help="journal on_active again for what is granted on a server (after a wipe)",
+    )
+    resend.add_argument("--server", metavar="S", required=True, help="the server to resend to")
+    resend.add_argument("--customer", metavar="ID", help="only this PayNow customer's items")
+    resend.add_argument("--product", metavar="SLUG", help="only this product's items")
+    _dry_run(resend, "print the commands as `server: command` lines; change nothing")
+
+
+async def run_command(args: argparse.Namespace, settings: Settings) -> int:
+    """Run an operator command; its exit status."""
+    if args.command == "journal":
+        return await show_journal(
+            settings,
+            server=args.server,
+            customer_id=args.customer,
+            statuses=[JournalStatus(s) for s in args.status or ()],
+            limit=args.limit or None,
+            as_json=args.json,
+        )
+    if args.command == "resend":
+        return await _resend(args, settings)
+    raise AssertionError(f"not an operator command: {args.command}")
+
+
+async def _resend(args: argparse.Namespace, settings: Settings) -> int:
+    check_request(settings, args.server, args.product)
+    store = open_existing(settings) if args.dry_run else open_store(str(settings.state_db_path))
+    if store is None:
+        log.info("resend: nothing is granted on %s (no pass has run yet)", args.server)
+        return EXIT_OK
+    try:
+        report = await resend(
+            settings, store, args.server, customer_id=args.customer, product=args.product,
+            dry_run=args.dry_run, now=SYSTEM_CLOCK.now,
+        )  # fmt: skip
+    finally:
+        await store.close()
+    done = (
+        f"{report.journaled} commands for {report.items} items of {report.customers} "
+        f"customers on {args.server} ({report.skipped} items skipped, see above)"
+    )
+    if args.dry_run:
+        log.info("dry run: resend would journal %s; nothing changed", done)
+    else:
+        log.info(
+            "resend: journaled %s; the running service delivers them within seconds, "
+            "else the next perksync --sync-now", done,
+        )  # fmt: skip
+    if report.failed:
+        log.error("resend: %d customers failed: %s", len(report.failed), ", ".join(report.failed))
+        return EXIT_NOT_ALL_DONE
+    return EXIT_OK
