@@ -15,14 +15,16 @@ from typing import Any, Final
 from daemon.clock import SYSTEM_CLOCK
 from daemon.config import Settings
 from daemon.journal_view import DEFAULT_LIMIT, show_journal
-from daemon.operator import open_existing
+from daemon.operator import UsageProblem, open_existing
 from daemon.resend import check_request, resend
+from daemon.row_commands import Outcome, cancel, named_rows, retry
 from daemon.state import JournalStatus, open_store
 
 log = logging.getLogger(__name__)
 
-OPERATOR_COMMANDS: Final = frozenset({"journal", "resend"})
-WRITING_COMMANDS: Final = frozenset({"resend"})  # they check the state folder first
+OPERATOR_COMMANDS: Final = frozenset({"journal", "resend", "cancel", "retry"})
+# They check the state folder first.
+WRITING_COMMANDS: Final = frozenset({"resend", "cancel", "retry"})
 DRY_RUN_COMMANDS: Final = frozenset({"resend"})
 EXIT_OK, EXIT_NOT_ALL_DONE = 0, 3
 
@@ -35,6 +37,17 @@ def _count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def _row_id(text: str) -> int:
+    """A journal row's id, as `perksync journal` shows it (`#12` or `12`)."""
+    try:
+        value = int(text.removeprefix("#"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a journal row id: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a journal row id: {text!r}")
     return value
 
 
@@ -65,6 +78,18 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     )
     journal.add_argument("--json", action="store_true", help="one JSON array of objects")
     _add_resend(commands, common)
+    cancel = commands.add_parser(
+        "cancel", parents=[common], help="mark pending or waiting journal rows cancelled"
+    )
+    cancel.add_argument("rows", metavar="ROW", nargs="+", type=_row_id, help="journal row id")
+    retry = commands.add_parser(
+        "retry", parents=[common], help="journal failed or rejected rows again"
+    )
+    retry.add_argument("rows", metavar="ROW", nargs="*", type=_row_id, help="journal row id")
+    retry.add_argument(
+        "--rejected", action="store_true", help="every rejected row (not yet journaled again)"
+    )
+    retry.add_argument("--server", metavar="S", help="with --rejected: only this server's")
 
 
 def _dry_run(command: argparse.ArgumentParser, help: str) -> None:
@@ -97,7 +122,45 @@ async def run_command(args: argparse.Namespace, settings: Settings) -> int:
         )
     if args.command == "resend":
         return await _resend(args, settings)
+    if args.command == "retry" and bool(args.rows) == args.rejected:
+        raise UsageProblem("retry takes journal row ids, or --rejected (not both)")
+    if args.command == "retry" and args.server is not None and not args.rejected:
+        raise UsageProblem("retry --server goes with --rejected")
+    if args.command in ("cancel", "retry"):
+        return await _row_command(args, settings)
     raise AssertionError(f"not an operator command: {args.command}")
+
+
+async def _row_command(args: argparse.Namespace, settings: Settings) -> int:
+    store = open_existing(settings)
+    if store is None:
+        if args.rows:
+            raise UsageProblem(f"{args.command}: no journal row (no pass has run yet)")
+        return EXIT_OK
+    try:
+        if args.command == "cancel":
+            outcome = await cancel(store, args.rows, now=SYSTEM_CLOCK.now)
+        elif args.rejected:
+            rows = await store.journal(
+                server=args.server, statuses=[JournalStatus.REJECTED], limit=None
+            )
+            outcome = await retry(
+                settings, store, rows[::-1], now=SYSTEM_CLOCK.now, skip_retried=True
+            )
+            if not outcome.lines:
+                print("no rejected rows to retry")
+        else:
+            rows = await named_rows(store, args.rows, "retry")
+            outcome = await retry(settings, store, rows, now=SYSTEM_CLOCK.now)
+    finally:
+        await store.close()
+    return _finish(outcome)
+
+
+def _finish(outcome: Outcome) -> int:
+    for line in outcome.lines:
+        print(line)
+    return EXIT_NOT_ALL_DONE if outcome.left else EXIT_OK
 
 
 async def _resend(args: argparse.Namespace, settings: Settings) -> int:

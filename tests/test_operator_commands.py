@@ -226,3 +226,180 @@ def test_resend_refuses_an_unknown_server_or_product(world: World) -> None:
     result = run(world, "resend", "--server", "survival", "--product", "vipp", expect=2)
     assert "resend --product vipp: no such product in the config" in result.stderr
     assert run(world, "resend", expect=2).stderr.startswith("perksync: ")  # --server is required
+
+
+# --- journal ---------------------------------------------------------------------------
+
+
+def test_journal_lists_rows_newest_first_with_filters_and_json(world: World) -> None:
+    shop = Shop(world)
+    rows = journal_json(world)
+    assert [r["id"] for r in rows] == sorted((r["id"] for r in rows), reverse=True)
+    assert set(rows[0]) == {
+        "id", "time", "server", "customer", "product", "item", "event", "resend", "status",
+        "command", "reply",
+    }  # fmt: skip
+    take_back = next(r for r in rows if r["event"] == "on_expire")
+    assert take_back == {
+        "id": take_back["id"],
+        "time": take_back["time"],
+        "server": "survival",
+        "customer": shop.bob["id"],
+        "product": "vip-monthly",
+        "item": shop.bob_vip,
+        "event": "on_expire",
+        "resend": False,
+        "status": "delivered",
+        "command": f"lp user {shop.uuid(shop.bob)} parent remove vip",
+        "reply": take_back["reply"],
+    }
+    assert take_back["time"].endswith("Z") and take_back["time"][:2] == "20"
+
+    jail = journal_json(world, "--server", "jail")
+    assert [(r["customer"], r["command"]) for r in jail] == [
+        (shop.dave["id"], "give dave diamond 64")
+    ]
+    bobs = journal_json(world, "--customer", shop.bob["id"])
+    assert {r["customer"] for r in bobs} == {shop.bob["id"]} and len(bobs) == 4
+    assert journal_json(world, "--status", "pending") == []
+    assert len(journal_json(world, "--status", "pending", "--status", "delivered")) == len(rows)
+
+    text = run(world, "journal", "--limit", "2").stdout.splitlines()
+    assert len(text) == 2
+    newest = rows[0]
+    assert text[0].startswith(f"#{newest['id']} 20")
+    assert f"server={newest['server']} customer={newest['customer']}" in text[0]
+    assert f"event={newest['event']} {newest['status']}: {newest['command']}" in text[0]
+
+
+def test_journal_before_any_pass_and_bad_arguments(world: World) -> None:
+    world.config(PRODUCTS)
+    assert "does not exist yet" in run(world, "journal").stdout
+    assert run(world, "journal", "--json").stdout.strip() == "[]"
+    assert not (world.folder / "state.sqlite3").exists()  # reading creates nothing
+    for bad in (["--limit", "-1"], ["--limit", "x"], ["--status", "sent"], ["--bogus"]):
+        result = run(world, "journal", *bad, expect=2)
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert result.stderr.startswith("perksync: ")
+
+
+# --- cancel and retry -----------------------------------------------------------------
+
+
+def test_cancel_a_pending_row_and_leave_others(world: World) -> None:
+    token, _ = world.add_customer(platform="minecraft", name="erin")
+    world.add_item(token, "kit")
+    world.add_item(token, "vip-monthly")
+    world.config(PRODUCTS)
+    world.call(world.rcon["survival"].go_down())
+    sync(world, expect=3)
+    pending = journal_json(world, "--status", "pending")
+    kit = next(r for r in pending if r["product"] == "kit")
+
+    result = run(world, "cancel", str(kit["id"]))
+    assert result.stdout.splitlines() == [
+        f"row {kit['id']}: cancelled (was pending): survival on_active of item {kit['item']}: "
+        "give erin diamond 64"
+    ]
+    assert (
+        run(world, "cancel", f"#{kit['id']}").stdout.strip()
+        == f"row {kit['id']}: already cancelled"
+    )
+
+    world.call(world.rcon["survival"].come_up())
+    sync(world)
+    assert "give erin diamond 64" not in world.received("survival")
+    assert len(world.received("survival")) == 2  # the VIP's two commands
+
+    delivered = journal_json(world, "--status", "delivered")[0]
+    result = run(world, "cancel", str(delivered["id"]), expect=3)
+    assert result.stdout.strip() == (
+        f"row {delivered['id']}: left as it is: it is delivered; only pending or waiting rows are"
+    )
+    result = run(world, "cancel", str(delivered["id"]), "99999", expect=2)
+    assert result.stderr.strip() == "perksync: cancel: no journal row 99999"
+    assert run(world, "cancel", "abc", expect=2).stderr.startswith("perksync: ")
+    assert journal_json(world, "--status", "cancelled") == [{**kit, "status": "cancelled"}]
+
+
+LONG = "say " + "x" * 1500  # over Minecraft's 1446 bytes: refused, failed
+
+
+def test_retry_a_failed_row_renders_it_from_the_current_config(world: World) -> None:
+    token, customer = world.add_customer(platform="minecraft", name="erin")
+    item = world.add_item(token, "kit")
+    products = {**PRODUCTS, "kit": {"on_active": ["give {customer.name} diamond 64", LONG]}}
+    world.config(products)
+    sync(world, expect=3)
+    failed = journal_json(world, "--status", "failed")
+    assert len(failed) == 1
+
+    # Retried with the same config: refused again, said so, exit 3.
+    result = run(world, "retry", str(failed[0]["id"]), expect=3)
+    assert "(failed: command is 1504 bytes, over the minecraft limit of 1446)" in result.stdout
+    again = journal_json(world, "--status", "failed")[0]
+    assert again["resend"] and again["id"] > failed[0]["id"]
+
+    # The older row was journaled again already: retry the newer one.
+    result = run(world, "retry", str(failed[0]["id"]), expect=3)
+    assert f"it was journaled again as row {again['id']} (failed): retry that one" in result.stdout
+
+    products["kit"]["on_active"][1] = "say thanks {customer.name}"
+    world.config(products)
+    result = run(world, "retry", str(again["id"]))
+    assert result.stdout.startswith(f"row {again['id']}: journaled again as row ")
+    assert "(pending): survival: say thanks erin" in result.stdout
+    sync(world)
+    assert world.received("survival") == ["give erin diamond 64", "say thanks erin"]
+    sync(world)
+    assert len(world.received("survival")) == 2
+
+    # A grant whose item was taken back since is not retried.
+    world.set_state(token, item, "revoked", "chargeback")
+    sync(world)
+    delivered = journal_json(world, "--status", "delivered", "--customer", customer["id"])
+    result = run(world, "retry", str(delivered[-1]["id"]), expect=3)
+    assert "it is delivered; only failed or rejected rows are retried" in result.stdout
+
+
+def reject(world: World, row_id: int, reply: str = "Unknown or incomplete command") -> None:
+    """Mark a delivered row rejected, as delivery does when the server's reply
+    is an error."""
+    with db(world) as conn:
+        conn.execute(
+            "UPDATE journal SET status = 'rejected', reply = ? WHERE id = ?", (reply, row_id)
+        )
+
+
+def test_retry_rejected_journals_each_rejected_command_once(world: World) -> None:
+    shop = Shop(world)
+    survival = journal_json(world, "--server", "survival", "--customer", shop.bob["id"])
+    kit = next(r for r in survival if r["product"] == "kit")
+    jail = journal_json(world, "--server", "jail")[0]
+    reject(world, kit["id"])
+    reject(world, jail["id"])
+    assert (
+        journal_json(world, "--status", "rejected")[0]["reply"] == "Unknown or incomplete command"
+    )
+    before = {name: len(world.received(name)) for name in world.rcon}
+
+    result = run(world, "retry", "--rejected", "--server", "survival")
+    assert result.stdout.startswith(f"row {kit['id']}: journaled again as row ")
+    assert "(pending): survival: give bob diamond 64" in result.stdout
+    sync(world)
+    assert world.received("survival")[before["survival"] :] == ["give bob diamond 64"]
+    assert len(world.received("jail")) == before["jail"]
+
+    # The rejected row was journaled again: a second --rejected passes it over.
+    assert run(world, "retry", "--rejected", "--server", "survival").stdout.strip() == (
+        "no rejected rows to retry"
+    )
+    run(world, "retry", "--rejected")
+    sync(world)
+    assert world.received("jail")[before["jail"] :] == ["give dave diamond 64"]
+    assert run(world, "retry", "--rejected").stdout.strip() == "no rejected rows to retry"
+    sync(world)
+    assert world.received("survival")[before["survival"] :] == ["give bob diamond 64"]
+
+    for bad in ([], [str(kit["id"]), "--rejected"], ["--server", "survival", str(kit["id"])]):
+        assert run(world, "retry", *bad, expect=2).stderr.startswith("perksync: retry")
