@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -403,3 +404,100 @@ def test_retry_rejected_journals_each_rejected_command_once(world: World) -> Non
 
     for bad in ([], [str(kit["id"]), "--rejected"], ["--server", "survival", str(kit["id"])]):
         assert run(world, "retry", *bad, expect=2).stderr.startswith("perksync: retry")
+
+
+# --- retention ---------------------------------------------------------------------------
+
+
+def test_a_pass_prunes_finished_rows_first_and_never_pending_ones(world: World) -> None:
+    erin_token, _ = world.add_customer(platform="minecraft", name="erin")
+    dave_token, dave = world.add_customer(platform="steam", name="dave")
+    world.add_item(erin_token, "kit")
+    world.add_item(dave_token, "kit")
+    world.config(PRODUCTS, extra={"sync": {"journal_retention_days": 0}})
+    world.call(world.rcon["jail"].go_down())
+    sync(world, expect=3)  # erin's kit delivered on survival; dave's pending on jail
+    assert len(journal_json(world)) == 2
+
+    # Dry runs, status and journal never prune.
+    run(world, "--sync-now", "--dry-run")
+    run(world, "status")
+    assert len(journal_json(world)) == 2
+
+    result = sync(world, expect=3)
+    assert "journal: pruned 1 finished rows older than 0 days" in result.stderr
+    assert [(r["customer"], r["status"]) for r in journal_json(world)] == [(dave["id"], "pending")]
+    world.call(world.rcon["jail"].come_up())
+    sync(world)
+    assert world.received("jail") == ["give dave diamond 64"]
+    assert world.received("survival") == ["give erin diamond 64"]  # pruning repeats nothing
+
+
+# --- beside a running service --------------------------------------------------------------
+
+
+FAST = {"sync": {"interval_seconds": 1}}
+# The heartbeat (which notices rows another process journaled) every second.
+QUICK_HEARTBEAT = {"WATCHDOG_USEC": "2000000"}
+
+
+@pytest.fixture
+def service(world: World) -> Iterator[list[subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(20)
+    log = world.service_log()
+    assert "Traceback" not in log, log
+    assert RCON_PASSWORD not in log
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return check()
+
+
+def test_operator_commands_work_beside_a_running_service(
+    world: World, service: list[subprocess.Popen[str]]
+) -> None:
+    token, _ = world.add_customer(platform="minecraft", name="erin")
+    world.add_item(token, "kit")
+    world.config(PRODUCTS, extra=FAST)
+    service.append(world.start_service(env=QUICK_HEARTBEAT))
+    assert wait_until(lambda: world.received("survival") == ["give erin diamond 64"])
+
+    wipe(world, "survival")
+    result = run(world, "resend", "--server", "survival")  # no state lock needed
+    assert "journaled 1 commands" in result.stderr
+    # The service delivers what another process journaled.
+    assert wait_until(lambda: world.received("survival") == ["give erin diamond 64"])
+    world.add_item(token, "vip-monthly")
+    assert wait_until(lambda: len(world.received("survival")) == 3)
+    assert world.received("survival")[0] == "give erin diamond 64"  # the resend, once
+    rows = journal_json(world)
+    assert [r["resend"] for r in rows if r["product"] == "kit"] == [True, False]
+    assert run(world, "cancel", str(rows[0]["id"]), expect=3).stdout.count("left as it is") == 1
+    assert service[0].poll() is None
+
+
+def test_the_service_prunes_finished_rows_and_keeps_pending_ones(
+    world: World, service: list[subprocess.Popen[str]]
+) -> None:
+    erin_token, _ = world.add_customer(platform="minecraft", name="erin")
+    dave_token, _ = world.add_customer(platform="steam", name="dave")
+    world.add_item(erin_token, "kit")
+    world.add_item(dave_token, "kit")
+    world.config(PRODUCTS, extra={"sync": {"interval_seconds": 1, "journal_retention_days": 0}})
+    world.call(world.rcon["jail"].go_down())
+    service.append(world.start_service())
+    assert wait_until(lambda: world.received("survival") == ["give erin diamond 64"])
+    assert wait_until(lambda: [r["status"] for r in journal_json(world)] == ["pending"])
+    assert "journal: pruned 1 finished rows" in world.service_log()
+    world.call(world.rcon["jail"].come_up())
+    assert wait_until(lambda: world.received("jail") == ["give dave diamond 64"])
