@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
-import sqlite3
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -29,11 +27,10 @@ from daemon.commands import (
 )
 from daemon.config import ConfigError, Settings, config_path_from, load_settings
 from daemon.http_api import ListenError
-from daemon.operator import UsageProblem
+from daemon.operator import UsageProblem, scratch_copy
 from daemon.preflight import setup_problems
 from daemon.state import StoreError, StoreWriteError, open_store
 from daemon.state.lock import LockedError, LockFileError, state_lock
-from daemon.state.sqlite import empty_file_problem
 from daemon.status import print_status
 from daemon.sync_pass import run_pass
 
@@ -216,22 +213,6 @@ def _report_setup_problems(settings: Settings, *, listen: bool) -> bool:
     return bool(problems)
 
 
-def _scratch_copy(db_path: Path, folder: str) -> str:
-    """A throw-away copy of the state for a dry run (the real file is only read)."""
-    scratch = os.path.join(folder, "dry-run.sqlite3")
-    if db_path.exists():
-        if db_path.stat().st_size == 0:
-            raise StoreError(empty_file_problem(db_path))
-        source = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-        target = sqlite3.connect(scratch)
-        try:
-            source.backup(target)
-        finally:
-            source.close()
-            target.close()
-    return scratch
-
-
 def _print_line(line: str) -> None:
     print(line, flush=True)
 
@@ -239,7 +220,7 @@ def _print_line(line: str) -> None:
 async def _sync_now(settings: Settings, *, dry_run: bool) -> int:
     if dry_run:
         with tempfile.TemporaryDirectory(prefix="perksync-dry-run-") as folder:
-            store = open_store(_scratch_copy(settings.state_db_path, folder), throwaway=True)
+            store = open_store(scratch_copy(settings.state_db_path, folder), throwaway=True)
             # The printed lines are the output; "delivered" lines would mislead.
             logging.getLogger("daemon.delivery").setLevel(logging.WARNING)
             try:

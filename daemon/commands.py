@@ -10,22 +10,24 @@ from __future__ import annotations
 
 import argparse
 import logging
+import tempfile
 from typing import Any, Final
 
+from daemon.adopt import adopt
 from daemon.clock import SYSTEM_CLOCK
 from daemon.config import Settings
 from daemon.journal_view import DEFAULT_LIMIT, show_journal
-from daemon.operator import UsageProblem, open_existing
+from daemon.operator import UsageProblem, open_existing, scratch_copy
 from daemon.resend import check_request, resend
 from daemon.row_commands import Outcome, cancel, named_rows, retry
 from daemon.state import JournalStatus, open_store
 
 log = logging.getLogger(__name__)
 
-OPERATOR_COMMANDS: Final = frozenset({"journal", "resend", "cancel", "retry"})
+OPERATOR_COMMANDS: Final = frozenset({"journal", "resend", "adopt", "cancel", "retry"})
 # They check the state folder first.
-WRITING_COMMANDS: Final = frozenset({"resend", "cancel", "retry"})
-DRY_RUN_COMMANDS: Final = frozenset({"resend"})
+WRITING_COMMANDS: Final = frozenset({"resend", "adopt", "cancel", "retry"})
+DRY_RUN_COMMANDS: Final = frozenset({"resend", "adopt"})
 EXIT_OK, EXIT_NOT_ALL_DONE = 0, 3
 
 
@@ -78,6 +80,12 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     )
     journal.add_argument("--json", action="store_true", help="one JSON array of objects")
     _add_resend(commands, common)
+    adopt = commands.add_parser(
+        "adopt",
+        parents=[common],
+        help="record every live item as granted, sending nothing (taking over a store)",
+    )
+    _dry_run(adopt, "say what would be recorded; change nothing")
     cancel = commands.add_parser(
         "cancel", parents=[common], help="mark pending or waiting journal rows cancelled"
     )
@@ -122,6 +130,8 @@ async def run_command(args: argparse.Namespace, settings: Settings) -> int:
         )
     if args.command == "resend":
         return await _resend(args, settings)
+    if args.command == "adopt":
+        return await _adopt(settings, dry_run=args.dry_run)
     if args.command == "retry" and bool(args.rows) == args.rejected:
         raise UsageProblem("retry takes journal row ids, or --rejected (not both)")
     if args.command == "retry" and args.server is not None and not args.rejected:
@@ -129,6 +139,33 @@ async def run_command(args: argparse.Namespace, settings: Settings) -> int:
     if args.command in ("cancel", "retry"):
         return await _row_command(args, settings)
     raise AssertionError(f"not an operator command: {args.command}")
+
+
+async def _adopt(settings: Settings, *, dry_run: bool) -> int:
+    prefix = "would record: " if dry_run else "recorded: "
+
+    def output(line: str) -> None:
+        print(prefix + line, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="perksync-dry-run-") as folder:
+        path = scratch_copy(settings.state_db_path, folder) if dry_run else None
+        store = open_store(path or str(settings.state_db_path), throwaway=dry_run)
+        try:
+            adopted, failed = await adopt(settings, store, clock=SYSTEM_CLOCK, output=output)
+        finally:
+            await store.close()
+    done = (
+        f"{adopted.items} live items of {adopted.customers} customers as granted "
+        f"({adopted.marks} item and server pairs)"
+    )
+    if dry_run:
+        log.info("dry run: adopt would record %s; nothing changed", done)
+    else:
+        log.info("adopt: recorded %s; nothing was sent", done)
+    if failed:
+        log.error("adopt: %d customers or reads failed (see above); run adopt again", failed)
+        return EXIT_NOT_ALL_DONE
+    return EXIT_OK
 
 
 async def _row_command(args: argparse.Namespace, settings: Settings) -> int:

@@ -13,11 +13,15 @@ transactions.
 from __future__ import annotations
 
 import logging
+import os
+import sqlite3
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Final, TypeVar
 
 from daemon.config import Settings
-from daemon.state import CustomerChanged, CustomerTxn, Store, open_store
+from daemon.state import CustomerChanged, CustomerTxn, Store, StoreError, open_store
+from daemon.state.sqlite import empty_file_problem
 
 log = logging.getLogger(__name__)
 
@@ -53,3 +57,19 @@ async def in_block(
                 raise
             log.debug("customer %s changed meanwhile; deciding again", customer_id)
     raise AssertionError("unreachable")
+
+
+def scratch_copy(db_path: Path, folder: str) -> str:
+    """A throw-away copy of the state for a dry run (the real file is only read)."""
+    scratch = os.path.join(folder, "dry-run.sqlite3")
+    if db_path.exists():
+        if db_path.stat().st_size == 0:
+            raise StoreError(empty_file_problem(db_path))
+        source = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+        target = sqlite3.connect(scratch)
+        try:
+            source.backup(target)
+        finally:
+            source.close()
+            target.close()
+    return scratch
