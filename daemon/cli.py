@@ -58,7 +58,8 @@ exit status:
      state folder or the listen address); nothing was contacted
   3  the pass finished, but something is not delivered: a customer's inventory
      could not be read, a command is still pending (server down), or a command
-     failed in this pass
+     failed in this pass; for resend, adopt, cancel and retry: something asked
+     was not done (a row left as it is, a customer not read or changed)
 """
 
 

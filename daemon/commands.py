@@ -215,8 +215,10 @@ async def _resend(args: argparse.Namespace, settings: Settings) -> int:
         await store.close()
     done = (
         f"{report.journaled} commands for {report.items} items of {report.customers} "
-        f"customers on {args.server} ({report.skipped} items skipped, see above)"
+        f"customers on {args.server}"
     )
+    if report.skipped:
+        done += f" ({report.skipped} items skipped, see above)"
     if args.dry_run:
         log.info("dry run: resend would journal %s; nothing changed", done)
     else:
