@@ -42,6 +42,7 @@ from daemon.state import (
     JournalStatus,
     KnownCustomer,
     Store,
+    StoreWriteError,
 )
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,14 @@ async def retry(
         async def work(txn: CustomerTxn, wanted: list[JournalRow] = wanted) -> Outcome:
             return await _retry_one(settings, store, txn, wanted, now(), skip_retried)
 
-        outcome.add(await in_block(store, customer_id, work))
+        try:
+            outcome.add(await in_block(store, customer_id, work))
+        except StoreWriteError:
+            raise
+        except Exception as exc:  # one broken customer never stops the others
+            log.error("retry: customer %s: %s; nothing journaled for it", customer_id, exc)
+            for row in wanted:
+                outcome.leave(row, f"customer {customer_id} could not be read or changed")
     return outcome
 
 

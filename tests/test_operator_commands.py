@@ -501,3 +501,24 @@ def test_the_service_prunes_finished_rows_and_keeps_pending_ones(
     assert "journal: pruned 1 finished rows" in world.service_log()
     world.call(world.rcon["jail"].come_up())
     assert wait_until(lambda: world.received("jail") == ["give dave diamond 64"])
+
+
+def test_one_customer_that_cannot_be_rendered_never_stops_the_others(world: World) -> None:
+    erin_token, erin = world.add_customer(platform="minecraft", name="erin")
+    finn_token, _ = world.add_customer(platform="minecraft", name="finn")
+    erin_kit = world.add_item(erin_token, "kit")
+    world.add_item(finn_token, "kit")
+    products = {**PRODUCTS, "kit": {"on_active": [LONG]}}
+    world.config(products)
+    sync(world, expect=3)
+    failed = journal_json(world, "--status", "failed")
+    with db(world) as conn:  # a hand-edited database: erin's item is no JSON any more
+        conn.execute("UPDATE items SET raw = 'not json' WHERE item_id = ?", (erin_kit,))
+    products["kit"]["on_active"] = ["give {customer.name} diamond 64"]
+    world.config(products)
+
+    result = run(world, "retry", *(str(r["id"]) for r in failed), expect=3)
+    assert f"customer {erin['id']} could not be read or changed" in result.stdout
+    assert "(pending): survival: give finn diamond 64" in result.stdout
+    sync(world)
+    assert world.received("survival") == ["give finn diamond 64"]
