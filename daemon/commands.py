@@ -9,6 +9,7 @@ lock: they work beside a running service (see daemon/operator.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import tempfile
 from typing import Any, Final
@@ -147,8 +148,10 @@ async def _adopt(settings: Settings, *, dry_run: bool) -> int:
     def output(line: str) -> None:
         print(prefix + line, flush=True)
 
-    with tempfile.TemporaryDirectory(prefix="perksync-dry-run-") as folder:
-        path = scratch_copy(settings.state_db_path, folder) if dry_run else None
+    # A dry run reads and writes a throw-away copy of the state.
+    scratch = tempfile.TemporaryDirectory(prefix="perksync-dry-run-") if dry_run else None
+    with scratch or contextlib.nullcontext():
+        path = scratch_copy(settings.state_db_path, scratch.name) if scratch else None
         store = open_store(path or str(settings.state_db_path), throwaway=dry_run)
         try:
             adopted, failed = await adopt(settings, store, clock=SYSTEM_CLOCK, output=output)
@@ -202,7 +205,7 @@ def _finish(outcome: Outcome) -> int:
 
 async def _resend(args: argparse.Namespace, settings: Settings) -> int:
     check_request(settings, args.server, args.product)
-    store = open_existing(settings) if args.dry_run else open_store(str(settings.state_db_path))
+    store = open_existing(settings)
     if store is None:
         log.info("resend: nothing is granted on %s (no pass has run yet)", args.server)
         return EXIT_OK
