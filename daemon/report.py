@@ -41,12 +41,18 @@ class PassReport:
         undelivered = sum(self.failed.values()) or any(self.pending_left.values())
         return 3 if self.customers_failed or undelivered else 0
 
-    def summary(self, *, service: bool = False, dry_run: bool = False) -> str:
+    def summary(
+        self, *, service: bool = False, dry_run: bool = False, store_mode: bool = False
+    ) -> str:
         """`pass done: …` after a pass, which polls each linked customer once;
         `last interval: …` in the service, which counts polls (a customer may
-        be polled several times in an interval, or not at all). A dry run
-        printed, rather than delivered, its commands."""
-        if service:
+        be polled several times in an interval, or not at all). Store mode
+        counts its reads of the store instead (new items, snapshots,
+        look-ups). A dry run printed, rather than delivered, its commands."""
+        if store_mode:
+            reads = self.polls_ok + self.polls_failed
+            parts = [f"{reads} store reads ({self.polls_failed} failed)"]
+        elif service:
             polls = self.polls_ok + self.polls_failed
             parts = [f"{polls} polls ({self.polls_failed} failed)"]
         else:
