@@ -162,3 +162,20 @@ def test_an_item_live_but_past_its_expiry_is_not_adopted(tmp_path: Path) -> None
             await store.close()
 
     asyncio.run(scenario())
+
+
+def test_store_mode_adopt_from_the_command_line(tmp_path: Path) -> None:
+    with World(tmp_path, {"survival": "minecraft"}, store=True) as world:
+        alice = world.store_customer("minecraft", name="alice")
+        vip = world.store_item(alice["id"], "vip")
+        world.store_item(alice["id"], "kit", state="usable")
+        world.config(STORE_PRODUCTS)
+        result = run(world, "adopt")
+        assert result.stdout.splitlines() == [
+            f"recorded: customer {alice['id']} (alice): item {vip} (vip) granted on survival"
+        ]
+        sync(world)
+        assert world.received("survival") == []
+        world.store_item(alice["id"], "kit")
+        sync(world)
+        assert world.received("survival") == ["give alice diamond 64"]
