@@ -7,6 +7,7 @@ It wires the parts together and runs them until stopped:
 - one delivery worker per server (`daemon.delivery.deliver_forever`), woken
   as rows are journaled;
 - the local expiry sweep every few seconds, without the API;
+- journal retention (daemon/retention.py) at start and once per interval;
 - the optional HTTP listener (`/healthz`, `/metrics`) and systemd notify
   (READY/STATUS/WATCHDOG/RELOADING/STOPPING), a summary line per interval.
 
@@ -48,6 +49,7 @@ from daemon.expiry import sweep_expiries
 from daemon.http_api import start_http, stop_http
 from daemon.metrics import PrometheusTelemetry
 from daemon.paynow import RateLimiter, make_session
+from daemon.retention import prune_journal
 from daemon.scheduler import LinkPolls, StoreReads
 from daemon.sources.store import StoreSource
 from daemon.sources.token import TokenSource
@@ -137,6 +139,11 @@ class Service:
             self.scheduler.add_job(
                 self._sweep, IntervalTrigger(seconds=sweep_every), id="expiry-sweep",
                 max_instances=1, coalesce=True, next_run_time=self.clock.now(),
+            )  # fmt: skip
+            self.scheduler.add_job(
+                self._prune, IntervalTrigger(seconds=self.settings.sync.interval_seconds),
+                id="journal-retention", max_instances=1, coalesce=True,
+                next_run_time=self.clock.now(),
             )  # fmt: skip
             self.scheduler.start()
             log.info("perksync %s started: %s", __version__, _what_runs(self.settings))
@@ -230,6 +237,15 @@ class Service:
             self._store_failed(exc)
         except Exception:
             log.exception("local expiry sweep failed; will try again")
+
+    async def _prune(self) -> None:
+        try:
+            retention = self.settings.sync.journal_retention_days
+            await prune_journal(self.store, retention, self.clock.now())
+        except StoreWriteError as exc:
+            self._store_failed(exc)
+        except Exception:
+            log.exception("journal retention failed; will try again")
 
     async def _guarded(self, write: Awaitable[None]) -> None:
         """Await a store write; a `StoreWriteError` ends the service (see run)."""
@@ -344,6 +360,10 @@ class Service:
                 pending = await self.store.pending_counts()
                 for server in self.settings.servers:
                     self.telemetry.backlog(server, pending.get(server, 0))
+                    if pending.get(server):
+                        # Rows another process journaled (`perksync resend`,
+                        # `retry`) wake no worker of ours: this one does.
+                        self.core.wakers.ring(server)
             except Exception:
                 log.exception("cannot read the journal backlog")
             notify.status(self.telemetry.summary())

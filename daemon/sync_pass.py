@@ -1,5 +1,6 @@
 """`perksync --sync-now`: one pass, then exit.
 
+It starts by pruning the journal's old finished rows (daemon/retention.py).
 The pass reads PayNow once (token mode: every linked customer, a bounded
 pool of them at a time; store mode: one new-items read, one snapshot and
 the look-ups it calls for), applies due local expiries after the reads (so
@@ -26,6 +27,7 @@ from daemon.delivery import ServerWorker, make_server_factory
 from daemon.expiry import sweep_expiries
 from daemon.paynow import RateLimiter, make_session
 from daemon.report import PassReport
+from daemon.retention import prune_journal
 from daemon.sources.token import TokenSource
 from daemon.state import Store, StoreWriteError
 from daemon.wiring import Core
@@ -117,6 +119,8 @@ async def run_pass(
     `dry_run_output`: print each command there instead of sending it (the
     store is then a throw-away copy)."""
     core = Core(settings, store, clock)
+    if dry_run_output is None:  # a dry run changes nothing, old rows included
+        await prune_journal(store, settings.sync.journal_retention_days, clock.now())
     factory = make_server_factory(settings, dry_run_output=dry_run_output)
     dry_run = dry_run_output is not None
     workers = [

@@ -344,7 +344,7 @@ async def test_known_tells_each_items_product_state_expiry_and_read_time(opener:
         ),
     )
     assert dict((await known(store, "100")).items) == {
-        "1": StoredItem("vip", "active", T2, T0),
+        "1": StoredItem("vip", "active", T2, T0, '{"id": "1"}'),
         "2": StoredItem("kit", "usable", None, T0),
         "3": StoredItem("vip", "renewed", T2, None),
     }
@@ -353,7 +353,9 @@ async def test_known_tells_each_items_product_state_expiry_and_read_time(opener:
     await commit(
         store, "100", CustomerChange(T2, seen=[SeenItem("1", "vip", "used", None, None, T1)])
     )
-    assert (await known(store, "100")).items["1"] == StoredItem("vip", "used", None, T1)
+    assert (await known(store, "100")).items["1"] == StoredItem(
+        "vip", "used", None, T1, '{"id": "1"}'
+    )
 
 
 @run_async
