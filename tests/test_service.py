@@ -211,6 +211,7 @@ async def test_renewal_after_local_expiry_grants_again_once(
     async with world.service(clock) as running:
         await until(lambda: world.received("survival") == [grant(world, token, item)])
         clock.advance(2)
+        await running.sweep()  # (else the service's own, within a second)
         await until(lambda: remove(world, token, item) in world.received("survival"))
         later = clock.now() + timedelta(days=30)
         world.paynow.update_item(token, item, expires_at=iso(later))
@@ -219,6 +220,7 @@ async def test_renewal_after_local_expiry_grants_again_once(
             remove(world, token, item),
             grant(world, token, item),
         ]
+        await running.poll()
         await until(lambda: world.received("survival") == expected)
         # More polls and sweeps, days later (still before the new expiry).
         for _ in range(2):
@@ -287,17 +289,23 @@ async def test_health_follows_the_service_clock(world: LocalWorld, clock: Manual
     await world.rcon["survival"].go_down()
     async with world.service(clock) as running, aiohttp.ClientSession() as http:
         await until(lambda: delivery_failures(running) >= 1)
-        world.paynow.fault(None, "status", status=503, times=None)
+        # The heartbeat has seen the backlog (it ticks on the service's clock).
         await until(
-            lambda: (running.sample("perksync_polls_total", {"outcome": "failed"}) or 0) > 0
+            lambda: running.sample("perksync_journal_backlog", {"server": "survival"}) == 1,
+            meanwhile=lambda: clock.advance(1),
         )
+        # Every poll fails (with an error no retry can help: nothing to wait out).
+        world.paynow.fault(None, "status", status=404, times=None)
+        await running.poll()
+        assert (running.sample("perksync_polls_total", {"outcome": "failed"}) or 0) >= 1
         assert await get(http, port, "/healthz") == (200, "ok\n")  # not for long enough yet
         # Ten minutes later: no successful poll for 5 (the default for a 1 s
         # interval) and a server failing for 10, with its backlog known.
-        clock.advance(minutes=10, seconds=2)
+        clock.advance(minutes=10)
         status, reason = await get(http, port, "/healthz")
         assert status == 503, reason
-        assert "no successful poll for 10 min" in reason
+        stale_polls = r"no successful poll for 1\d min: \d+ failed \(last: not_found\)"
+        assert re.search(stale_polls, reason), reason
         assert "server survival: 1 pending" in reason
         # Both back: healthy again without waiting.
         world.paynow.clear_faults()
