@@ -38,7 +38,7 @@ from typing import ClassVar
 
 from adapters import PLATFORMS
 from adapters.base import CommandTooLong, GameServer, RconAuthError, RconError
-from daemon.clock import Clock
+from daemon.clock import SYSTEM_CLOCK, Clock
 from daemon.config import ServerSettings, Settings
 from daemon.placeholders import printable
 from daemon.presence import PlayerList, customer_key, player_list
@@ -531,30 +531,36 @@ async def deliver_forever(worker: ServerWorker, stopping: asyncio.Event) -> None
         # Jitter so that several perksyncs do not knock in step.
         delay = backoff * random.uniform(0.8, 1.0)
         log.debug("server %s: next attempt in %.1fs", worker.name, delay)
-        await wait_any(stopping, within=delay)
+        await wait_any(stopping, within=delay, clock=worker.clock)
 
 
 async def _rest(worker: ServerWorker, stopping: asyncio.Event) -> None:
     """Until rows are journaled, a waiting row may be due, or `stopping`;
     the connection is closed after `IDLE_CLOSE` seconds of that."""
+    clock = worker.clock
     due = worker.seconds_to_wait()
     if due is not None and due <= IDLE_CLOSE:
-        await wait_any(worker.wake, stopping, within=due)
+        await wait_any(worker.wake, stopping, within=due, clock=clock)
         return
-    if await wait_any(worker.wake, stopping, within=IDLE_CLOSE):
+    if await wait_any(worker.wake, stopping, within=IDLE_CLOSE, clock=clock):
         return
     await worker.close()  # idle: let the server forget us
-    await wait_any(worker.wake, stopping, within=None if due is None else due - IDLE_CLOSE)
+    rest = None if due is None else due - IDLE_CLOSE
+    await wait_any(worker.wake, stopping, within=rest, clock=clock)
 
 
-async def wait_any(*events: asyncio.Event, within: float | None = None) -> bool:
-    """Wait until one of the events is set; False on timeout."""
+async def wait_any(
+    *events: asyncio.Event, within: float | None = None, clock: Clock = SYSTEM_CLOCK
+) -> bool:
+    """Wait until one of the events is set; False when `within` seconds of
+    `clock` passed first."""
     waiters = [asyncio.create_task(e.wait()) for e in events]
+    timers = [] if within is None else [asyncio.create_task(clock.sleep(within))]
     try:
-        done, _ = await asyncio.wait(waiters, timeout=within, return_when=asyncio.FIRST_COMPLETED)
-        return bool(done)
+        done, _ = await asyncio.wait([*waiters, *timers], return_when=asyncio.FIRST_COMPLETED)
+        return any(waiter in done for waiter in waiters)
     finally:
-        for waiter in waiters:
-            waiter.cancel()
+        for task in (*waiters, *timers):
+            task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*waiters, return_exceptions=True)
+            await asyncio.gather(*waiters, *timers, return_exceptions=True)

@@ -23,7 +23,9 @@ process exits non-zero and systemd restarts it; retrying inside would only
 fail every poll and every command again, out of the operator's sight.
 
 Tests run it in-process: `handle_signals=False` leaves the process's
-signals alone, and `clock` sets the time decisions are made at.
+signals alone, and `clock` sets the time decisions are made at (local
+expiry, health) and paces the heartbeat and a failing server's retries;
+APScheduler's jobs still fire on the wall clock.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from daemon.http_api import start_http, stop_http
 from daemon.metrics import PrometheusTelemetry
 from daemon.paynow import RateLimiter, make_session
 from daemon.retention import prune_journal
-from daemon.scheduler import LinkPolls, StoreReads
+from daemon.scheduler import LinkPolls, StoreReads, wall_now
 from daemon.sources.store import StoreSource
 from daemon.sources.token import TokenSource
 from daemon.sources.webhooks import WebhookReceiver
@@ -86,6 +88,7 @@ class Service:
             customers=_labels(settings),
             servers=settings.servers,
             store_mode=settings.store_mode,
+            clock=lambda: clock.now().timestamp(),
         )
         self.core = Core(settings, store, clock, self.telemetry)
         self.report = self.core.report
@@ -138,12 +141,12 @@ class Service:
             sweep_every = max(1.0, min(EXPIRY_SWEEP_MAX, self.settings.sync.interval_seconds / 4))
             self.scheduler.add_job(
                 self._sweep, IntervalTrigger(seconds=sweep_every), id="expiry-sweep",
-                max_instances=1, coalesce=True, next_run_time=self.clock.now(),
+                max_instances=1, coalesce=True, next_run_time=wall_now(),
             )  # fmt: skip
             self.scheduler.add_job(
                 self._prune, IntervalTrigger(seconds=self.settings.sync.interval_seconds),
                 id="journal-retention", max_instances=1, coalesce=True,
-                next_run_time=self.clock.now(),
+                next_run_time=wall_now(),
             )  # fmt: skip
             self.scheduler.start()
             log.info("perksync %s started: %s", __version__, _what_runs(self.settings))
@@ -168,9 +171,7 @@ class Service:
 
     def _make_sources(self) -> None:
         """The mode's source and the jobs that make it read (not started yet)."""
-        common: dict[str, Any] = {
-            "clock": self.clock, "stopping": self.stopping, "store_failed": self._store_failed,
-        }  # fmt: skip
+        common: dict[str, Any] = {"stopping": self.stopping, "store_failed": self._store_failed}
         if self.settings.store_mode:
             management = self.core.management(self.session, self.rate_limiter)
             self.store_source = self.core.store_source(management)
@@ -178,7 +179,9 @@ class Service:
         else:
             storefront = self.core.storefront(self.session, self.rate_limiter)
             self.source = self.core.token_source(storefront, cache_customers=True)
-            self.polls = LinkPolls(self.scheduler, self.source, telemetry=self.telemetry, **common)
+            self.polls = LinkPolls(
+                self.scheduler, self.source, clock=self.clock, telemetry=self.telemetry, **common
+            )
 
     def _webhooks(self) -> WebhookReceiver | None:
         secret = self.settings.paynow.webhook_secret_value
@@ -379,7 +382,7 @@ class Service:
             if summary_due:
                 self._log_summary(pending)
                 next_summary = self.clock.monotonic() + self.settings.sync.interval_seconds
-            await asyncio.sleep(tick)
+            await self.clock.sleep(tick)
 
     def _log_summary(self, pending: dict[str, int]) -> None:
         """The `last interval:` line: what happened since the last one, and what

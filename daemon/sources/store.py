@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -284,13 +283,13 @@ class StoreSource:
 
     def _read_ok(self, read: str) -> None:
         self.report.polls_ok += 1
-        self.telemetry.store_read(read, None, time.time())
+        self.telemetry.store_read(read, None, self.clock.now().timestamp())
 
     def _read_failed(self, read: str, what: str, exc: PayNowError) -> None:
         log.error("store mode: %s failed: %s; nothing changed", what, exc)
         self.report.polls_failed += 1
         self.report.customers_failed[what] = str(exc)
-        self.telemetry.store_read(read, exc.kind, time.time())
+        self.telemetry.store_read(read, exc.kind, self.clock.now().timestamp())
 
 
 def _owner(raw: Any) -> str | None:
