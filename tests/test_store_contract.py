@@ -328,7 +328,9 @@ async def test_customers_are_kept_apart(opener: Opener) -> None:
 
 
 @run_async
-async def test_known_tells_each_items_product_state_expiry_and_read_time(opener: Opener) -> None:
+async def test_known_tells_each_items_product_state_expiry_read_time_and_json(
+    opener: Opener,
+) -> None:
     store = opener()
     await commit(
         store,
@@ -343,7 +345,7 @@ async def test_known_tells_each_items_product_state_expiry_and_read_time(opener:
         ),
     )
     assert dict((await known(store, "100")).items) == {
-        "1": StoredItem("vip", "active", T2, T0),
+        "1": StoredItem("vip", "active", T2, T0, '{"id": "1"}'),
         "2": StoredItem("kit", "usable", None, T0),
         "3": StoredItem("vip", "renewed", T2, None),
     }
@@ -352,7 +354,10 @@ async def test_known_tells_each_items_product_state_expiry_and_read_time(opener:
     await commit(
         store, "100", CustomerChange(T2, seen=[SeenItem("1", "vip", "used", None, None, T1)])
     )
-    assert (await known(store, "100")).items["1"] == StoredItem("vip", "used", None, T1)
+    # A commit without the item's JSON keeps the stored JSON.
+    assert (await known(store, "100")).items["1"] == StoredItem(
+        "vip", "used", None, T1, '{"id": "1"}'
+    )
 
 
 @run_async
@@ -1284,6 +1289,120 @@ async def test_an_expiry_commit_lapses_the_marks_and_journals_the_commands(opene
     assert await store.link_digests() == {}
     # Committing the same expiry again journals nothing new.
     assert await commit(store, "100", lapse) == []
+
+
+# --- shared perks, unsent grants and cancelling ---------------------------------------
+
+
+@run_async
+async def test_marks_keep_their_perk(opener: Opener) -> None:
+    store = opener()
+    await commit(store, "100", CustomerChange(T0, ALICE, seen(("1", "active"), ("2", "active")),
+                                              {("1", "survival"): Mark(Phase.GRANTED, 1, "rank"),
+                                               ("2", "survival"): Mark(Phase.GRANTED, 1)}))  # fmt: skip
+    assert dict((await known(store, "100")).marks) == {
+        ("1", "survival"): Mark(Phase.GRANTED, 1, "rank"),
+        ("2", "survival"): Mark(Phase.GRANTED, 1),
+    }
+    # An upsert writes the perk it is given, as the other fields.
+    ended = {("1", "survival"): Mark(Phase.ENDED, 1, "rank"), ("2", "survival"): Mark(
+        Phase.LAPSED, 1, "flight")}  # fmt: skip
+    await commit(store, "100", CustomerChange(T1, marks=ended))
+    assert dict((await known(store, "100")).marks) == ended
+
+
+def waiting(item_id: str, index: int = 0, **kw: Any) -> JournalEntry:
+    return entry(item_id, index=index, status=JournalStatus.WAITING, **kw)
+
+
+@run_async
+async def test_known_tells_which_grants_have_rows_still_pending_or_waiting(
+    opener: Opener,
+) -> None:
+    store = opener()
+    assert (await known(store, "100")).open_grants == frozenset()
+    ids_ = await first_pass(store)  # item 1: two on_active rows on each server
+    await commit(store, "100", CustomerChange(
+        T1, seen=seen(("3", "active"), ("4", "active")),
+        entries=[waiting("3"), entry("4", event="on_expire")]))  # fmt: skip
+    await commit(store, "200", CustomerChange(T1, BOB, seen(("9", "active")),
+                                              entries=[entry("9", customer_id="200")]))  # fmt: skip
+    assert (await known(store, "100")).open_grants == frozenset(
+        {("1", "survival"), ("1", "jailbreak"), ("3", "survival")}
+    )
+    # A grant whose rows are all finished is no longer open; one left keeps it open.
+    for row_id in ids_[:3]:
+        await store.mark_attempt(row_id)
+        await store.mark_delivered(row_id, T1)
+    assert (await known(store, "100")).open_grants == frozenset(
+        {("1", "jailbreak"), ("3", "survival")}
+    )
+
+
+@run_async
+async def test_cancelled_grants_end_only_their_unsent_on_active_rows(opener: Opener) -> None:
+    store = opener()
+    ids_ = await first_pass(store)  # item 1: on_active #0 and #1 on survival and jailbreak
+    await store.mark_attempt(ids_[0])
+    await store.mark_delivered(ids_[0], T0)
+    more = [
+        waiting("1", 2),
+        entry("1", event="on_expire"),
+        entry("1", cycle=2),
+        entry("1", "lobby"),
+    ]
+    await commit(store, "100", CustomerChange(T0, entries=more))
+    await commit(store, "200", CustomerChange(T0, BOB, seen(("1b", "active")),
+                                              entries=[entry("1b", customer_id="200")]))  # fmt: skip
+    own = [entry("1", event="on_revoke"), entry("1", index=5)]
+    grants = [("1", "survival"), ("1", "nowhere")]
+    new_ids = await commit(store, "100", CustomerChange(T2, entries=own, cancel_grants=grants))
+    assert len(new_ids) == 2
+    rows = {(r.item_id, r.server, r.event, r.cycle, r.command_index): r for r in await store.rows()}
+    cancelled = {key for key, r in rows.items() if r.status is JournalStatus.CANCELLED}
+    # Every unsent on_active row of item 1 on survival, whatever its cycle or status.
+    assert cancelled == {
+        ("1", "survival", "on_active", 1, 1),
+        ("1", "survival", "on_active", 1, 2),
+        ("1", "survival", "on_active", 2, 0),
+    }
+    assert all(rows[key].finished_at == T2 for key in cancelled)
+    # Not the delivered one, other events, other servers, other customers, nor the
+    # change's own new rows.
+    assert rows[("1", "survival", "on_active", 1, 0)].status is JournalStatus.DELIVERED
+    for key in [
+        ("1", "survival", "on_expire", 1, 0),
+        ("1", "jailbreak", "on_active", 1, 0),
+        ("1", "lobby", "on_active", 1, 0),
+        ("1b", "survival", "on_active", 1, 0),
+        ("1", "survival", "on_active", 1, 5),
+    ]:
+        assert rows[key].status is JournalStatus.PENDING, key
+    assert (await known(store, "100")).open_grants == frozenset(
+        {("1", "survival"), ("1", "jailbreak"), ("1", "lobby")}
+    )
+
+
+@run_async
+async def test_cancelled_rows_end_only_this_customers_unfinished_ones(opener: Opener) -> None:
+    store = opener()
+    ids_ = await first_pass(store)
+    await store.mark_attempt(ids_[0])
+    await store.mark_delivered(ids_[0], T0)
+    (waits,) = await commit(store, "100", CustomerChange(T0, entries=[waiting("1", 7)]))
+    (bobs,) = await commit(store, "200", CustomerChange(T0, BOB, seen(("9", "active")),
+                                                        entries=[entry("9", customer_id="200")]))  # fmt: skip
+    before = {r.id: r for r in await store.rows()}
+    change = CustomerChange(T2, cancel_rows=[ids_[0], ids_[1], waits, bobs, 999])
+    await commit(store, "100", change)
+    after = {r.id: r for r in await store.rows()}
+    changed = {i for i in after if after[i] != before[i]}
+    assert changed == {ids_[1], waits}
+    assert {(after[i].status, after[i].finished_at) for i in changed} == {
+        (JournalStatus.CANCELLED, T2)
+    }
+    # Cancelled rows hold nothing back: they are no longer unfinished.
+    assert ids(await store.unfinished("survival")) == [bobs]
 
 
 # --- store mode --------------------------------------------------------------------------

@@ -231,7 +231,8 @@ class CustomerTxn(Protocol):
           already finished at `at`.
         - `cancel_grants`, `cancel_rows`: those PENDING or WAITING rows of this
           customer become CANCELLED, finished at `at` (others are left as
-          they are).
+          they are), before `entries` are inserted: a change never cancels
+          its own new rows.
         - `link`: upsert the link row (customer id, sync time `at`, error
           cleared, answers digest). A commit without `link` drops the
           answers digests of every link of this customer (its marks no

@@ -81,7 +81,6 @@ class _Link:
 
 
 JournalKey = tuple[str, str, int, str, int, int]  # item, server, cycle, event, index, resend
-JournalKey = tuple[str, str, int, str, int, int]  # item, server, cycle, event, command index
 
 
 @dataclass(slots=True)
@@ -105,13 +104,34 @@ class _Database:
             for server, mark in self.marks.get(item_id, {}).items()
         }
         stored = {
-            i: StoredItem(item.product, item.state, item.expires_at, item.read_at)
+            i: StoredItem(item.product, item.state, item.expires_at, item.read_at, item.raw)
             for i, item in items.items()
         }
+        open_grants = frozenset(
+            (row.item_id, row.server)
+            for row in self.journal.values()
+            if row.customer_id == customer_id
+            and row.event == "on_active"
+            and row.status in UNFINISHED
+        )
         customer = self.customers.get(customer_id)
         if customer is None:
-            return KnownCustomer(stored, marks), 0
-        return KnownCustomer(stored, marks, customer.raw, customer.digest), customer.version
+            return KnownCustomer(stored, marks, open_grants=open_grants), 0
+        known = KnownCustomer(stored, marks, customer.raw, customer.digest, open_grants)
+        return known, customer.version
+
+    def cancel(self, customer_id: str, change: CustomerChange, at: datetime) -> None:
+        """The change's cancelled grants and rows (PENDING or WAITING ones of
+        this customer) become CANCELLED, finished at `at`."""
+        grants, rows = set(change.cancel_grants), set(change.cancel_rows)
+        for row in self.journal.values():
+            if row.customer_id != customer_id or row.status not in UNFINISHED:
+                continue
+            grant = row.event == "on_active" and (row.item_id, row.server) in grants
+            if grant or row.id in rows:
+                self.journal[row.id] = dataclasses.replace(
+                    row, status=JournalStatus.CANCELLED, finished_at=at
+                )
 
     def put_item(self, item_id: str, item: _Item) -> None:
         old = self.items.get(item_id)
@@ -222,7 +242,11 @@ class MemoryStore:
             link.customer_id, link.last_synced_at, link.digest = customer_id, at, change.link.digest
             link.last_error = link.last_error_at = None
         for (item_id, server), mark in change.marks.items():
-            db.marks.setdefault(item_id, {})[server] = Mark(Phase(mark.phase), mark.cycle)
+            db.marks.setdefault(item_id, {})[server] = Mark(
+                Phase(mark.phase), mark.cycle, mark.perk
+            )
+        # Before the entries: a change's own new rows are never cancelled by it.
+        db.cancel(customer_id, change, at)
         return _journal(db, change.entries, at)
 
     @staticmethod

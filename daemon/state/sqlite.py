@@ -386,11 +386,34 @@ def _dt_or_none(text: str | None) -> datetime | None:
 # Every customer with items has a row (commits and the migration make it).
 _KNOWN = """
 SELECT c.version, c.raw, c.digest,
-       i.item_id, i.product, i.state, i.expires_at, i.read_at, m.server, m.phase, m.cycle
+       i.item_id, i.product, i.state, i.expires_at, i.read_at, i.raw,
+       m.server, m.phase, m.cycle, m.perk
 FROM customers AS c
 LEFT JOIN items AS i ON i.customer_id = c.customer_id
 LEFT JOIN marks AS m ON m.item_id = i.item_id
 WHERE c.customer_id = ?
+"""
+
+# The customer's (item, server) with an on_active row still pending or
+# waiting, through the index of unfinished rows per customer. Read after
+# `_KNOWN`: a commit in between moved the version, and the block's commit
+# then fails its compare-and-set; rows finished in between are left as they
+# are by a cancel.
+_OPEN_GRANTS = """
+SELECT DISTINCT item_id, server FROM journal INDEXED BY journal_open
+WHERE customer_id = ? AND status IN ('pending', 'waiting') AND event = 'on_active'
+"""
+
+# A take-back cancels its item's unsent grants; an operator cancels rows.
+_CANCEL_GRANT = """
+UPDATE journal SET status = 'cancelled', finished_at = ?
+WHERE customer_id = ? AND item_id = ? AND server = ? AND event = 'on_active'
+  AND status IN ('pending', 'waiting')
+"""
+
+_CANCEL_ROW = """
+UPDATE journal SET status = 'cancelled', finished_at = ?
+WHERE id = ? AND customer_id = ? AND status IN ('pending', 'waiting')
 """
 
 # The compare-and-set that opens every commit: each changes one row or none.
@@ -485,8 +508,9 @@ ORDER BY i.expires_at, i.item_id, m.server
 """
 
 _UPSERT_MARK = """
-INSERT INTO marks (item_id, server, phase, cycle) VALUES (?, ?, ?, ?)
-ON CONFLICT (item_id, server) DO UPDATE SET phase = excluded.phase, cycle = excluded.cycle
+INSERT INTO marks (item_id, server, phase, cycle, perk) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (item_id, server) DO UPDATE SET
+    phase = excluded.phase, cycle = excluded.cycle, perk = excluded.perk
 """
 
 # ON CONFLICT on the unique key only (not INSERT OR IGNORE, which would also
@@ -883,14 +907,17 @@ class SqliteStore:
         with self._errors(f"read customer {customer_id}") as conn:
             for row in conn.execute(_KNOWN, (customer_id,)):
                 version, raw, digest, item_id, product, state, expires_at, read_at = row[:8]
-                server, phase, cycle = row[8:]
+                item_raw, server, phase, cycle, perk = row[8:]
                 if item_id is not None and item_id not in items:
                     items[item_id] = StoredItem(
-                        product, state, _dt_or_none(expires_at), _dt_or_none(read_at)
+                        product, state, _dt_or_none(expires_at), _dt_or_none(read_at), item_raw
                     )
                 if server is not None:
-                    marks[(item_id, server)] = Mark(Phase(phase), cycle)
-        return KnownCustomer(items, marks, raw, digest), version
+                    marks[(item_id, server)] = Mark(Phase(phase), cycle, perk)
+            open_grants = frozenset(
+                (item_id, server) for item_id, server in conn.execute(_OPEN_GRANTS, (customer_id,))
+            )
+        return KnownCustomer(items, marks, raw, digest, open_grants), version
 
     async def _commit(self, block: Block, change: CustomerChange) -> list[int]:
         # No await inside: the transaction runs whole within one call.
@@ -920,6 +947,8 @@ class SqliteStore:
                 conn.execute(_FORGET_DIGESTS, (customer_id,))
             else:
                 conn.execute(_UPSERT_LINK, (change.link.label, customer_id, at, change.link.digest))
+            # Before the entries: a change's own new rows are never cancelled by it.
+            self._cancel(conn, customer_id, change, at)
             new_ids = self._journal(conn, change.marks, change.entries, at)
         for item_id, owner in moved:
             log.warning(
@@ -966,6 +995,18 @@ class SqliteStore:
         return [(item_id, owner) for item_id, owner in moved]
 
     @staticmethod
+    def _cancel(
+        conn: sqlite3.Connection, customer_id: str, change: CustomerChange, at: str
+    ) -> None:
+        if change.cancel_grants:
+            conn.executemany(
+                _CANCEL_GRANT,
+                [(at, customer_id, item_id, server) for item_id, server in change.cancel_grants],
+            )
+        if change.cancel_rows:
+            conn.executemany(_CANCEL_ROW, [(at, row, customer_id) for row in change.cancel_rows])
+
+    @staticmethod
     def _journal(
         conn: sqlite3.Connection,
         marks: Mapping[MarkKey, Mark],
@@ -974,7 +1015,7 @@ class SqliteStore:
     ) -> list[int]:
         """Store marks and journal entries inside the caller's transaction."""
         mark_rows = [
-            (item_id, server, str(mark.phase), mark.cycle)
+            (item_id, server, str(mark.phase), mark.cycle, mark.perk)
             for (item_id, server), mark in marks.items()
         ]
         entry_rows = [
