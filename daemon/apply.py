@@ -170,7 +170,7 @@ class Applier:
         now = self.clock.now()
         route = router(self.settings, answer.customer)
         rules = product_rules(self.settings)
-        marks = self._marks(known)
+        marks = _held_marks(known, rules.perks)
         result = diff_inventory(
             marks,
             known.items.keys() - stale,
@@ -199,13 +199,6 @@ class Applier:
         )
         await txn.commit(change)
         return entries
-
-    def _marks(self, known: KnownCustomer) -> dict[MarkKey, Mark]:
-        """The stored marks, those made before their product had a perk given
-        its perk of now."""
-        rules = product_rules(self.settings)
-        products = {item_id: stored.product for item_id, stored in known.items.items()}
-        return adopt_perks(known.marks, products, rules.perks)
 
     def _log_oddities(
         self,
@@ -291,7 +284,7 @@ class Applier:
         known = txn.known
         customer = Customer.from_api(json.loads(due[0].customer_raw))
         self.names.setdefault(customer.id, describe_customer(customer))
-        known_marks = self._marks(known)
+        known_marks = _held_marks(known, product_rules(self.settings).perks)
         marks: dict[MarkKey, Mark] = {}
         events: list[Event] = []
         for expiry in due:
@@ -352,6 +345,13 @@ class Applier:
                 entry.server, who, entry.product, entry.event, entry.command_index + 1,
                 entry.reason,
             )  # fmt: skip
+
+
+def _held_marks(known: KnownCustomer, perks: Mapping[str, str]) -> dict[MarkKey, Mark]:
+    """The stored marks, those made before their product had a perk given its
+    perk of now (`perks`: product slug → perk)."""
+    products = {item_id: stored.product for item_id, stored in known.items.items()}
+    return adopt_perks(known.marks, products, perks)
 
 
 def _still_due(known: KnownCustomer, expiry: DueExpiry) -> bool:
