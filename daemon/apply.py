@@ -250,8 +250,8 @@ class Applier:
             )  # fmt: skip
         for item_id, server in shared.cancel_grants:
             log.info(
-                "customer %s: item %s: its on_active commands on %s not yet sent are "
-                "cancelled (taken back before they were sent)",
+                "customer %s: item %s: its online-only or delayed on_active commands on %s "
+                "not sent yet are cancelled (taken back before they were due)",
                 label, item_id, server,
             )  # fmt: skip
 

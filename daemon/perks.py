@@ -8,8 +8,9 @@ happened, with the set of items holding each perk on each server:
   `per_item` commands run, the others are journaled `kept` and not sent;
 - an end while another item still holds it is *kept* the same way; the end
   of the last holder runs whole, and cancels the perk's `on_active` rows
-  there that are still pending or waiting (a grant never sent need not be
-  taken back first).
+  there that wait (online-only or delayed ones not sent yet: a grant that
+  never went out need not go out before its take-back). Any end of an item
+  without a perk cancels its own.
 
 An end that is kept cancels nothing: the ending item's own unsent grant may
 be the very one the remaining items hold the perk through.
@@ -32,7 +33,7 @@ from daemon.diff import Event, EventKind, Mark, MarkKey, Phase, Share
 @dataclass(slots=True)
 class Shared:
     events: list[Event] = field(default_factory=list)  # same order, each with its share
-    # (item, server) whose still-open on_active rows the commit cancels.
+    # (item, server) whose waiting on_active rows the commit cancels.
     cancel_grants: list[MarkKey] = field(default_factory=list)
 
 

@@ -155,19 +155,19 @@ def test_server_down_keeps_commands_pending_and_others_unaffected(world: World) 
     status = run(world, "status")
     assert "survival: 1 pending" in status.stdout
 
-    # While it is still down, the item is revoked: the grant never sent is
-    # cancelled, and only the take-back goes out when the server is back.
+    # While it is still down, the item is revoked: the revoke queues behind the grant.
     world.set_state(alice_token, vip, "revoked", "admin")
     sync(world, expect=3)
     world.call(world.rcon["survival"].come_up())
     sync(world)
     uuid = alice["minecraft_uuid"]
     assert world.received("survival") == [
+        f"lp user {uuid} parent add vip",
         f"lp user {uuid} parent remove vip",
         "say alice lost vip: admin",
     ]
     sync(world)
-    assert len(world.received("survival")) == 2
+    assert len(world.received("survival")) == 3
     assert "survival: 0 pending" in run(world, "status").stdout
 
 

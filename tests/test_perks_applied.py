@@ -442,7 +442,9 @@ def test_an_item_first_seen_past_its_expiry_runs_nothing(
 # --- cancelled grants --------------------------------------------------------------------
 
 
-def test_a_take_back_cancels_its_items_grants_not_yet_sent(tmp_path: Path) -> None:
+def test_a_take_back_cancels_its_items_grants_that_wait(tmp_path: Path) -> None:
+    """A delayed grant not due yet is cancelled by the revoke; a plain grant
+    still pending (its server was down) is sent before the take-back."""
     vip = {
         **VIP,
         "on_active": [*VIP["on_active"],
@@ -458,12 +460,11 @@ def test_a_take_back_cancels_its_items_grants_not_yet_sent(tmp_path: Path) -> No
                 (PENDING, None),
                 (PENDING, APRIL + timedelta(seconds=600)),
             ]
-            # Revoked before either was sent: both grants are cancelled.
             await r.apply(item("1", "vip", "revoked"))
             await r.deliver()
-            assert r.received() == [REMOVE]
+            assert r.received() == [ADD, REMOVE]
             assert [s for *_, s in await r.rows()] == [
-                JournalStatus.CANCELLED,
+                DELIVERED,
                 JournalStatus.CANCELLED,
                 DELIVERED,
             ]
@@ -471,28 +472,35 @@ def test_a_take_back_cancels_its_items_grants_not_yet_sent(tmp_path: Path) -> No
     asyncio.run(main())
 
 
+ONLINE_VIP = {**VIP, "on_active": [{"run": VIP["on_active"][0], "online": True}]}
+
+
 def test_a_kept_take_back_cancels_nothing(tmp_path: Path) -> None:
-    """The monthly item's grant is still unsent when it ends while the yearly
-    item holds the rank through it: it stays, and is sent."""
+    """The monthly item's online-only grant is still unsent when it ends while
+    the yearly item holds the rank through it: it stays, to be sent when the
+    player is online."""
 
     async def main() -> None:
         async with rig(tmp_path) as r:
-            r.configure({"vip_month": VIP, "vip_year": VIP})
+            r.configure({"vip_month": ONLINE_VIP, "vip_year": ONLINE_VIP})
             await r.apply(item("1", "vip_month"), item("2", "vip_year"))
             await r.apply(item("1", "vip_month", "used"), item("2", "vip_year"))
-            await r.deliver()
-            assert r.received() == [ADD]
+            assert [(i, e, s) for i, e, _, s in await r.rows()] == [
+                ("1", "on_active", PENDING),
+                ("2", "on_active", KEPT),
+                ("1", "on_expire", KEPT),
+            ]
 
     asyncio.run(main())
 
 
-def test_the_last_take_back_cancels_every_unsent_grant_of_the_rank(tmp_path: Path) -> None:
+def test_the_last_take_back_cancels_every_waiting_grant_of_the_rank(tmp_path: Path) -> None:
     async def main() -> None:
         async with rig(tmp_path) as r:
-            r.configure({"vip_month": VIP, "vip_year": VIP})
+            r.configure({"vip_month": ONLINE_VIP, "vip_year": ONLINE_VIP})
             await r.apply(item("1", "vip_month"), item("2", "vip_year"))
             await r.apply(item("1", "vip_month", "used"), item("2", "vip_year"))
-            # Both end before the server got anything: the grant of the monthly
+            # Both end before the player came online: the grant of the monthly
             # item, which the yearly one held the rank through, goes too.
             await r.apply(item("1", "vip_month", "used"), item("2", "vip_year", "used"))
             await r.deliver()
@@ -503,6 +511,18 @@ def test_the_last_take_back_cancels_every_unsent_grant_of_the_rank(tmp_path: Pat
                 ("1", "on_expire", KEPT),
                 ("2", "on_expire", DELIVERED),
             ]
+
+    asyncio.run(main())
+
+
+def test_a_plain_grant_still_pending_is_sent_before_the_take_back(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with rig(tmp_path) as r:
+            r.configure({"vip_month": VIP, "vip_year": VIP})
+            await r.apply(item("1", "vip_month"), item("2", "vip_year"))
+            await r.apply(item("1", "vip_month", "used"), item("2", "vip_year", "used"))
+            await r.deliver()
+            assert r.received() == [ADD, REMOVE]
 
     asyncio.run(main())
 

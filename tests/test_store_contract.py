@@ -13,6 +13,7 @@ tests skip.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -1340,47 +1341,47 @@ async def test_known_tells_which_grants_have_rows_still_pending_or_waiting(
 
 
 @run_async
-async def test_cancelled_grants_end_only_their_unsent_on_active_rows(opener: Opener) -> None:
+async def test_cancelled_grants_end_only_their_on_active_rows_that_wait(opener: Opener) -> None:
     store = opener()
-    ids_ = await first_pass(store)  # item 1: on_active #0 and #1 on survival and jailbreak
-    await store.mark_attempt(ids_[0])
-    await store.mark_delivered(ids_[0], T0)
-    more = [
-        waiting("1", 2),
-        entry("1", event="on_expire"),
-        entry("1", cycle=2),
-        entry("1", "lobby"),
-    ]
-    await commit(store, "100", CustomerChange(T0, entries=more))
+    await commit(store, "100", CustomerChange(T0, ALICE, seen(("1", "active"))))
+    online = dataclasses.replace(entry("1", index=1), online=True)
+    delayed = dataclasses.replace(entry("1", index=2), not_before=T2)
+    sent = dataclasses.replace(entry("1", index=3), online=True)
+    rows_before = [entry("1", index=0), online, delayed, sent, waiting("1", 4),
+                   entry("1", event="on_expire"), waiting("1", 5, cycle=2),
+                   dataclasses.replace(entry("1", "lobby"), online=True)]  # fmt: skip
+    ids_ = await commit(store, "100", CustomerChange(T0, entries=rows_before))
+    await store.mark_attempt(ids_[3])
+    await store.mark_delivered(ids_[3], T1)
     await commit(store, "200", CustomerChange(T0, BOB, seen(("1b", "active")),
-                                              entries=[entry("1b", customer_id="200")]))  # fmt: skip
-    own = [entry("1", event="on_revoke"), entry("1", index=5)]
+                                              entries=[waiting("1b", customer_id="200")]))  # fmt: skip
+    own = [entry("1", event="on_revoke"), dataclasses.replace(entry("1", index=9), online=True)]
     grants = [("1", "survival"), ("1", "nowhere")]
     new_ids = await commit(store, "100", CustomerChange(T2, entries=own, cancel_grants=grants))
     assert len(new_ids) == 2
     rows = {(r.item_id, r.server, r.event, r.cycle, r.command_index): r for r in await store.rows()}
     cancelled = {key for key, r in rows.items() if r.status is JournalStatus.CANCELLED}
-    # Every unsent on_active row of item 1 on survival, whatever its cycle or status.
+    # Item 1's on_active rows on survival that wait, whatever their cycle: waiting
+    # ones, and pending ones that are online-only or delayed.
     assert cancelled == {
         ("1", "survival", "on_active", 1, 1),
         ("1", "survival", "on_active", 1, 2),
-        ("1", "survival", "on_active", 2, 0),
+        ("1", "survival", "on_active", 1, 4),
+        ("1", "survival", "on_active", 2, 5),
     }
     assert all(rows[key].finished_at == T2 for key in cancelled)
-    # Not the delivered one, other events, other servers, other customers, nor the
-    # change's own new rows.
-    assert rows[("1", "survival", "on_active", 1, 0)].status is JournalStatus.DELIVERED
+    # Not a plain pending grant (sent before the take-back), a delivered row,
+    # other events, servers or customers, nor the change's own new rows.
+    assert rows[("1", "survival", "on_active", 1, 3)].status is JournalStatus.DELIVERED
     for key in [
+        ("1", "survival", "on_active", 1, 0),
         ("1", "survival", "on_expire", 1, 0),
-        ("1", "jailbreak", "on_active", 1, 0),
         ("1", "lobby", "on_active", 1, 0),
-        ("1b", "survival", "on_active", 1, 0),
-        ("1", "survival", "on_active", 1, 5),
+        ("1", "survival", "on_active", 1, 9),
     ]:
         assert rows[key].status is JournalStatus.PENDING, key
-    assert (await known(store, "100")).open_grants == frozenset(
-        {("1", "survival"), ("1", "jailbreak"), ("1", "lobby")}
-    )
+    assert rows[("1b", "survival", "on_active", 1, 0)].status is JournalStatus.WAITING
+    assert (await known(store, "100")).open_grants == frozenset({("1", "survival"), ("1", "lobby")})
 
 
 @run_async

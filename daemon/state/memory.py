@@ -121,14 +121,16 @@ class _Database:
         return known, customer.version
 
     def cancel(self, customer_id: str, change: CustomerChange, at: datetime) -> None:
-        """The change's cancelled grants and rows (PENDING or WAITING ones of
-        this customer) become CANCELLED, finished at `at`."""
+        """The change's cancelled grants (their on_active rows that wait) and
+        rows (PENDING or WAITING ones) of this customer become CANCELLED,
+        finished at `at`."""
         grants, rows = set(change.cancel_grants), set(change.cancel_rows)
         for row in self.journal.values():
             if row.customer_id != customer_id or row.status not in UNFINISHED:
                 continue
+            waits = row.status is JournalStatus.WAITING or row.online or row.not_before
             grant = row.event == "on_active" and (row.item_id, row.server) in grants
-            if grant or row.id in rows:
+            if (grant and waits) or row.id in rows:
                 self.journal[row.id] = dataclasses.replace(
                     row, status=JournalStatus.CANCELLED, finished_at=at
                 )

@@ -404,11 +404,13 @@ SELECT DISTINCT item_id, server FROM journal INDEXED BY journal_open
 WHERE customer_id = ? AND status IN ('pending', 'waiting') AND event = 'on_active'
 """
 
-# A take-back cancels its item's unsent grants; an operator cancels rows.
+# A take-back cancels its item's grants that wait (a plain pending one is
+# sent first); an operator cancels rows.
 _CANCEL_GRANT = """
 UPDATE journal SET status = 'cancelled', finished_at = ?
 WHERE customer_id = ? AND item_id = ? AND server = ? AND event = 'on_active'
-  AND status IN ('pending', 'waiting')
+  AND (status = 'waiting'
+       OR (status = 'pending' AND (online = 1 OR not_before IS NOT NULL)))
 """
 
 _CANCEL_ROW = """
