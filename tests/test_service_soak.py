@@ -128,8 +128,9 @@ def test_an_hour_of_accelerated_activity(tmp_path: Path) -> None:
             if granted and taken:
                 assert received.index(f"grant {item}") < received.index(f"take {item}")
             assert taken <= granted, f"{item} taken back without a grant"
-            if item in expiring and granted:
-                assert taken == 1, f"{item} expired but was never taken back"
+            if item in expiring:
+                # Granted, it is taken back; first seen past its expiry, never granted.
+                assert taken == granted, f"{item} expired but was never taken back"
             elif final in ("active", "renewed"):
                 assert (granted, taken) == (1, 0), item
             elif final in ("used", "revoked") and granted:
