@@ -53,7 +53,8 @@ exit status:
      state folder or the listen address); nothing was contacted
   3  the pass finished, but something is not delivered: a customer's inventory
      could not be read, a command is still pending (server down), or a command
-     failed in this pass
+     failed or was rejected (an error reply) in this pass; commands waiting for
+     their player or their time do not count
 """
 
 
@@ -133,8 +134,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.check_config:
             if _report_setup_problems(settings, listen=True):
                 return EXIT_USAGE
+            linked = (
+                f"store mode (store {settings.paynow.store_id})"
+                if settings.store_mode
+                else f"{len(settings.customers)} customers"
+            )
             print(
-                f"{path}: OK ({len(settings.customers)} customers, "
+                f"{path}: OK ({linked}, "
                 f"{len(settings.servers)} servers, {len(settings.products)} products)"
             )
             return EXIT_OK
@@ -207,14 +213,17 @@ async def _sync_now(settings: Settings, *, dry_run: bool) -> int:
                 report = await run_pass(settings, store, dry_run_output=_print_line)
             finally:
                 await store.close()
-            log.info("dry run: %s (nothing was sent or stored)", report.summary(dry_run=True))
+            log.info(
+                "dry run: %s (nothing was sent or stored)",
+                report.summary(dry_run=True, store_mode=settings.store_mode),
+            )
             return EXIT_UNDELIVERED if report.customers_failed else EXIT_OK
     store = open_store(str(settings.state_db_path))
     try:
         report = await run_pass(settings, store)
     finally:
         await store.close()
-    log.info("%s", report.summary())
+    log.info("%s", report.summary(store_mode=settings.store_mode))
     return report.exit_code
 
 

@@ -115,6 +115,15 @@ class SyncSettings(_Section):
     new_items_seconds: Annotated[float, Field(ge=1, le=3_600)] = 5.0
     new_items_overlap_seconds: Annotated[float, Field(ge=0, le=3_600)] = 30.0
 
+    @field_validator("state_db")
+    @classmethod
+    def _durable(cls, value: str) -> str:
+        if value.startswith("memory:"):
+            raise ValueError(
+                "a memory store forgets every delivered perk when perksync stops; give a file path"
+            )
+        return value
+
 
 class HttpSettings(_Section):
     listen: str | None = None  # "127.0.0.1:9108"; off when unset

@@ -174,6 +174,8 @@ class StoreReads:
         self.stopping = stopping
         self.store_failed = store_failed
         self._queued: dict[str, None] = {}  # customers to look up, in order asked
+        self._reading: set[Callable[..., Awaitable[bool]]] = set()  # reads under way
+        self._again: set[Callable[..., Awaitable[bool]]] = set()  # to run again once done
         self._queue_changed = asyncio.Event()
         self.tasks: set[asyncio.Task[Any]] = set()
 
@@ -185,18 +187,28 @@ class StoreReads:
         ):
             if self.scheduler.get_job(job_id) is not None:
                 self.scheduler.remove_job(job_id)
+            # A run late by more than the grace would be dropped, not run late
+            # (APScheduler's default grace is one second: a busy loop misses reads).
             self.scheduler.add_job(
                 self._run, IntervalTrigger(seconds=every), args=(read,), id=job_id,
                 max_instances=1, coalesce=True, next_run_time=now,
+                misfire_grace_time=max(1, int(every)),
             )  # fmt: skip
 
     def hint(self, customer_id: str | None) -> None:
-        """A webhook said where to look: one customer, or (None) new items."""
+        """A webhook said where to look: one customer, or (None) new items and
+        a snapshot now (a read already under way runs again once it ends: it
+        may have started before what the webhook tells of)."""
         if customer_id is None:
             now = self.clock.now()
             for job_id in (NEW_ITEMS_JOB, SNAPSHOT_JOB):
                 job = self.scheduler.get_job(job_id)
-                if job is not None:
+                if job is None:
+                    continue
+                read = job.args[0]
+                if read in self._reading:
+                    self._again.add(read)
+                else:
                     job.modify(next_run_time=now)
             return
         self._queued[customer_id] = None
@@ -224,8 +236,13 @@ class StoreReads:
         task = asyncio.current_task()
         if task is not None:
             self.tasks.add(task)
+        self._reading.add(read)
         try:
-            await read(*args)
+            while True:
+                self._again.discard(read)
+                await read(*args)
+                if read not in self._again or self.stopping.is_set():
+                    break
         except asyncio.CancelledError:
             return  # stopping: each customer commits atomically
         except StoreWriteError as exc:
@@ -233,6 +250,7 @@ class StoreReads:
         except Exception:
             log.exception("store mode: unexpected error in a read; will try again")
         finally:
+            self._reading.discard(read)
             if task is not None:
                 self.tasks.discard(task)
 

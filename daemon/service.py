@@ -35,6 +35,7 @@ from datetime import UTC
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
@@ -42,7 +43,7 @@ from adapters.base import GameServer
 from daemon import __version__, notify, startup_signals
 from daemon.clock import SYSTEM_CLOCK, Clock
 from daemon.config import ConfigError, Settings, load_settings
-from daemon.delivery import ServerWorker, deliver_forever, make_server_factory
+from daemon.delivery import ServerRules, ServerWorker, deliver_forever, make_server_factory
 from daemon.expiry import sweep_expiries
 from daemon.http_api import start_http, stop_http
 from daemon.metrics import PrometheusTelemetry
@@ -82,6 +83,7 @@ class Service:
             interval_seconds=settings.sync.interval_seconds,
             customers=_labels(settings),
             servers=settings.servers,
+            store_mode=settings.store_mode,
         )
         self.core = Core(settings, store, clock, self.telemetry)
         self.report = self.core.report
@@ -95,6 +97,8 @@ class Service:
         self.store_reads: StoreReads | None = None
         self.look_ups: asyncio.Task[None] | None = None
         self.session: Any = None
+        self.http: web.AppRunner | None = None  # the http.listen listener, once started
+        self.webhooks: WebhookReceiver | None = None  # on that listener (store mode)
         self.store_failure: StoreWriteError | None = None  # the first; ends the service
         self._closing: set[asyncio.Task[None]] = set()  # connections closing after a reload
 
@@ -118,13 +122,13 @@ class Service:
         else:
             reload_now = False
         self.session = make_session()
-        http_runner = None
         try:
             self._make_sources()
             # First, so that an address in use stops the start before any poll.
             if self.settings.http.listen:
-                http_runner = await start_http(
-                    self.settings.http.listen, self.telemetry, self._webhooks()
+                self.webhooks = self._webhooks()
+                self.http = await start_http(
+                    self.settings.http.listen, self.telemetry, self.webhooks
                 )
             self._start_reading()
             for name in self.settings.servers:
@@ -146,8 +150,9 @@ class Service:
             heartbeat.cancel()
             await self._shutdown()
         finally:
-            if http_runner is not None:
-                await stop_http(http_runner)
+            if self.http is not None:
+                await stop_http(self.http)
+                self.http = None
             await self.session.close()
         if self.store_failure is not None:
             raise self.store_failure
@@ -260,10 +265,18 @@ class Service:
             notify.ready()
             return
         old = self.settings
+        if new.store_mode != old.store_mode:
+            log.error(
+                "config reload rejected, keeping the running config: paynow.api_key switches "
+                "between token mode and store mode; restart perksync to switch"
+            )
+            notify.ready()
+            return
         if new.state_db_path != old.state_db_path:
             log.warning("sync.state_db changed: restart perksync to use the new file")
         if new.http.listen != old.http.listen:
             log.warning("http.listen changed: restart perksync to apply it")
+        self._reload_webhook_secret(new)
         self.settings = new
         self.core.use_settings(new)
         self.rate_limiter = RateLimiter(new.paynow.requests_per_second)
@@ -278,11 +291,21 @@ class Service:
             self.store_source.client = self.core.management(self.session, self.rate_limiter)
             self.store_reads.schedule(new)
         self._reload_workers(old, new)
+        linked = "store mode" if new.store_mode else f"{len(new.customers)} customers"
         log.info(
-            "config reloaded: %d customers, %d servers, %d products",
-            len(new.customers), len(new.servers), len(new.products),
+            "config reloaded: %s, %d servers, %d products",
+            linked, len(new.servers), len(new.products),
         )  # fmt: skip
         notify.ready()
+
+    def _reload_webhook_secret(self, new: Settings) -> None:
+        """A new secret (PayNow's was rotated) counts at once; turning webhooks
+        on or off needs the listener made again."""
+        secret = new.paynow.webhook_secret_value
+        if self.webhooks is not None and secret is not None:
+            self.webhooks.secret = secret.get_secret_value().encode()
+        elif (self.webhooks is None) != (secret is None or not new.store_mode):
+            log.warning("paynow.webhook_secret added or removed: restart perksync to apply it")
 
     def _reload_workers(self, old: Settings, new: Settings) -> None:
         for name in list(self.workers):
@@ -294,6 +317,7 @@ class Service:
                 self._close_later(worker)
             elif new.servers[name] != old.servers[name]:
                 # Reconnect with the new address/password at the next command.
+                worker.use_rules(ServerRules.of(new.servers[name]))
                 self._close_later(worker)
                 worker.wake.set()
         for name in new.servers:
@@ -345,7 +369,7 @@ class Service:
         report.undelivered_items = self.core.undelivered.found.items
         busy = report.polls_failed or report.journaled or sum(report.delivered.values())
         level = logging.INFO if busy or report.unreachable else logging.DEBUG
-        log.log(level, "%s", report.summary(service=True))
+        log.log(level, "%s", report.summary(service=True, store_mode=self.settings.store_mode))
 
 
 def _what_runs(settings: Settings) -> str:

@@ -282,3 +282,10 @@ def test_unset_variable_in_secret_path_is_named(tmp_path: Path) -> None:
     assert (
         message == "customers[1].token_file: environment variable CREDENTIALS_DIRECTORY is not set"
     )
+
+
+def test_a_memory_store_is_refused_as_the_state(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("sync:\n  state_db: memory://x\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"^sync\.state_db: a memory store forgets"):
+        load_settings(path, env={})

@@ -344,6 +344,10 @@ class ServerCounts:
             failed=by_status.get(JournalStatus.FAILED, 0),
             skipped=by_status.get(JournalStatus.SKIPPED, 0),
             delivered=by_status.get(JournalStatus.DELIVERED, 0),
+            waiting=by_status.get(JournalStatus.WAITING, 0),
+            rejected=by_status.get(JournalStatus.REJECTED, 0),
+            kept=by_status.get(JournalStatus.KEPT, 0),
+            cancelled=by_status.get(JournalStatus.CANCELLED, 0),
         )
 
 

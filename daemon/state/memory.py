@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 
 from daemon.diff import Mark, Phase
 from daemon.state import (
+    REPLY_LIMIT,
     UNFINISHED,
     CustomerChange,
     CustomerTxn,
@@ -165,6 +166,10 @@ def _utc(value: datetime) -> datetime:
 
 def _utc_or_none(value: datetime | None) -> datetime | None:
     return None if value is None else _utc(value)
+
+
+def _cut(reply: str | None) -> str | None:
+    return None if reply is None else reply[:REPLY_LIMIT]
 
 
 def _ids(raw: str | None, fields: Sequence[str]) -> frozenset[str] | None:
@@ -386,17 +391,39 @@ class MemoryStore:
         row = db.journal.get(row_id)
         if row is None:
             raise StoreError(f"memory store {self.url}: no journal row {row_id}")
-        if row.status == JournalStatus.PENDING:  # its first outcome stands
+        if row.status in UNFINISHED:  # its first outcome stands
             db.journal[row_id] = update(row)
 
     async def mark_attempt(self, row_id: int) -> None:
-        await self._finish(row_id, lambda row: dataclasses.replace(row, attempts=row.attempts + 1))
-
-    async def mark_delivered(self, row_id: int, at: datetime, reply: str | None = None) -> None:
-        when = _utc(at)
         await self._finish(
             row_id,
-            lambda row: dataclasses.replace(row, status=JournalStatus.DELIVERED, finished_at=when),
+            lambda row: dataclasses.replace(
+                row, attempts=row.attempts + 1, status=JournalStatus.PENDING, reason=None
+            ),
+        )
+
+    async def mark_waiting(self, row_id: int, reason: str) -> None:
+        await self._finish(
+            row_id,
+            lambda row: dataclasses.replace(row, status=JournalStatus.WAITING, reason=reason),
+        )
+
+    async def mark_delivered(self, row_id: int, at: datetime, reply: str | None = None) -> None:
+        when, kept = _utc(at), _cut(reply)
+        await self._finish(
+            row_id,
+            lambda row: dataclasses.replace(
+                row, status=JournalStatus.DELIVERED, finished_at=when, reply=kept, reason=None
+            ),
+        )
+
+    async def mark_rejected(self, row_id: int, reply: str, reason: str, at: datetime) -> None:
+        when, kept = _utc(at), _cut(reply)
+        await self._finish(
+            row_id,
+            lambda row: dataclasses.replace(
+                row, status=JournalStatus.REJECTED, reply=kept, reason=reason, finished_at=when
+            ),
         )
 
     async def mark_failed(self, row_id: int, reason: str, at: datetime) -> None:

@@ -63,6 +63,7 @@ from typing import Any, Final
 
 from daemon.diff import Mark, MarkKey, Phase
 from daemon.state import (
+    REPLY_LIMIT,
     UNFINISHED,
     CustomerChange,
     CustomerTxn,
@@ -580,6 +581,33 @@ _ROW_COLUMNS = """id, customer_id, item_id, product, server, event, cycle, comma
     command, status, reason, attempts, created_at, finished_at, online, not_before, reply,
     resend"""
 
+# A row's first outcome stands: only pending and waiting rows change. An
+# attempt makes a waiting row pending again (its reason no longer holds).
+_MARK_ATTEMPT = """
+UPDATE journal SET attempts = attempts + 1, status = 'pending', reason = NULL
+WHERE id = ? AND status IN ('pending', 'waiting')
+"""
+
+_MARK_WAITING = """
+UPDATE journal SET status = 'waiting', reason = ?
+WHERE id = ? AND status IN ('pending', 'waiting')
+"""
+
+_MARK_DELIVERED = """
+UPDATE journal SET status = 'delivered', finished_at = ?, reply = ?, reason = NULL
+WHERE id = ? AND status IN ('pending', 'waiting')
+"""
+
+_MARK_REJECTED = """
+UPDATE journal SET status = 'rejected', reply = ?, reason = ?, finished_at = ?
+WHERE id = ? AND status IN ('pending', 'waiting')
+"""
+
+_MARK_FAILED = """
+UPDATE journal SET status = 'failed', reason = ?, finished_at = ?
+WHERE id = ? AND status IN ('pending', 'waiting')
+"""
+
 _UNFINISHED = f"""
 SELECT {_ROW_COLUMNS} FROM journal INDEXED BY journal_unfinished
 WHERE server = ? AND status IN ('pending', 'waiting') AND id > ?
@@ -628,6 +656,10 @@ def _why_unwritable(path: Path) -> str:
         if not os.access(file, os.W_OK, effective_ids=os.access in os.supports_effective_ids):
             return f"; {file} is not writable by user {running_user()}"
     return ""
+
+
+def _cut(reply: str | None) -> str | None:
+    return None if reply is None else reply[:REPLY_LIMIT]
 
 
 def _journal_row(r: Sequence[Any]) -> JournalRow:
@@ -1137,30 +1169,22 @@ class SqliteStore:
             return [_journal_row(r) for r in conn.execute(_UNFINISHED, (server, after_id, limit))]
 
     async def mark_attempt(self, row_id: int) -> None:
-        self._finish(
-            row_id,
-            "UPDATE journal SET attempts = attempts + 1 WHERE id = ? AND status = 'pending'",
-            (row_id,),
-            f"count an attempt of journal row {row_id}",
-        )
+        self._finish(row_id, _MARK_ATTEMPT, (row_id,), f"count an attempt of journal row {row_id}")
+
+    async def mark_waiting(self, row_id: int, reason: str) -> None:
+        self._finish(row_id, _MARK_WAITING, (reason, row_id), f"mark journal row {row_id} waiting")
 
     async def mark_delivered(self, row_id: int, at: datetime, reply: str | None = None) -> None:
-        self._finish(
-            row_id,
-            "UPDATE journal SET status = 'delivered', finished_at = ? "
-            "WHERE id = ? AND status = 'pending'",
-            (_ts(at), row_id),
-            f"mark journal row {row_id} delivered",
-        )
+        params = (_ts(at), _cut(reply), row_id)
+        self._finish(row_id, _MARK_DELIVERED, params, f"mark journal row {row_id} delivered")
+
+    async def mark_rejected(self, row_id: int, reply: str, reason: str, at: datetime) -> None:
+        params = (_cut(reply), reason, _ts(at), row_id)
+        self._finish(row_id, _MARK_REJECTED, params, f"mark journal row {row_id} rejected")
 
     async def mark_failed(self, row_id: int, reason: str, at: datetime) -> None:
-        self._finish(
-            row_id,
-            "UPDATE journal SET status = 'failed', reason = ?, finished_at = ? "
-            "WHERE id = ? AND status = 'pending'",
-            (reason, _ts(at), row_id),
-            f"mark journal row {row_id} failed",
-        )
+        params = (reason, _ts(at), row_id)
+        self._finish(row_id, _MARK_FAILED, params, f"mark journal row {row_id} failed")
 
     # --- reading, for status and reports ------------------------------------------------
 
