@@ -133,7 +133,9 @@ class Rig:
         return [(r.item_id, r.event, r.command, r.status) for r in found]
 
     def received(self, server: str = "survival") -> list[str]:
-        return list(self.servers[server].commands)
+        """The commands `server` got, without the reads of its player list."""
+        lists = ("minecraft:list uuids", "status")
+        return [c for c in self.servers[server].commands if c not in lists]
 
 
 @asynccontextmanager
@@ -510,6 +512,58 @@ def test_the_last_take_back_cancels_every_waiting_grant_of_the_rank(tmp_path: Pa
                 ("2", "on_active", KEPT),
                 ("1", "on_expire", KEPT),
                 ("2", "on_expire", DELIVERED),
+            ]
+
+    asyncio.run(main())
+
+
+def test_a_waiting_grant_the_rank_is_held_through_is_sent_when_the_player_joins(
+    tmp_path: Path,
+) -> None:
+    """The monthly item's online-only grant waits for the player; the monthly
+    item ends (kept: the yearly one holds the rank through that grant); the
+    player joins: the grant is sent. Then the yearly one ends: taken back."""
+
+    async def main() -> None:
+        async with rig(tmp_path) as r:
+            r.configure({"vip_month": ONLINE_VIP, "vip_year": ONLINE_VIP})
+            await r.apply(item("1", "vip_month"), item("2", "vip_year"))
+            await r.deliver()
+            await r.apply(item("1", "vip_month", "used"), item("2", "vip_year"))
+            await r.deliver()
+            assert r.received() == []
+            assert [s for *_, s in await r.rows()] == [JournalStatus.WAITING, KEPT, KEPT]
+            r.servers["survival"].players = {"Notch": UUID}
+            r.clock.at += timedelta(minutes=1)
+            await r.deliver()
+            assert r.received() == [ADD]
+            await r.apply(item("1", "vip_month", "used"), item("2", "vip_year", "revoked"))
+            await r.deliver()
+            assert r.received() == [ADD, REMOVE]
+
+    asyncio.run(main())
+
+
+def test_a_grant_waiting_for_the_player_is_cancelled_when_the_rank_ends(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with rig(tmp_path) as r:
+            r.configure({"vip_month": ONLINE_VIP, "vip_year": ONLINE_VIP})
+            await r.apply(item("1", "vip_month"), item("2", "vip_year"))
+            await r.deliver()
+            await r.apply(item("1", "vip_month", "used"), item("2", "vip_year", "revoked"))
+            await r.deliver()
+            # The cancelled grant holds nothing back: the take-back goes out at once.
+            assert r.received() == [REMOVE]
+            r.servers["survival"].players = {"Notch": UUID}
+            r.clock.at += timedelta(minutes=1)
+            await r.deliver()
+            assert r.received() == [REMOVE]
+            assert [(i, e, s) for i, e, _, s in await r.rows()] == [
+                ("1", "on_active", JournalStatus.CANCELLED),
+                ("2", "on_active", KEPT),
+                # In the order they happened: the revoke, then the expiry.
+                ("2", "on_revoke", KEPT),
+                ("1", "on_expire", DELIVERED),
             ]
 
     asyncio.run(main())
