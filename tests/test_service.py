@@ -14,6 +14,7 @@ import random
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -242,16 +243,31 @@ def test_api_down_then_back(world: World, services: list[subprocess.Popen[str]])
     assert wait_until(lambda: world.received("survival") == [grant(world, token, item)], 30)
 
 
+def expiring_soon(world: World, token: str, item: str, seconds: float) -> datetime:
+    """Move a granted item's expiry to `seconds` from now; return once the
+    service has stored it. (An item first seen past its expiry is never
+    granted, so the expiry is moved after the grant, however slow the start.)"""
+    soon = datetime.now(UTC) + timedelta(seconds=seconds)
+    world.sync(world.paynow.update_item, token, item, expires_at=iso(soon))
+
+    def stored() -> bool:
+        with contextlib.closing(sqlite3.connect(world.folder / "state.sqlite3")) as db:
+            row = db.execute("SELECT expires_at FROM items WHERE item_id = ?", (item,)).fetchone()
+        return row is not None and datetime.fromisoformat(row[0]) == soon
+
+    assert wait_until(stored)
+    return soon
+
+
 def test_local_expiry_runs_with_the_api_down_and_never_twice(
     world: World, services: list[subprocess.Popen[str]]
 ) -> None:
     token, _ = world.add_customer(platform="minecraft")
     item = world.add_item(token, "vip", expirable=True)
-    soon = datetime.now(UTC) + timedelta(seconds=3)
-    world.sync(world.paynow.update_item, token, item, expires_at=iso(soon))
     world.config({"vip": VIP}, extra=FAST)
     start(world, services)
     assert wait_until(lambda: world.received("survival") == [grant(world, token, item)])
+    soon = expiring_soon(world, token, item, 2)
     world.sync(world.paynow.fault, None, "status", status=503, times=None)
     assert wait_until(lambda: remove(world, token, item) in world.received("survival"))
     assert datetime.now(UTC) >= soon
@@ -268,10 +284,10 @@ def test_renewal_after_local_expiry_grants_again_once(
 ) -> None:
     token, _ = world.add_customer(platform="minecraft")
     item = world.add_item(token, "vip", expirable=True)
-    soon = datetime.now(UTC) + timedelta(seconds=2)
-    world.sync(world.paynow.update_item, token, item, expires_at=iso(soon))
     world.config({"vip": VIP}, extra=FAST)
     start(world, services)
+    assert wait_until(lambda: world.received("survival") == [grant(world, token, item)])
+    expiring_soon(world, token, item, 1)
     assert wait_until(lambda: remove(world, token, item) in world.received("survival"))
     later = datetime.now(UTC) + timedelta(days=30)
     world.sync(world.paynow.update_item, token, item, expires_at=iso(later))
