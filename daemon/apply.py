@@ -8,6 +8,11 @@ the decisions are pure functions (`daemon.diff`, `daemon.render`), and the
 block ends with one commit of items, marks and journal rows together. Then
 the servers concerned are woken to deliver.
 
+Items sharing a perk are decided together (daemon/perks.py): from the
+customer's stored marks, the events of the answer or the sweep in the order
+they happened; which commands are kept, and which unsent grants a take-back
+cancels, go into the same commit.
+
 An answer read before the one the store last applied for an item never
 changes that item: answers may arrive in another order than they were read
 (a snapshot and a webhook's look-up of the same customer).
@@ -23,10 +28,20 @@ from datetime import datetime
 
 from daemon.clock import Clock
 from daemon.config import Settings
-from daemon.diff import Event, EventKind, Mark, MarkKey, Phase, diff_inventory, effective_expiry
+from daemon.diff import (
+    Event,
+    EventKind,
+    Mark,
+    MarkKey,
+    Phase,
+    Share,
+    diff_inventory,
+    effective_expiry,
+)
 from daemon.models import Customer, InventoryItem, encodable
+from daemon.perks import Shared, adopt_perks, share_events
 from daemon.placeholders import printable
-from daemon.render import journal_entries, router
+from daemon.render import journal_entries, product_rules, router
 from daemon.report import PassReport
 from daemon.sources import Answer
 from daemon.state import (
@@ -124,6 +139,7 @@ class Applier:
         self.commits = 0  # commits so far (what reaches no server is checked after one)
         self.on_unlinked_commit: Callable[[str], None] | None = None
         self._missing_logged: set[str] = set()
+        self._expired_logged: set[str] = set()
 
     # --- answers ----------------------------------------------------------------
 
@@ -153,15 +169,19 @@ class Applier:
         items = [i for i in answer.items if i.id not in stale]
         now = self.clock.now()
         route = router(self.settings, answer.customer)
+        rules = product_rules(self.settings)
+        marks = _held_marks(known, rules.perks)
         result = diff_inventory(
-            known.marks,
+            marks,
             known.items.keys() - stale,
             items,
             route,
             now,
             complete=answer.complete,
+            rules=rules,
         )
         self._log_oddities(label, result.disappeared, result.unknown_states, result.duplicates)
+        self._log_expired_unseen(label, items, result.expired_unseen)
         record = customer_record(answer.customer)
         customer = None if record.digest == known.customer_digest else record
         if not result.marks and same_as_stored(known.items, items, complete=answer.complete):
@@ -170,9 +190,14 @@ class Applier:
             if customer is not None or link is not None:
                 await txn.commit(CustomerChange(now, customer, link=link))
             return []
-        entries = journal_entries(self.settings, answer.customer, result.events)
+        shared = share_events(marks, result.events, result.marks, known.open_grants)
+        self._log_shares(label, shared, result.marks)
+        entries = journal_entries(self.settings, answer.customer, shared.events, at=now)
         seen = [seen_item(item, answer.read_at) for item in items]
-        await txn.commit(CustomerChange(now, customer, seen, result.marks, entries, link))
+        change = CustomerChange(
+            now, customer, seen, result.marks, entries, link, cancel_grants=shared.cancel_grants
+        )
+        await txn.commit(change)
         return entries
 
     def _log_oddities(
@@ -192,6 +217,43 @@ class Applier:
             log.warning("customer %s: item %s has unknown state %r; ignored", label, item_id, state)
         for item_id in duplicates:
             log.warning("customer %s: item %s is listed more than once", label, item_id)
+
+    def _log_expired_unseen(
+        self, label: str, items: Sequence[InventoryItem], expired: Sequence[str]
+    ) -> None:
+        by_id = {item.id: item for item in items}
+        for item_id in expired:
+            if item_id in self._expired_logged:  # once per process, not every poll
+                continue
+            self._expired_logged.add(item_id)
+            item = by_id[item_id]
+            expiry = effective_expiry(item)
+            log.info(
+                "customer %s: item %s (%s) is listed %s but expired at %s: it is not "
+                "granted (nothing runs for it)",
+                label, item_id, printable(item.product.slug), item.state,
+                expiry.isoformat(timespec="seconds") if expiry else "?",
+            )  # fmt: skip
+
+    def _log_shares(self, label: str, shared: Shared, marks: Mapping[MarkKey, Mark]) -> None:
+        """One line per event a shared perk keeps, and per grant a take-back cancels."""
+        for event in shared.events:
+            if event.share is Share.OWN:
+                continue
+            perk = marks[(event.item.id, event.server)].perk
+            what = "granted" if event.share is Share.JOINED else f"{event.kind.value} kept"
+            log.info(
+                "customer %s: item %s (%s) %s on %s: perk %s is held there by another item "
+                "(only per_item commands are sent)",
+                label, event.item.id, printable(event.item.product.slug), what, event.server,
+                perk,
+            )  # fmt: skip
+        for item_id, server in shared.cancel_grants:
+            log.info(
+                "customer %s: item %s: its online-only or delayed on_active commands on %s "
+                "not sent yet are cancelled (taken back before they were due)",
+                label, item_id, server,
+            )  # fmt: skip
 
     # --- local expiry -------------------------------------------------------------
 
@@ -222,14 +284,16 @@ class Applier:
         known = txn.known
         customer = Customer.from_api(json.loads(due[0].customer_raw))
         self.names.setdefault(customer.id, describe_customer(customer))
+        known_marks = _held_marks(known, product_rules(self.settings).perks)
         marks: dict[MarkKey, Mark] = {}
         events: list[Event] = []
         for expiry in due:
             key = (expiry.item_id, expiry.server)
-            if key in marks or not _still_due(known, expiry):
+            mark = known_marks.get(key)
+            if key in marks or mark is None or not _still_due(known, expiry):
                 continue
             item = InventoryItem.from_api(json.loads(expiry.item_raw))
-            marks[key] = Mark(Phase.LAPSED, expiry.cycle)
+            marks[key] = Mark(Phase.LAPSED, expiry.cycle, mark.perk)
             events.append(
                 Event(item, expiry.server, EventKind.EXPIRE, expiry.cycle, expiry.expires_at)
             )
@@ -240,8 +304,14 @@ class Applier:
             )  # fmt: skip
         if not marks:
             return [], 0
-        entries = journal_entries(self.settings, customer, events)
-        await txn.commit(CustomerChange(self.clock.now(), marks=marks, entries=entries))
+        now = self.clock.now()
+        shared = share_events(known_marks, events, marks, known.open_grants)
+        self._log_shares(self.names[customer.id], shared, marks)
+        entries = journal_entries(self.settings, customer, shared.events, at=now)
+        change = CustomerChange(
+            now, marks=marks, entries=entries, cancel_grants=shared.cancel_grants
+        )
+        await txn.commit(change)
         return entries, len(marks)
 
     # --- after a commit -------------------------------------------------------------
@@ -262,6 +332,8 @@ class Applier:
                 self.report.journaled += 1
                 self.wake(entry.server)
                 continue
+            if entry.status is JournalStatus.KEPT:
+                continue  # logged once per event by _log_shares
             outcome = "skipped" if entry.status is JournalStatus.SKIPPED else "failed"
             getattr(self.report, outcome)[entry.server] += 1
             self.telemetry.command_finished(entry.server, outcome)
@@ -275,6 +347,13 @@ class Applier:
             )  # fmt: skip
 
 
+def _held_marks(known: KnownCustomer, perks: Mapping[str, str]) -> dict[MarkKey, Mark]:
+    """The stored marks, those made before their product had a perk given its
+    perk of now (`perks`: product slug → perk)."""
+    products = {item_id: stored.product for item_id, stored in known.items.items()}
+    return adopt_perks(known.marks, products, perks)
+
+
 def _still_due(known: KnownCustomer, expiry: DueExpiry) -> bool:
     """Whether the store still holds the item active, granted in that cycle,
     with that expiry (a renewal or an end seen since changes one of them)."""
@@ -283,7 +362,8 @@ def _still_due(known: KnownCustomer, expiry: DueExpiry) -> bool:
         stored is not None
         and stored.state == "active"
         and stored.expires_at == expiry.expires_at
-        and known.marks.get((expiry.item_id, expiry.server)) == Mark(Phase.GRANTED, expiry.cycle)
+        and (mark := known.marks.get((expiry.item_id, expiry.server))) is not None
+        and (mark.phase, mark.cycle) == (Phase.GRANTED, expiry.cycle)
     )
 
 

@@ -7,17 +7,25 @@ settings, the customer and the events (no I/O).
   `steam_id`). In store mode an item marked `skip_commands` goes nowhere, and
   one whose `execute_on_gameserver_id` matches a server's
   `paynow_gameserver_id` goes to that server only.
-- `journal_entries(settings, customer, events)`: every command of every
-  event, rendered (or refused, or skipped), in event order, then list order.
+- `journal_entries(settings, customer, events, at=...)`: every command of
+  every event, rendered (or refused, or skipped), in event order, then list
+  order. An event that joins or keeps a shared perk journals its commands
+  `kept` (not sent) except those marked `per_item`. A command's `online`
+  and `delay_seconds` go on its row (not before `at` + the delay); its row
+  starts pending, and delivery decides when it may be sent.
+- `product_rules(settings)`: the products' shared perks, one-time products
+  and the expiry grace, as the diff needs them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime, timedelta
 
 from adapters import PLATFORMS
-from daemon.config import Settings
-from daemon.diff import Event
+from adapters.base import GameServer
+from daemon.config import Command, Settings
+from daemon.diff import Event, ProductRules, Share
 from daemon.models import Customer, InventoryItem
 from daemon.placeholders import Refusal, render
 from daemon.state import JournalEntry, JournalStatus
@@ -61,32 +69,39 @@ def router(settings: Settings, customer: Customer) -> Router:
     return route
 
 
+def product_rules(settings: Settings) -> ProductRules:
+    products = settings.products
+    return ProductRules(
+        perks={slug: p.perk for slug, p in products.items() if p.perk is not None},
+        once=frozenset(slug for slug, p in products.items() if p.once),
+        grace=timedelta(seconds=settings.sync.expiry_grace_seconds),
+    )
+
+
+# Why a shared perk's command was journaled `kept` rather than sent.
+KEPT_REASONS = {
+    Share.JOINED: "the shared perk is already held here by another item",
+    Share.KEPT: "the shared perk is still held here by another item",
+}
+
+
 def journal_entries(
-    settings: Settings, customer: Customer, events: Iterable[Event]
+    settings: Settings, customer: Customer, events: Iterable[Event], *, at: datetime
 ) -> list[JournalEntry]:
-    """Render every command of every event (in event order, then list order)."""
+    """Render every command of every event (in event order, then list order);
+    `at`: when they are journaled (delays count from then)."""
     entries = []
     for event in events:
         item: InventoryItem = event.item
         if event.server not in settings.servers or item.product.slug not in settings.products:
             continue  # removed from the config since (a reload): nothing to run
         platform = PLATFORMS[settings.servers[event.server].platform]
-        templates = settings.products[item.product.slug].templates(event.kind.value)
-        for index, template in enumerate(templates):
-            status, reason = JournalStatus.PENDING, None
-            rendered = render(template, customer, item, forbidden=platform.forbidden_in_values)
-            if isinstance(rendered, Refusal):
-                status = JournalStatus.SKIPPED if rendered.kind == "null" else JournalStatus.FAILED
-                reason, command = rendered.reason, template.text
-            else:
-                command = rendered
-                size = len(command.encode("utf-8"))
-                if size > platform.max_command_bytes:
-                    status = JournalStatus.FAILED
-                    reason = (
-                        f"command is {size} bytes, over the {platform.platform} limit "
-                        f"of {platform.max_command_bytes}"
-                    )
+        commands = settings.products[item.product.slug].commands(event.kind.value)
+        for index, command in enumerate(commands):
+            status, reason, text = _rendered(command, customer, item, platform)
+            if event.share is not Share.OWN and not command.per_item:
+                status, reason = JournalStatus.KEPT, KEPT_REASONS[event.share]
+            delay = command.delay_seconds
             entries.append(
                 JournalEntry(
                     customer_id=customer.id,
@@ -96,9 +111,31 @@ def journal_entries(
                     event=event.kind.value,
                     cycle=event.cycle,
                     command_index=index,
-                    command=command,
+                    command=text,
                     status=status,
                     reason=reason,
+                    online=command.online,
+                    not_before=at + timedelta(seconds=delay) if delay else None,
                 )
             )
     return entries
+
+
+def _rendered(
+    command: Command, customer: Customer, item: InventoryItem, platform: type[GameServer]
+) -> tuple[JournalStatus, str | None, str]:
+    """(status, why, text): the command rendered, or refused (FAILED), or
+    skipped for a null placeholder (SKIPPED; the template's text then)."""
+    template = command.template
+    rendered = render(template, customer, item, forbidden=platform.forbidden_in_values)
+    if isinstance(rendered, Refusal):
+        status = JournalStatus.SKIPPED if rendered.kind == "null" else JournalStatus.FAILED
+        return status, rendered.reason, template.text
+    size = len(rendered.encode("utf-8"))
+    if size > platform.max_command_bytes:
+        reason = (
+            f"command is {size} bytes, over the {platform.platform} limit "
+            f"of {platform.max_command_bytes}"
+        )
+        return JournalStatus.FAILED, reason, rendered
+    return JournalStatus.PENDING, None, rendered

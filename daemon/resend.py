@@ -36,6 +36,7 @@ from daemon.config import Settings
 from daemon.diff import Event, EventKind, Mark, Phase, Share
 from daemon.models import Customer, InventoryItem
 from daemon.operator import UsageProblem, in_block
+from daemon.perks import adopt_perks
 from daemon.render import journal_entries, router
 from daemon.state import (
     UNFINISHED,
@@ -130,10 +131,16 @@ def plan_resend(
 ) -> Plan:
     """What resending the customer's grants on `server` journals (`rows`: the
     journal rows of the customer's items, any order)."""
+    # Grants made before their product had a perk hold the perk of now.
+    marks = adopt_perks(
+        known.marks,
+        {item_id: stored.product for item_id, stored in known.items.items()},
+        {slug: spec.perk for slug, spec in settings.products.items() if spec.perk},
+    )
     granted = sorted(
         (
             (item_id, mark, known.items[item_id].product)
-            for (item_id, where), mark in known.marks.items()
+            for (item_id, where), mark in marks.items()
             if where == server and mark.phase is Phase.GRANTED and item_id in known.items
         ),
         key=lambda g: flake_order(g[0]),
@@ -180,7 +187,7 @@ def _render(
     commands = settings.products[item.product.slug].commands(EventKind.ACTIVE.value)
     return [
         e
-        for e in journal_entries(settings, customer, [event])
+        for e in journal_entries(settings, customer, [event], at=at)
         if e.status is not JournalStatus.KEPT
         and (share is Share.OWN or commands[e.command_index].per_item)
     ]

@@ -226,6 +226,6 @@ def _render_again(
     customer = Customer.from_api(json.loads(known.customer_raw))
     item = InventoryItem.from_api(json.loads(stored.raw))
     event = Event(item, row.server, EventKind(row.event), row.cycle, at)
-    rendered = journal_entries(settings, customer, [event])
+    rendered = journal_entries(settings, customer, [event], at=at)
     entry = next(e for e in rendered if e.command_index == row.command_index)
     return replace(entry, resend=row.resend + 1)

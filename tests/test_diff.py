@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from daemon.diff import DiffResult, EventKind, Mark, MarkKey, Phase, diff_inventory
+from daemon.diff import DiffResult, EventKind, Mark, MarkKey, Phase, ProductRules, diff_inventory
 from tests.conftest import ITEM_A, ITEM_B, ITEM_C, by_product, item
 
 VIP_ON_SURVIVAL = by_product({"vip": ["survival"]})
@@ -302,3 +302,113 @@ def test_lapsed_item_then_used_or_revoked_runs_nothing_more() -> None:
         )
         assert result.events == []
         assert result.marks == {(ITEM_A, "survival"): Mark(Phase.ENDED, 1)}
+
+
+# --------------------------------------------------------------- shared perks
+
+VIP_PERK = ProductRules(perks={"vip": "rank"})
+
+
+def test_a_grant_records_its_products_perk_and_an_end_keeps_the_marks() -> None:
+    result = diff_inventory({}, set(), [item()], VIP_ON_SURVIVAL, rules=VIP_PERK)
+    assert result.marks == {(ITEM_A, "survival"): Mark(Phase.GRANTED, 1, "rank")}
+    # The config changed since: the end keeps the perk the grant was made under.
+    marks = {(ITEM_A, "survival"): Mark(Phase.GRANTED, 1, "old-rank")}
+    ended = diff_inventory(marks, {ITEM_A}, [item(state="used")], VIP_ON_SURVIVAL, rules=VIP_PERK)
+    assert ended.marks == {(ITEM_A, "survival"): Mark(Phase.ENDED, 1, "old-rank")}
+    lapsed = {(ITEM_A, "survival"): Mark(Phase.LAPSED, 1, "old-rank")}
+    ended = diff_inventory(lapsed, {ITEM_A}, [item(state="used")], VIP_ON_SURVIVAL, rules=VIP_PERK)
+    assert ended.marks == {(ITEM_A, "survival"): Mark(Phase.ENDED, 1, "old-rank")}
+
+
+def test_a_renewal_after_a_lapse_is_a_new_grant_under_the_perk_of_now() -> None:
+    lapsed = {(ITEM_A, "survival"): Mark(Phase.LAPSED, 1, "old-rank")}
+    renewed = item(state="active", expires_at="2023-06-11T21:52:53Z")
+    result = diff_inventory(
+        lapsed, {ITEM_A}, [renewed], VIP_ON_SURVIVAL, AFTER_EXPIRY, rules=VIP_PERK
+    )
+    assert result.marks == {(ITEM_A, "survival"): Mark(Phase.GRANTED, 2, "rank")}
+
+
+# ---------------------------------------------------------- one-time products
+
+KEYS_ONCE = ProductRules(once=frozenset({"vip"}))
+
+
+def test_a_one_time_product_is_not_granted_on_a_server_added_later() -> None:
+    routes = by_product({"vip": ["survival", "creative"]})
+    first = diff_inventory({}, set(), [item()], routes, rules=KEYS_ONCE)
+    assert sorted(e.server for e in first.events) == ["creative", "survival"]
+    # Granted on survival before creative was added: creative gets nothing.
+    result = diff_inventory(
+        granted((ITEM_A, "survival")), {ITEM_A}, [item()], routes, rules=KEYS_ONCE
+    )
+    assert result.events == [] and result.marks == {}
+    # Without `once`, creative is granted.
+    again = diff_inventory(granted((ITEM_A, "survival")), {ITEM_A}, [item()], routes)
+    assert kinds(again) == [(ITEM_A, "creative", EventKind.ACTIVE)]
+
+
+def test_a_one_time_product_is_not_granted_again_by_a_renewal() -> None:
+    renewed = item(state="active", expires_at="2023-06-11T21:52:53Z")
+    result = diff_inventory(
+        LAPSED, {ITEM_A}, [renewed], VIP_ON_SURVIVAL, AFTER_EXPIRY, rules=KEYS_ONCE
+    )
+    assert result.events == [] and result.marks == {}
+
+
+def test_a_one_time_product_still_ends_where_it_was_granted() -> None:
+    result = diff_inventory(
+        granted((ITEM_A, "survival")),
+        {ITEM_A},
+        [item(state="revoked")],
+        VIP_ON_SURVIVAL,
+        rules=KEYS_ONCE,
+    )
+    assert kinds(result) == [(ITEM_A, "survival", EventKind.REVOKE)]
+
+
+# ------------------------------------------------------- first seen, expired
+
+GRACE = ProductRules(grace=timedelta(minutes=1))
+EXPIRY = datetime(2023, 5, 11, 21, 52, 53, 665450, tzinfo=UTC)  # the item's expires_at
+
+
+def test_an_item_first_seen_active_after_its_expiry_and_grace_runs_nothing() -> None:
+    for state in ("active", "renewed"):
+        at_end = EXPIRY + timedelta(minutes=1)
+        result = diff_inventory(
+            {}, set(), [item(state=state)], VIP_ON_SURVIVAL, at_end, rules=GRACE
+        )
+        assert result.events == [] and result.marks == {}, state
+        assert result.expired_unseen == [ITEM_A]
+        # Within the grace, it is granted.
+        within = EXPIRY + timedelta(seconds=59)
+        result = diff_inventory(
+            {}, set(), [item(state=state)], VIP_ON_SURVIVAL, within, rules=GRACE
+        )
+        assert kinds(result) == [(ITEM_A, "survival", EventKind.ACTIVE)], state
+        assert result.expired_unseen == []
+
+
+def test_the_override_expiry_decides_whether_a_first_seen_item_expired() -> None:
+    extended = item(override_expires_at="2023-06-11T21:52:53Z")
+    result = diff_inventory({}, set(), [extended], VIP_ON_SURVIVAL, AFTER_EXPIRY)
+    assert kinds(result) == [(ITEM_A, "survival", EventKind.ACTIVE)]
+    shortened = item(expires_at="2023-06-11T21:52:53Z", override_expires_at="2023-05-01T00:00:00Z")
+    result = diff_inventory({}, set(), [shortened], VIP_ON_SURVIVAL, AFTER_EXPIRY)
+    assert result.events == [] and result.expired_unseen == [ITEM_A]
+
+
+def test_an_expired_item_is_not_granted_on_a_new_server_nor_after_being_usable() -> None:
+    routes = by_product({"vip": ["survival", "creative"]})
+    result = diff_inventory(granted((ITEM_A, "survival")), {ITEM_A}, [item()], routes, AFTER_EXPIRY)
+    assert result.events == [] and result.marks == {}
+    # Seen usable before, activated and past its expiry by the next look.
+    result = diff_inventory({}, {ITEM_A}, [item()], VIP_ON_SURVIVAL, AFTER_EXPIRY)
+    assert result.events == [] and result.expired_unseen == [ITEM_A]
+
+
+def test_an_item_without_expiry_is_always_granted() -> None:
+    result = diff_inventory({}, set(), [item(expires_at=None)], VIP_ON_SURVIVAL, AFTER_EXPIRY)
+    assert kinds(result) == [(ITEM_A, "survival", EventKind.ACTIVE)]

@@ -13,6 +13,7 @@ tests skip.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -329,7 +330,9 @@ async def test_customers_are_kept_apart(opener: Opener) -> None:
 
 
 @run_async
-async def test_known_tells_each_items_product_state_expiry_and_read_time(opener: Opener) -> None:
+async def test_known_tells_each_items_product_state_expiry_read_time_and_json(
+    opener: Opener,
+) -> None:
     store = opener()
     await commit(
         store,
@@ -353,6 +356,7 @@ async def test_known_tells_each_items_product_state_expiry_and_read_time(opener:
     await commit(
         store, "100", CustomerChange(T2, seen=[SeenItem("1", "vip", "used", None, None, T1)])
     )
+    # A commit without the item's JSON keeps the stored JSON.
     assert (await known(store, "100")).items["1"] == StoredItem(
         "vip", "used", None, T1, '{"id": "1"}'
     )
@@ -1386,6 +1390,120 @@ async def test_an_expiry_commit_lapses_the_marks_and_journals_the_commands(opene
     assert await store.link_digests() == {}
     # Committing the same expiry again journals nothing new.
     assert await commit(store, "100", lapse) == []
+
+
+# --- shared perks, unsent grants and cancelling ---------------------------------------
+
+
+@run_async
+async def test_marks_keep_their_perk(opener: Opener) -> None:
+    store = opener()
+    await commit(store, "100", CustomerChange(T0, ALICE, seen(("1", "active"), ("2", "active")),
+                                              {("1", "survival"): Mark(Phase.GRANTED, 1, "rank"),
+                                               ("2", "survival"): Mark(Phase.GRANTED, 1)}))  # fmt: skip
+    assert dict((await known(store, "100")).marks) == {
+        ("1", "survival"): Mark(Phase.GRANTED, 1, "rank"),
+        ("2", "survival"): Mark(Phase.GRANTED, 1),
+    }
+    # An upsert writes the perk it is given, as the other fields.
+    ended = {("1", "survival"): Mark(Phase.ENDED, 1, "rank"), ("2", "survival"): Mark(
+        Phase.LAPSED, 1, "flight")}  # fmt: skip
+    await commit(store, "100", CustomerChange(T1, marks=ended))
+    assert dict((await known(store, "100")).marks) == ended
+
+
+def waiting(item_id: str, index: int = 0, **kw: Any) -> JournalEntry:
+    return entry(item_id, index=index, status=JournalStatus.WAITING, **kw)
+
+
+@run_async
+async def test_known_tells_which_grants_have_rows_still_pending_or_waiting(
+    opener: Opener,
+) -> None:
+    store = opener()
+    assert (await known(store, "100")).open_grants == frozenset()
+    ids_ = await first_pass(store)  # item 1: two on_active rows on each server
+    await commit(store, "100", CustomerChange(
+        T1, seen=seen(("3", "active"), ("4", "active")),
+        entries=[waiting("3"), entry("4", event="on_expire")]))  # fmt: skip
+    await commit(store, "200", CustomerChange(T1, BOB, seen(("9", "active")),
+                                              entries=[entry("9", customer_id="200")]))  # fmt: skip
+    assert (await known(store, "100")).open_grants == frozenset(
+        {("1", "survival"), ("1", "jailbreak"), ("3", "survival")}
+    )
+    # A grant whose rows are all finished is no longer open; one left keeps it open.
+    for row_id in ids_[:3]:
+        await store.mark_attempt(row_id)
+        await store.mark_delivered(row_id, T1)
+    assert (await known(store, "100")).open_grants == frozenset(
+        {("1", "jailbreak"), ("3", "survival")}
+    )
+
+
+@run_async
+async def test_cancelled_grants_end_only_their_on_active_rows_that_wait(opener: Opener) -> None:
+    store = opener()
+    await commit(store, "100", CustomerChange(T0, ALICE, seen(("1", "active"))))
+    online = dataclasses.replace(entry("1", index=1), online=True)
+    delayed = dataclasses.replace(entry("1", index=2), not_before=T2)
+    sent = dataclasses.replace(entry("1", index=3), online=True)
+    rows_before = [entry("1", index=0), online, delayed, sent, waiting("1", 4),
+                   entry("1", event="on_expire"), waiting("1", 5, cycle=2),
+                   dataclasses.replace(entry("1", "lobby"), online=True)]  # fmt: skip
+    ids_ = await commit(store, "100", CustomerChange(T0, entries=rows_before))
+    await store.mark_attempt(ids_[3])
+    await store.mark_delivered(ids_[3], T1)
+    await commit(store, "200", CustomerChange(T0, BOB, seen(("1b", "active")),
+                                              entries=[waiting("1b", customer_id="200")]))  # fmt: skip
+    own = [entry("1", event="on_revoke"), dataclasses.replace(entry("1", index=9), online=True)]
+    grants = [("1", "survival"), ("1", "nowhere")]
+    new_ids = await commit(store, "100", CustomerChange(T2, entries=own, cancel_grants=grants))
+    assert len(new_ids) == 2
+    rows = {(r.item_id, r.server, r.event, r.cycle, r.command_index): r for r in await store.rows()}
+    cancelled = {key for key, r in rows.items() if r.status is JournalStatus.CANCELLED}
+    # Item 1's on_active rows on survival that wait, whatever their cycle: waiting
+    # ones, and pending ones that are online-only or delayed.
+    assert cancelled == {
+        ("1", "survival", "on_active", 1, 1),
+        ("1", "survival", "on_active", 1, 2),
+        ("1", "survival", "on_active", 1, 4),
+        ("1", "survival", "on_active", 2, 5),
+    }
+    assert all(rows[key].finished_at == T2 for key in cancelled)
+    # Not a plain pending grant (sent before the take-back), a delivered row,
+    # other events, servers or customers, nor the change's own new rows.
+    assert rows[("1", "survival", "on_active", 1, 3)].status is JournalStatus.DELIVERED
+    for key in [
+        ("1", "survival", "on_active", 1, 0),
+        ("1", "survival", "on_expire", 1, 0),
+        ("1", "lobby", "on_active", 1, 0),
+        ("1", "survival", "on_active", 1, 9),
+    ]:
+        assert rows[key].status is JournalStatus.PENDING, key
+    assert rows[("1b", "survival", "on_active", 1, 0)].status is JournalStatus.WAITING
+    assert (await known(store, "100")).open_grants == frozenset({("1", "survival"), ("1", "lobby")})
+
+
+@run_async
+async def test_cancelled_rows_end_only_this_customers_unfinished_ones(opener: Opener) -> None:
+    store = opener()
+    ids_ = await first_pass(store)
+    await store.mark_attempt(ids_[0])
+    await store.mark_delivered(ids_[0], T0)
+    (waits,) = await commit(store, "100", CustomerChange(T0, entries=[waiting("1", 7)]))
+    (bobs,) = await commit(store, "200", CustomerChange(T0, BOB, seen(("9", "active")),
+                                                        entries=[entry("9", customer_id="200")]))  # fmt: skip
+    before = {r.id: r for r in await store.rows()}
+    change = CustomerChange(T2, cancel_rows=[ids_[0], ids_[1], waits, bobs, 999])
+    await commit(store, "100", change)
+    after = {r.id: r for r in await store.rows()}
+    changed = {i for i in after if after[i] != before[i]}
+    assert changed == {ids_[1], waits}
+    assert {(after[i].status, after[i].finished_at) for i in changed} == {
+        (JournalStatus.CANCELLED, T2)
+    }
+    # Cancelled rows hold nothing back: they are no longer unfinished.
+    assert ids(await store.unfinished("survival")) == [bobs]
 
 
 # --- store mode --------------------------------------------------------------------------

@@ -200,7 +200,9 @@ class CustomerChange:
     entries: Sequence[JournalEntry] = ()
     link: LinkSync | None = None
     # (item, server) whose take-back this change journals: their on_active
-    # rows still pending or waiting become CANCELLED (they hold nothing back).
+    # rows that wait become CANCELLED (they hold nothing back). Rows that wait:
+    # WAITING ones, and PENDING ones that are online-only or delayed. A plain
+    # PENDING grant (its server was down) is sent before the take-back.
     cancel_grants: Sequence[MarkKey] = ()
     # Rows an operator cancels (pending or waiting ones; others stay as they are).
     cancel_rows: Sequence[int] = ()
@@ -229,9 +231,11 @@ class CustomerTxn(Protocol):
           not inserted again and its id is not returned. Rows are created with
           `at` as `created_at`, zero attempts and, if FAILED or SKIPPED,
           already finished at `at`.
-        - `cancel_grants`, `cancel_rows`: those PENDING or WAITING rows of this
-          customer become CANCELLED, finished at `at` (others are left as
-          they are).
+        - `cancel_grants` (the on_active rows of those (item, server) that
+          wait, see `CustomerChange`), `cancel_rows` (those PENDING or
+          WAITING rows): rows of this customer become CANCELLED, finished at
+          `at` (others are left as they are), before `entries` are inserted:
+          a change never cancels its own new rows.
         - `link`: upsert the link row (customer id, sync time `at`, error
           cleared, answers digest). A commit without `link` drops the
           answers digests of every link of this customer (its marks no

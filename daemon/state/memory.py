@@ -109,10 +109,33 @@ class _Database:
             i: StoredItem(item.product, item.state, item.expires_at, item.read_at, item.raw)
             for i, item in items.items()
         }
+        open_grants = frozenset(
+            (row.item_id, row.server)
+            for row in self.journal.values()
+            if row.customer_id == customer_id
+            and row.event == "on_active"
+            and row.status in UNFINISHED
+        )
         customer = self.customers.get(customer_id)
         if customer is None:
-            return KnownCustomer(stored, marks), 0
-        return KnownCustomer(stored, marks, customer.raw, customer.digest), customer.version
+            return KnownCustomer(stored, marks, open_grants=open_grants), 0
+        known = KnownCustomer(stored, marks, customer.raw, customer.digest, open_grants)
+        return known, customer.version
+
+    def cancel(self, customer_id: str, change: CustomerChange, at: datetime) -> None:
+        """The change's cancelled grants (their on_active rows that wait) and
+        rows (PENDING or WAITING ones) of this customer become CANCELLED,
+        finished at `at`."""
+        grants, rows = set(change.cancel_grants), set(change.cancel_rows)
+        for row in self.journal.values():
+            if row.customer_id != customer_id or row.status not in UNFINISHED:
+                continue
+            waits = row.status is JournalStatus.WAITING or row.online or row.not_before
+            grant = row.event == "on_active" and (row.item_id, row.server) in grants
+            if (grant and waits) or row.id in rows:
+                self.journal[row.id] = dataclasses.replace(
+                    row, status=JournalStatus.CANCELLED, finished_at=at
+                )
 
     def put_item(self, item_id: str, item: _Item) -> None:
         old = self.items.get(item_id)
@@ -230,9 +253,9 @@ class MemoryStore:
             db.marks.setdefault(item_id, {})[server] = Mark(
                 Phase(mark.phase), mark.cycle, mark.perk
             )
-        new_ids = _journal(db, change.entries, at)
-        _cancel(db, customer_id, change.cancel_rows, at)
-        return new_ids
+        # Before the entries: a change's own new rows are never cancelled by it.
+        db.cancel(customer_id, change, at)
+        return _journal(db, change.entries, at)
 
     @staticmethod
     def _store_customer(db: _Database, block: Block, change: CustomerChange) -> None:
@@ -551,16 +574,6 @@ def _check(change: CustomerChange) -> None:
 
 def _key(row: JournalRow) -> JournalKey:
     return (row.item_id, row.server, row.cycle, row.event, row.command_index, row.resend)
-
-
-def _cancel(db: _Database, customer_id: str, row_ids: Sequence[int], at: datetime) -> None:
-    """An operator's cancel: only the customer's rows still pending or waiting."""
-    for row_id in row_ids:
-        row = db.journal.get(row_id)
-        if row is not None and row.customer_id == customer_id and row.status in UNFINISHED:
-            db.journal[row_id] = dataclasses.replace(
-                row, status=JournalStatus.CANCELLED, finished_at=at
-            )
 
 
 def _journal(db: _Database, entries: Sequence[JournalEntry], at: datetime) -> list[int]:

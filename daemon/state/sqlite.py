@@ -396,6 +396,30 @@ LEFT JOIN marks AS m ON m.item_id = i.item_id
 WHERE c.customer_id = ?
 """
 
+# The customer's (item, server) with an on_active row still pending or
+# waiting, through the index of unfinished rows per customer. Read after
+# `_KNOWN`: a commit in between moved the version, and the block's commit
+# then fails its compare-and-set; rows finished in between are left as they
+# are by a cancel.
+_OPEN_GRANTS = """
+SELECT DISTINCT item_id, server FROM journal INDEXED BY journal_open
+WHERE customer_id = ? AND status IN ('pending', 'waiting') AND event = 'on_active'
+"""
+
+# A take-back cancels its item's grants that wait (a plain pending one is
+# sent first); an operator cancels rows.
+_CANCEL_GRANT = """
+UPDATE journal SET status = 'cancelled', finished_at = ?
+WHERE customer_id = ? AND item_id = ? AND server = ? AND event = 'on_active'
+  AND (status = 'waiting'
+       OR (status = 'pending' AND (online = 1 OR not_before IS NOT NULL)))
+"""
+
+_CANCEL_ROW = """
+UPDATE journal SET status = 'cancelled', finished_at = ?
+WHERE id = ? AND customer_id = ? AND status IN ('pending', 'waiting')
+"""
+
 # The compare-and-set that opens every commit: each changes one row or none.
 # A new customer (version 0 when read): insert at version 1, unless another
 # process inserted it first.
@@ -491,13 +515,6 @@ _UPSERT_MARK = """
 INSERT INTO marks (item_id, server, phase, cycle, perk) VALUES (?, ?, ?, ?, ?)
 ON CONFLICT (item_id, server) DO UPDATE SET
     phase = excluded.phase, cycle = excluded.cycle, perk = excluded.perk
-"""
-
-# An operator's cancel: only the customer's rows still pending or waiting.
-_CANCEL_ROWS = """
-UPDATE journal SET status = 'cancelled', finished_at = ?
-WHERE customer_id = ? AND status IN ('pending', 'waiting')
-  AND id IN (SELECT value FROM json_each(?))
 """
 
 # ON CONFLICT on the unique key only (not INSERT OR IGNORE, which would also
@@ -956,7 +973,10 @@ class SqliteStore:
                     )
                 if server is not None:
                     marks[(item_id, server)] = Mark(Phase(phase), cycle, perk)
-        return KnownCustomer(items, marks, raw, digest), version
+            open_grants = frozenset(
+                (item_id, server) for item_id, server in conn.execute(_OPEN_GRANTS, (customer_id,))
+            )
+        return KnownCustomer(items, marks, raw, digest, open_grants), version
 
     async def _commit(self, block: Block, change: CustomerChange) -> list[int]:
         # No await inside: the transaction runs whole within one call.
@@ -986,9 +1006,9 @@ class SqliteStore:
                 conn.execute(_FORGET_DIGESTS, (customer_id,))
             else:
                 conn.execute(_UPSERT_LINK, (change.link.label, customer_id, at, change.link.digest))
+            # Before the entries: a change's own new rows are never cancelled by it.
+            self._cancel(conn, customer_id, change, at)
             new_ids = self._journal(conn, change.marks, change.entries, at)
-            if change.cancel_rows:
-                conn.execute(_CANCEL_ROWS, (at, customer_id, json.dumps(list(change.cancel_rows))))
         for item_id, owner in moved:
             log.warning(
                 "state database %s: item %s moves from customer %s to customer %s",
@@ -1032,6 +1052,18 @@ class SqliteStore:
             conn.execute(_BUMP_VERSION, (owner,))
             conn.execute(_FORGET_DIGESTS, (owner,))
         return [(item_id, owner) for item_id, owner in moved]
+
+    @staticmethod
+    def _cancel(
+        conn: sqlite3.Connection, customer_id: str, change: CustomerChange, at: str
+    ) -> None:
+        if change.cancel_grants:
+            conn.executemany(
+                _CANCEL_GRANT,
+                [(at, customer_id, item_id, server) for item_id, server in change.cancel_grants],
+            )
+        if change.cancel_rows:
+            conn.executemany(_CANCEL_ROW, [(at, row, customer_id) for row in change.cancel_rows])
 
     @staticmethod
     def _journal(
