@@ -263,7 +263,11 @@ def test_journal_lists_rows_newest_first_with_filters_and_json(world: World) -> 
     bobs = journal_json(world, "--customer", shop.bob["id"])
     assert {r["customer"] for r in bobs} == {shop.bob["id"]} and len(bobs) == 4
     assert journal_json(world, "--status", "pending") == []
-    assert len(journal_json(world, "--status", "pending", "--status", "delivered")) == len(rows)
+    # alice's second VIP item joined the perk: its grant is journaled kept.
+    kept = journal_json(world, "--status", "kept")
+    assert [(r["customer"], r["event"]) for r in kept] == [(shop.alice["id"], "on_active")]
+    finished = journal_json(world, "--status", "delivered", "--status", "kept")
+    assert len(finished) == len(rows)
 
     text = run(world, "journal", "--limit", "2").stdout.splitlines()
     assert len(text) == 2
