@@ -260,8 +260,8 @@ class Service:
             notify.ready()
             return
         old = self.settings
-        if new.state_db_path != old.state_db_path:
-            log.warning("sync.state_db changed: restart perksync to use the new file")
+        if new.state_db_url != old.state_db_url:
+            log.warning("sync.state_db changed: restart perksync to use the new database")
         if new.http.listen != old.http.listen:
             log.warning("http.listen changed: restart perksync to apply it")
         self.settings = new

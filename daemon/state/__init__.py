@@ -33,7 +33,7 @@ from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Final, Protocol
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, parse_qsl, urlsplit
 
 from daemon.diff import Mark, MarkKey
 
@@ -536,7 +536,8 @@ def postgres_url_problem(url: str) -> str | None:
 
 
 def describe_postgres_url(url: str) -> str:
-    """The URL as messages name the database: user, host, port and database only."""
+    """The URL as messages name the database: user, host, port, database and
+    schema (`search_path`) only."""
     parts = urlsplit(url)
     host = parts.hostname or ""
     if ":" in host:
@@ -544,7 +545,9 @@ def describe_postgres_url(url: str) -> str:
     netloc = host if parts.port is None else f"{host}:{parts.port}"
     if parts.username:
         netloc = f"{parts.username}@{netloc}"
-    return f"{parts.scheme}://{netloc}{parts.path}"
+    schemas = [v for k, v in parse_qsl(parts.query) if k.lower() == "search_path"]
+    where = f"?search_path={schemas[0]}" if schemas else ""
+    return f"{parts.scheme}://{netloc}{parts.path}{where}"
 
 
 def postgres_driver_missing() -> str | None:
