@@ -260,8 +260,8 @@ class Service:
             notify.ready()
             return
         old = self.settings
-        if new.state_db_url != old.state_db_url:
-            log.warning("sync.state_db changed: restart perksync to use the new database")
+        if (new.state_db_url, new.state_db_password) != (old.state_db_url, old.state_db_password):
+            log.warning("sync.state_db or its password changed: restart perksync to use them")
         if new.http.listen != old.http.listen:
             log.warning("http.listen changed: restart perksync to apply it")
         self.settings = new

@@ -78,12 +78,16 @@ def require_server() -> str:
 
 
 @contextlib.contextmanager
-def empty_schema() -> Iterator[str]:
-    """A store URL naming a new, empty schema of the test database; dropped after."""
+def empty_schema(*, durable: bool = False) -> Iterator[str]:
+    """A store URL naming a new, empty schema of the test database; dropped
+    after. `durable`: commits wait for the disk, as in production."""
     url = require_server()
     schema = f"perksync_test_{uuid.uuid4().hex[:12]}"
     asyncio.run(_execute(url, f"CREATE SCHEMA {schema}"))
+    settings = (
+        {"search_path": schema} if durable else {"search_path": schema, "synchronous_commit": "off"}
+    )
     try:
-        yield with_settings(url, search_path=schema, synchronous_commit="off")
+        yield with_settings(url, **settings)
     finally:
         asyncio.run(_execute(url, f"DROP SCHEMA {schema} CASCADE"))

@@ -285,26 +285,10 @@ def _ids_set(raw: str | None, fields: Sequence[str]) -> frozenset[str] | None:
 
 
 def _journal_row(r: Any) -> JournalRow:
-    return JournalRow(
-        id=r["id"],
-        customer_id=r["customer_id"],
-        item_id=r["item_id"],
-        product=r["product"],
-        server=r["server"],
-        event=r["event"],
-        cycle=r["cycle"],
-        command_index=r["command_index"],
-        command=r["command"],
-        status=JournalStatus(r["status"]),
-        reason=r["reason"],
-        attempts=r["attempts"],
-        created_at=r["created_at"],
-        finished_at=r["finished_at"],
-        online=r["online"],
-        not_before=r["not_before"],
-        reply=r["reply"],
-        resend=r["resend"],
-    )
+    """A journal row from a record of `_ROW_COLUMNS` (named as JournalRow's fields)."""
+    fields = dict(r.items())
+    fields["status"] = JournalStatus(fields["status"])
+    return JournalRow(**fields)
 
 
 def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
