@@ -4,6 +4,7 @@ fakes and the test server (an empty schema each: tests/postgres_db.py)."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -174,3 +175,23 @@ def test_without_asyncpg_a_postgresql_state_says_what_to_install(
         "perksync: config error: sync.state_db: a postgresql:// state database needs the "
         "asyncpg driver: pip install 'perksync[postgresql]'"
     )
+
+
+def test_check_config_contacts_no_database_and_leaves_a_busy_address_to_the_service(
+    world: World,
+) -> None:
+    """It cannot tell the running service's listener from another program's
+    without the database, so a busy http.listen is for the service's start to
+    report (as it does for SQLite when another program holds the address)."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        world.config(
+            PRODUCTS,
+            extra={
+                "sync": {"state_db": "postgresql://perksync@127.0.0.1:9/nowhere"},
+                "http": {"listen": f"127.0.0.1:{port}"},
+            },
+        )
+        assert "OK" in run(world, "--check-config", expect=0)
