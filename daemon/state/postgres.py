@@ -61,7 +61,7 @@ from typing import Any, Final
 
 import asyncpg
 
-from daemon.diff import Mark, Phase
+from daemon.diff import Mark, MarkKey, Phase
 from daemon.state import (
     REPLY_LIMIT,
     CustomerChange,
@@ -307,15 +307,16 @@ CREATE TABLE IF NOT EXISTS perksync_schema (
 
 _LOCK_KEY = "hashtext(coalesce(current_schema(), '') || ' ' || $2::text)"
 
-# The customer's row, items, marks and open grants, in one statement (one
-# snapshot: another host's commit lands wholly before or after it).
+# The customer's row, items with their marks, and open grants, in one
+# statement (one snapshot: another host's commit lands wholly before or after
+# it). Each item's marks are read through the marks' key, whatever the
+# planner thinks of a join (on a young database it scans every mark).
 _KNOWN = """
 SELECT c.version, c.raw, c.digest,
-       ARRAY(SELECT ROW(i.item_id, i.product, i.state, i.expires_at, i.read_at, i.raw)
+       ARRAY(SELECT ROW(i.item_id, i.product, i.state, i.expires_at, i.read_at, i.raw,
+                        ARRAY(SELECT ROW(m.server, m.phase, m.cycle, m.perk)
+                              FROM marks AS m WHERE m.item_id = i.item_id))
              FROM items AS i WHERE i.customer_id = $1) AS items,
-       ARRAY(SELECT ROW(m.item_id, m.server, m.phase, m.cycle, m.perk)
-             FROM marks AS m JOIN items AS i ON i.item_id = m.item_id
-             WHERE i.customer_id = $1) AS marks,
        ARRAY(SELECT DISTINCT ROW(j.item_id, j.server) FROM journal AS j
              WHERE j.customer_id = $1 AND j.status IN ('pending', 'waiting')
                AND j.event = 'on_active') AS open_grants
@@ -371,9 +372,9 @@ WITH cas AS (
     -- Answers digests no longer stand: those of the customers left, and without
     -- a link sync this customer's own.
     UPDATE links SET digest = NULL
-    WHERE digest IS NOT NULL AND label IS DISTINCT FROM $14::text AND EXISTS (SELECT FROM cas)
-      AND (customer_id IN (SELECT customer_id FROM others)
-           OR ($14::text IS NULL AND customer_id = $1))
+    WHERE customer_id = ANY (ARRAY(SELECT customer_id FROM others)
+                             || CASE WHEN $14::text IS NULL THEN ARRAY[$1::text] END)
+      AND digest IS NOT NULL AND label IS DISTINCT FROM $14::text AND EXISTS (SELECT FROM cas)
 ), synced AS (
     INSERT INTO links (label, customer_id, last_synced_at, digest)
     SELECT $14::text, $1, $3, $15::bytea WHERE $14::text IS NOT NULL AND EXISTS (SELECT FROM cas)
@@ -589,6 +590,10 @@ class PostgresStore:
             "server_settings": {
                 "application_name": f"perksync {socket.gethostname()} pid {os.getpid()}"[:63],
                 "lock_timeout": LOCK_TIMEOUT,
+                # Plan each statement for its values and the tables as they are
+                # now: a prepared statement's generic plan, made once while the
+                # tables were small, would scan them whole as they grow.
+                "plan_cache_mode": "force_custom_plan",
             },
         }
 
@@ -811,14 +816,12 @@ class PostgresStore:
         """What the store knows of the customer, and its version (0: no row yet)."""
         async with self._using(f"read customer {customer_id}") as conn:
             row = await conn.fetchrow(_KNOWN, customer_id)
-        items = {
-            item_id: StoredItem(product, state, expires_at, read_at, raw)
-            for item_id, product, state, expires_at, read_at, raw in row["items"]
-        }
-        marks = {
-            (item_id, server): Mark(Phase(phase), cycle, perk)
-            for item_id, server, phase, cycle, perk in row["marks"]
-        }
+        items: dict[str, StoredItem] = {}
+        marks: dict[MarkKey, Mark] = {}
+        for item_id, product, state, expires_at, read_at, raw, item_marks in row["items"]:
+            items[item_id] = StoredItem(product, state, expires_at, read_at, raw)
+            for server, phase, cycle, perk in item_marks:
+                marks[(item_id, server)] = Mark(Phase(phase), cycle, perk)
         open_grants = frozenset((item_id, server) for item_id, server in row["open_grants"])
         known = KnownCustomer(items, marks, row["raw"], row["digest"], open_grants)
         return known, row["version"] or 0
