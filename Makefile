@@ -11,7 +11,7 @@ $(BIN)/perksync: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-# Run a real --sync-now pass against bundled loopback fakes of PayNow and two game servers.
+# Run the README's shop example (real --sync-now passes, a wipe, resend) against loopback fakes.
 demo: $(BIN)/perksync
 	$(BIN)/python -m tests.fakes.demo
 

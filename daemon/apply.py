@@ -171,7 +171,7 @@ class Applier:
                 await txn.commit(CustomerChange(now, customer, link=link))
             return []
         entries = journal_entries(self.settings, answer.customer, result.events)
-        seen = [_seen(item, answer.read_at) for item in items]
+        seen = [seen_item(item, answer.read_at) for item in items]
         await txn.commit(CustomerChange(now, customer, seen, result.marks, entries, link))
         return entries
 
@@ -287,7 +287,7 @@ def _still_due(known: KnownCustomer, expiry: DueExpiry) -> bool:
     )
 
 
-def _seen(item: InventoryItem, read_at: datetime) -> SeenItem:
+def seen_item(item: InventoryItem, read_at: datetime) -> SeenItem:
     """The item to store, with its JSON (local expiry, resend and retry render
     from it; json.dumps escapes what UTF-8 cannot carry)."""
     return SeenItem(

@@ -13,21 +13,25 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
-import sqlite3
 import sys
-import tempfile
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from pathlib import Path
 
 from daemon import __version__, log_format, startup_signals
+from daemon.commands import (
+    DRY_RUN_COMMANDS,
+    OPERATOR_COMMANDS,
+    WRITING_COMMANDS,
+    add_commands,
+    run_command,
+)
 from daemon.config import ConfigError, Settings, config_path_from, load_settings
 from daemon.http_api import ListenError
+from daemon.operator import UsageProblem, open_state, state_copy
 from daemon.preflight import setup_problems
-from daemon.state import Store, StoreError, StoreWriteError, open_store
+from daemon.state import Store, StoreError, StoreWriteError
 from daemon.state.lock import LockedError, LockFileError, state_lock
-from daemon.state.sqlite import empty_file_problem
 from daemon.status import print_status
 from daemon.sync_pass import run_pass
 
@@ -55,8 +59,33 @@ exit status:
      state folder or the listen address); nothing was contacted
   3  the pass finished, but something is not delivered: a customer's inventory
      could not be read, a command is still pending (server down), or a command
-     failed in this pass
+     failed or was rejected (an error reply) in this pass (commands waiting for
+     their player or their time do not count); for resend, adopt, cancel and
+     retry: something asked was not done (a row left as it is, a customer not
+     read or changed)
 """
+
+
+CONFIG_HELP = "config file (default: $PERKSYNC_CONFIG or /etc/perksync/config.yaml)"
+
+
+def _common_options(*, defaults: bool) -> argparse.ArgumentParser:
+    """--config and -v, accepted before and after a command's name. A
+    command's copy leaves them unset unless given (argparse would otherwise
+    let it overwrite what was given before the command's name)."""
+    common = argparse.ArgumentParser(add_help=False)
+    unset = argparse.SUPPRESS
+    common.add_argument(
+        "--config", metavar="PATH", help=CONFIG_HELP, default=None if defaults else unset
+    )
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging",
+        default=False if defaults else unset,
+    )
+    return common
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,19 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="perksync",
         description=(
             "Turn PayNow purchases into in-game perks over RCON, exactly once.\n\n"
-            "Plain `perksync` (no --sync-now, --check-config or status) runs the\n"
+            "Plain `perksync` (no --sync-now, --check-config or command) runs the\n"
             "long-lived service, as the systemd unit does; SIGTERM stops it."
         ),
         epilog=EXIT_STATUS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "command", nargs="?", choices=["status"], help="status: show customers and the journal"
-    )
-    parser.add_argument(
-        "--config",
-        metavar="PATH",
-        help="config file (default: $PERKSYNC_CONFIG or /etc/perksync/config.yaml)",
+        parents=[_common_options(defaults=True)],
     )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--sync-now", action="store_true", help="run one full pass and exit")
@@ -86,8 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --sync-now: print the commands a pass would send; change nothing",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"perksync {__version__}")
+    add_commands(
+        parser.add_subparsers(dest="command", metavar="COMMAND"), _common_options(defaults=False)
+    )
     return parser
 
 
@@ -114,10 +138,10 @@ def _print_error(line: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        if args.dry_run and not args.sync_now:
-            raise _UsageError("--dry-run goes with --sync-now")
-        if args.command == "status" and (args.sync_now or args.check_config or args.dry_run):
-            raise _UsageError("status takes no other mode flag")
+        if args.command and (args.sync_now or args.check_config):
+            raise _UsageError(f"{args.command} takes no other mode flag")
+        if args.dry_run and not (args.sync_now or args.command in DRY_RUN_COMMANDS):
+            raise _UsageError("--dry-run goes with --sync-now, resend or adopt")
     except _UsageError as exc:
         _print_error(str(exc))
         return EXIT_USAGE
@@ -135,13 +159,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.check_config:
             if _report_setup_problems(settings, listen=True):
                 return EXIT_USAGE
+            linked = (
+                f"store mode (store {settings.paynow.store_id})"
+                if settings.store_mode
+                else f"{len(settings.customers)} customers"
+            )
             print(
-                f"{path}: OK ({len(settings.customers)} customers, "
+                f"{path}: OK ({linked}, "
                 f"{len(settings.servers)} servers, {len(settings.products)} products)"
             )
             return EXIT_OK
         if args.command == "status":
             return asyncio.run(print_status(settings))
+        if args.command in OPERATOR_COMMANDS:
+            return _operator_command(args, settings)
         if args.sync_now and args.dry_run:
             return asyncio.run(_sync_now(settings, dry_run=True))
         # (The service's own bind reports a busy http.listen, before any poll.)
@@ -170,6 +201,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_UNEXPECTED
 
 
+def _operator_command(args: argparse.Namespace, settings: Settings) -> int:
+    """journal, resend, adopt, cancel, retry: beside the service, without the
+    state lock (see daemon/operator.py)."""
+    if args.command in WRITING_COMMANDS and _report_setup_problems(settings, listen=False):
+        return EXIT_USAGE
+    try:
+        return asyncio.run(run_command(args, settings))
+    except UsageProblem as exc:
+        _print_error(str(exc))
+        return EXIT_USAGE
+
+
 def _report_setup_problems(settings: Settings, *, listen: bool) -> bool:
     """Print what of the machine stops perksync from starting (the state folder,
     with `listen` the service's listen address); True if anything does."""
@@ -177,22 +220,6 @@ def _report_setup_problems(settings: Settings, *, listen: bool) -> bool:
     for line in problems:
         print(f"perksync: {line}", file=sys.stderr)
     return bool(problems)
-
-
-def _scratch_copy(db_path: Path, folder: str) -> str:
-    """A throw-away copy of the state for a dry run (the real file is only read)."""
-    scratch = os.path.join(folder, "dry-run.sqlite3")
-    if db_path.exists():
-        if db_path.stat().st_size == 0:
-            raise StoreError(empty_file_problem(db_path))
-        source = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-        target = sqlite3.connect(scratch)
-        try:
-            source.backup(target)
-        finally:
-            source.close()
-            target.close()
-    return scratch
 
 
 def _print_line(line: str) -> None:
@@ -217,26 +244,17 @@ def _database_lock(settings: Settings, store: Store) -> AbstractAsyncContextMana
     return store.hold_delivery_lock()
 
 
-def _open(settings: Settings, *, throwaway: bool = False) -> Store:
-    url = settings.state_db_url
-    return open_store(url, throwaway=throwaway, password=settings.state_db_password)
-
-
 async def _sync_now(settings: Settings, *, dry_run: bool) -> int:
-    if dry_run and settings.state_db_postgres:
-        # A copy in the dry run's own session, which the server drops after.
-        return await _dry_run(settings, _open(settings, throwaway=True))
     if dry_run:
-        with tempfile.TemporaryDirectory(prefix="perksync-dry-run-") as folder:
-            scratch = _scratch_copy(settings.state_db_path, folder)
-            return await _dry_run(settings, open_store(scratch, throwaway=True))
-    store = _open(settings)
+        with state_copy(settings) as scratch:
+            return await _dry_run(settings, scratch)
+    store = open_state(settings)
     try:
         async with _database_lock(settings, store):
             report = await run_pass(settings, store)
     finally:
         await store.close()
-    log.info("%s", report.summary())
+    log.info("%s", report.summary(store_mode=settings.store_mode))
     return report.exit_code
 
 
@@ -248,7 +266,10 @@ async def _dry_run(settings: Settings, store: Store) -> int:
         report = await run_pass(settings, store, dry_run_output=_print_line)
     finally:
         await store.close()
-    log.info("dry run: %s (nothing was sent or stored)", report.summary(dry_run=True))
+    log.info(
+        "dry run: %s (nothing was sent or stored)",
+        report.summary(dry_run=True, store_mode=settings.store_mode),
+    )
     return EXIT_UNDELIVERED if report.customers_failed else EXIT_OK
 
 
@@ -256,7 +277,7 @@ async def _serve(config_path: Path, settings: Settings) -> int:
     """Service mode (daemon/service.py) until SIGTERM/SIGINT."""
     from daemon.service import Service  # APScheduler and prometheus only here
 
-    store = _open(settings)
+    store = open_state(settings)
     try:
         async with _database_lock(settings, store):
             return await Service(config_path, settings, store).run()

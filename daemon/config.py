@@ -125,6 +125,11 @@ class SyncSettings(_Section):
     @field_validator("state_db")
     @classmethod
     def _check_state_db(cls, value: str) -> str:
+        if value.startswith("memory:"):
+            raise ValueError(
+                "a memory store forgets every delivered perk when perksync stops; give a file "
+                "path or a postgresql:// URL"
+            )
         # The message never repeats the value: it may hold a password.
         problem = postgres_url_problem(value) if is_postgres_url(value) else None
         if problem is not None:

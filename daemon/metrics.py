@@ -12,7 +12,7 @@ Metrics:
 | --- | --- | --- |
 | `perksync_polls_total` | counter | `outcome` = ok / failed / skipped |
 | `perksync_api_errors_total` | counter | `kind` (PayNowError.kind, or "unexpected") |
-| `perksync_commands_total` | counter | `server`, `outcome` = delivered / failed / skipped |
+| `perksync_commands_total` | counter | `server`, `outcome` = delivered/failed/skipped/rejected |
 | `perksync_delivery_failures_total` | counter | `server` |
 | `perksync_journal_backlog` | gauge | `server` (pending journal rows, as last seen) |
 | `perksync_undelivered_items` | gauge | `product`, `reason` = unmapped / missing_id (live items) |
@@ -62,7 +62,7 @@ MIN_POLL_STALE_SECONDS = 300.0
 POLL_STALE_INTERVALS = 5
 
 POLL_OUTCOMES = ("ok", "failed", "skipped")
-COMMAND_OUTCOMES = ("delivered", "failed", "skipped")
+COMMAND_OUTCOMES = ("delivered", "failed", "skipped", "rejected")
 # PayNowError kinds (daemon/paynow/errors.py) plus the engine's "unexpected": created at
 # zero so that rate() and alerts work before the first error. Others still count.
 KNOWN_API_ERROR_KINDS = (
@@ -130,6 +130,7 @@ class PrometheusTelemetry:
         delivery_stale_seconds: float = DEFAULT_DELIVERY_STALE_SECONDS,
         clock: Callable[[], float] = time.time,
         version: str = __version__,
+        store_mode: bool = False,
     ) -> None:
         if interval_seconds <= 0:
             raise ValueError("interval_seconds must be positive")
@@ -138,6 +139,7 @@ class PrometheusTelemetry:
         if delivery_stale_seconds <= 0:
             raise ValueError("delivery_stale_seconds must be positive")
         self._clock = clock
+        self.store_mode = store_mode  # the summary speaks of store reads, not customers
         self._interval = interval_seconds
         self._poll_stale_fixed = poll_stale_seconds
         self.delivery_stale_seconds = delivery_stale_seconds
@@ -327,7 +329,7 @@ class PrometheusTelemetry:
     def command_finished(self, server: str, outcome: str) -> None:
         state = self._server(server)
         self._commands.labels(server, outcome).inc()
-        if outcome == "delivered":
+        if outcome in ("delivered", "rejected"):
             # The server answered: whatever failed before is over.
             state.failing_since = None
             state.failures = 0
@@ -433,11 +435,15 @@ class PrometheusTelemetry:
         """One line for systemd's STATUS=, e.g.
         "10000 customers (9998 synced), last poll ok 3 s ago, 0 pending, 2/2 servers up"."""
         now = self._clock() if now is None else now
-        parts = [f"{self._linked_count()} customers ({len(self._last_success)} synced)"]
-        if self._last_any_success is None:
-            parts.append("no poll ok yet")
+        what = "read" if self.store_mode else "poll"
+        if self.store_mode:
+            parts = ["store mode"]
         else:
-            parts.append(f"last poll ok {_ago(now - self._last_any_success)} ago")
+            parts = [f"{self._linked_count()} customers ({len(self._last_success)} synced)"]
+        if self._last_any_success is None:
+            parts.append(f"no {what} ok yet")
+        else:
+            parts.append(f"last {what} ok {_ago(now - self._last_any_success)} ago")
         parts.append(f"{sum(s.pending or 0 for s in self._servers.values())} pending")
         if self._servers:
             up = sum(1 for s in self._servers.values() if s.failing_since is None)

@@ -299,7 +299,7 @@ def parse_template(text: str, *, store_mode: bool = False) -> Template:
 # --------------------------------------------------------------------------- SteamIDs
 
 
-def _steam_account(steam_id64: object) -> int | None:
+def steam_account(steam_id64: object) -> int | None:
     """The account number of an individual SteamID64, or None if it is not one."""
     if isinstance(steam_id64, bool):
         return None
@@ -317,7 +317,7 @@ def _steam_account(steam_id64: object) -> int | None:
 
 def steam_id2(steam_id64: object) -> str | None:
     """`STEAM_0:Y:Z` for an individual SteamID64 (string or int), else None."""
-    account = _steam_account(steam_id64)
+    account = steam_account(steam_id64)
     if account is None:
         return None
     return f"STEAM_0:{account & 1}:{account >> 1}"
@@ -325,7 +325,7 @@ def steam_id2(steam_id64: object) -> str | None:
 
 def steam_id3(steam_id64: object) -> str | None:
     """`[U:1:N]` for an individual SteamID64 (string or int), else None."""
-    account = _steam_account(steam_id64)
+    account = steam_account(steam_id64)
     if account is None:
         return None
     return f"[U:1:{account}]"

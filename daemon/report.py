@@ -23,7 +23,10 @@ class PassReport:
     delivered: Counter[str] = field(default_factory=Counter)  # server → count
     failed: Counter[str] = field(default_factory=Counter)  # server → newly failed rows
     skipped: Counter[str] = field(default_factory=Counter)  # server → null-placeholder skips
+    rejected: Counter[str] = field(default_factory=Counter)  # server → error replies
     pending_left: dict[str, int] = field(default_factory=dict)  # server → rows still pending
+    # server → rows waiting (for a player, a delay): left so by design, no exit 3
+    waiting_left: dict[str, int] = field(default_factory=dict)
     unreachable: dict[str, str] = field(default_factory=dict)  # server → why it stopped
     undelivered_items: int = 0  # live items that reach no server (warned about; no exit 3)
 
@@ -38,15 +41,25 @@ class PassReport:
 
     @property
     def exit_code(self) -> int:
-        undelivered = sum(self.failed.values()) or any(self.pending_left.values())
+        undelivered = (
+            sum(self.failed.values())
+            or sum(self.rejected.values())
+            or any(self.pending_left.values())
+        )
         return 3 if self.customers_failed or undelivered else 0
 
-    def summary(self, *, service: bool = False, dry_run: bool = False) -> str:
+    def summary(
+        self, *, service: bool = False, dry_run: bool = False, store_mode: bool = False
+    ) -> str:
         """`pass done: …` after a pass, which polls each linked customer once;
         `last interval: …` in the service, which counts polls (a customer may
-        be polled several times in an interval, or not at all). A dry run
-        printed, rather than delivered, its commands."""
-        if service:
+        be polled several times in an interval, or not at all). Store mode
+        counts its reads of the store instead (new items, snapshots,
+        look-ups). A dry run printed, rather than delivered, its commands."""
+        if store_mode:
+            reads = self.polls_ok + self.polls_failed
+            parts = [f"{reads} store reads ({self.polls_failed} failed)"]
+        elif service:
             polls = self.polls_ok + self.polls_failed
             parts = [f"{polls} polls ({self.polls_failed} failed)"]
         else:
@@ -59,12 +72,13 @@ class PassReport:
             f"{sum(self.delivered.values())} {'printed' if dry_run else 'delivered'}",
             f"{sum(self.failed.values())} failed",
             f"{sum(self.skipped.values())} skipped",
-            f"{sum(self.pending_left.values())} pending",
         ]
-        pending = ", ".join(f"{s}: {n}" for s, n in sorted(self.pending_left.items()) if n)
+        if rejected := sum(self.rejected.values()):
+            parts.append(f"{rejected} rejected")
+        parts.append(f"{sum(self.pending_left.values())} pending" + _per_server(self.pending_left))
+        if waiting := sum(self.waiting_left.values()):
+            parts.append(f"{waiting} waiting" + _per_server(self.waiting_left))
         text = ("last interval: " if service else "pass done: ") + ", ".join(parts)
-        if pending:
-            text += f" ({pending})"
         if self.undelivered_items:
             items = live_items_phrase(self.undelivered_items)
             reach = "reaches" if self.undelivered_items == 1 else "reach"
@@ -72,3 +86,8 @@ class PassReport:
             where = "perksync status lists them" if service else "see the warnings above"
             text += f"; {items} {reach} no server ({where})"
         return text
+
+
+def _per_server(counts: dict[str, int]) -> str:
+    named = ", ".join(f"{server}: {n}" for server, n in sorted(counts.items()) if n)
+    return f" ({named})" if named else ""

@@ -11,6 +11,9 @@ fire at once. At most `sync.concurrency` polls run at a time, never two of
 the same customer; a poll that comes due while the previous one still runs
 is skipped (and counted), not stacked. When the rate limit cannot serve
 every customer each interval, the interval is stretched to what it allows.
+
+APScheduler fires jobs by the wall clock, so their start times are set on
+it (`wall_now`), whatever clock the service's decisions read.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobExecutionEvent
@@ -36,6 +39,11 @@ log = logging.getLogger(__name__)
 
 AUTH_RETRY = 1800.0  # a token PayNow rejected (401/403) is tried again this rarely
 POLL_JOB = "poll:"  # prefix of the token polls' job ids
+
+
+def wall_now() -> datetime:
+    """The time APScheduler fires jobs by."""
+    return datetime.now(UTC)
 
 
 def effective_interval(interval: float, customers: int, requests_per_second: float) -> float:
@@ -88,7 +96,7 @@ class LinkPolls:
                 "%gs; polling each every %.0fs instead (raise the rate limit if PayNow allows)",
                 len(links), rate, settings.sync.interval_seconds, interval,
             )  # fmt: skip
-        now = self.clock.now()
+        now = wall_now()
         jitter = min(interval * 0.1, 5.0)
         self.job_labels.clear()
         for index, link in enumerate(links):
@@ -164,39 +172,49 @@ class StoreReads:
         scheduler: AsyncIOScheduler,
         source: StoreSource,
         *,
-        clock: Clock,
         stopping: asyncio.Event,
         store_failed: Callable[[StoreWriteError], None],
     ) -> None:
         self.scheduler = scheduler
         self.source = source
-        self.clock = clock
         self.stopping = stopping
         self.store_failed = store_failed
         self._queued: dict[str, None] = {}  # customers to look up, in order asked
+        self._reading: set[Callable[..., Awaitable[bool]]] = set()  # reads under way
+        self._again: set[Callable[..., Awaitable[bool]]] = set()  # to run again once done
         self._queue_changed = asyncio.Event()
         self.tasks: set[asyncio.Task[Any]] = set()
 
     def schedule(self, settings: Settings) -> None:
-        now = self.clock.now()
+        now = wall_now()
         for job_id, every, read in (
             (NEW_ITEMS_JOB, settings.sync.new_items_seconds, self.source.read_new_items),
             (SNAPSHOT_JOB, settings.sync.interval_seconds, self.source.snapshot),
         ):
             if self.scheduler.get_job(job_id) is not None:
                 self.scheduler.remove_job(job_id)
+            # A run late by more than the grace would be dropped, not run late
+            # (APScheduler's default grace is one second: a busy loop misses reads).
             self.scheduler.add_job(
                 self._run, IntervalTrigger(seconds=every), args=(read,), id=job_id,
                 max_instances=1, coalesce=True, next_run_time=now,
+                misfire_grace_time=max(1, int(every)),
             )  # fmt: skip
 
     def hint(self, customer_id: str | None) -> None:
-        """A webhook said where to look: one customer, or (None) new items."""
+        """A webhook said where to look: one customer, or (None) new items and
+        a snapshot now (a read already under way runs again once it ends: it
+        may have started before what the webhook tells of)."""
         if customer_id is None:
-            now = self.clock.now()
+            now = wall_now()
             for job_id in (NEW_ITEMS_JOB, SNAPSHOT_JOB):
                 job = self.scheduler.get_job(job_id)
-                if job is not None:
+                if job is None:
+                    continue
+                read = job.args[0]
+                if read in self._reading:
+                    self._again.add(read)
+                else:
                     job.modify(next_run_time=now)
             return
         self._queued[customer_id] = None
@@ -224,8 +242,13 @@ class StoreReads:
         task = asyncio.current_task()
         if task is not None:
             self.tasks.add(task)
+        self._reading.add(read)
         try:
-            await read(*args)
+            while True:
+                self._again.discard(read)
+                await read(*args)
+                if read not in self._again or self.stopping.is_set():
+                    break
         except asyncio.CancelledError:
             return  # stopping: each customer commits atomically
         except StoreWriteError as exc:
@@ -233,6 +256,7 @@ class StoreReads:
         except Exception:
             log.exception("store mode: unexpected error in a read; will try again")
         finally:
+            self._reading.discard(read)
             if task is not None:
                 self.tasks.discard(task)
 

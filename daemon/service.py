@@ -7,6 +7,7 @@ It wires the parts together and runs them until stopped:
 - one delivery worker per server (`daemon.delivery.deliver_forever`), woken
   as rows are journaled;
 - the local expiry sweep every few seconds, without the API;
+- journal retention (daemon/retention.py) at start and once per interval;
 - the optional HTTP listener (`/healthz`, `/metrics`) and systemd notify
   (READY/STATUS/WATCHDOG/RELOADING/STOPPING), a summary line per interval.
 
@@ -22,7 +23,9 @@ process exits non-zero and systemd restarts it; retrying inside would only
 fail every poll and every command again, out of the operator's sight.
 
 Tests run it in-process: `handle_signals=False` leaves the process's
-signals alone, and `clock` sets the time decisions are made at.
+signals alone, and `clock` sets the time decisions are made at (local
+expiry, health) and paces the heartbeat and a failing server's retries;
+APScheduler's jobs still fire on the wall clock.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from datetime import UTC
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
@@ -42,12 +46,13 @@ from adapters.base import GameServer
 from daemon import __version__, notify, startup_signals
 from daemon.clock import SYSTEM_CLOCK, Clock
 from daemon.config import ConfigError, Settings, load_settings
-from daemon.delivery import ServerWorker, deliver_forever, make_server_factory
+from daemon.delivery import ServerRules, ServerWorker, deliver_forever, make_server_factory
 from daemon.expiry import sweep_expiries
 from daemon.http_api import start_http, stop_http
 from daemon.metrics import PrometheusTelemetry
 from daemon.paynow import RateLimiter, make_session
-from daemon.scheduler import LinkPolls, StoreReads
+from daemon.retention import prune_journal
+from daemon.scheduler import LinkPolls, StoreReads, wall_now
 from daemon.sources.store import StoreSource
 from daemon.sources.token import TokenSource
 from daemon.sources.webhooks import WebhookReceiver
@@ -82,6 +87,8 @@ class Service:
             interval_seconds=settings.sync.interval_seconds,
             customers=_labels(settings),
             servers=settings.servers,
+            store_mode=settings.store_mode,
+            clock=lambda: clock.now().timestamp(),
         )
         self.core = Core(settings, store, clock, self.telemetry)
         self.report = self.core.report
@@ -95,6 +102,8 @@ class Service:
         self.store_reads: StoreReads | None = None
         self.look_ups: asyncio.Task[None] | None = None
         self.session: Any = None
+        self.http: web.AppRunner | None = None  # the http.listen listener, once started
+        self.webhooks: WebhookReceiver | None = None  # on that listener (store mode)
         self.store_failure: StoreWriteError | None = None  # the first; ends the service
         self._closing: set[asyncio.Task[None]] = set()  # connections closing after a reload
 
@@ -118,13 +127,13 @@ class Service:
         else:
             reload_now = False
         self.session = make_session()
-        http_runner = None
         try:
             self._make_sources()
             # First, so that an address in use stops the start before any poll.
             if self.settings.http.listen:
-                http_runner = await start_http(
-                    self.settings.http.listen, self.telemetry, self._webhooks()
+                self.webhooks = self._webhooks()
+                self.http = await start_http(
+                    self.settings.http.listen, self.telemetry, self.webhooks
                 )
             self._start_reading()
             for name in self.settings.servers:
@@ -132,7 +141,12 @@ class Service:
             sweep_every = max(1.0, min(EXPIRY_SWEEP_MAX, self.settings.sync.interval_seconds / 4))
             self.scheduler.add_job(
                 self._sweep, IntervalTrigger(seconds=sweep_every), id="expiry-sweep",
-                max_instances=1, coalesce=True, next_run_time=self.clock.now(),
+                max_instances=1, coalesce=True, next_run_time=wall_now(),
+            )  # fmt: skip
+            self.scheduler.add_job(
+                self._prune, IntervalTrigger(seconds=self.settings.sync.interval_seconds),
+                id="journal-retention", max_instances=1, coalesce=True,
+                next_run_time=wall_now(),
             )  # fmt: skip
             self.scheduler.start()
             log.info("perksync %s started: %s", __version__, _what_runs(self.settings))
@@ -146,8 +160,9 @@ class Service:
             heartbeat.cancel()
             await self._shutdown()
         finally:
-            if http_runner is not None:
-                await stop_http(http_runner)
+            if self.http is not None:
+                await stop_http(self.http)
+                self.http = None
             await self.session.close()
         if self.store_failure is not None:
             raise self.store_failure
@@ -156,9 +171,7 @@ class Service:
 
     def _make_sources(self) -> None:
         """The mode's source and the jobs that make it read (not started yet)."""
-        common: dict[str, Any] = {
-            "clock": self.clock, "stopping": self.stopping, "store_failed": self._store_failed,
-        }  # fmt: skip
+        common: dict[str, Any] = {"stopping": self.stopping, "store_failed": self._store_failed}
         if self.settings.store_mode:
             management = self.core.management(self.session, self.rate_limiter)
             self.store_source = self.core.store_source(management)
@@ -166,7 +179,9 @@ class Service:
         else:
             storefront = self.core.storefront(self.session, self.rate_limiter)
             self.source = self.core.token_source(storefront, cache_customers=True)
-            self.polls = LinkPolls(self.scheduler, self.source, telemetry=self.telemetry, **common)
+            self.polls = LinkPolls(
+                self.scheduler, self.source, clock=self.clock, telemetry=self.telemetry, **common
+            )
 
     def _webhooks(self) -> WebhookReceiver | None:
         secret = self.settings.paynow.webhook_secret_value
@@ -226,6 +241,15 @@ class Service:
         except Exception:
             log.exception("local expiry sweep failed; will try again")
 
+    async def _prune(self) -> None:
+        try:
+            retention = self.settings.sync.journal_retention_days
+            await prune_journal(self.store, retention, self.clock.now())
+        except StoreWriteError as exc:
+            self._store_failed(exc)
+        except Exception:
+            log.exception("journal retention failed; will try again")
+
     async def _guarded(self, write: Awaitable[None]) -> None:
         """Await a store write; a `StoreWriteError` ends the service (see run)."""
         try:
@@ -260,10 +284,18 @@ class Service:
             notify.ready()
             return
         old = self.settings
+        if new.store_mode != old.store_mode:
+            log.error(
+                "config reload rejected, keeping the running config: paynow.api_key switches "
+                "between token mode and store mode; restart perksync to switch"
+            )
+            notify.ready()
+            return
         if (new.state_db_url, new.state_db_password) != (old.state_db_url, old.state_db_password):
             log.warning("sync.state_db or its password changed: restart perksync to use them")
         if new.http.listen != old.http.listen:
             log.warning("http.listen changed: restart perksync to apply it")
+        self._reload_webhook_secret(new)
         self.settings = new
         self.core.use_settings(new)
         self.rate_limiter = RateLimiter(new.paynow.requests_per_second)
@@ -278,11 +310,21 @@ class Service:
             self.store_source.client = self.core.management(self.session, self.rate_limiter)
             self.store_reads.schedule(new)
         self._reload_workers(old, new)
+        linked = "store mode" if new.store_mode else f"{len(new.customers)} customers"
         log.info(
-            "config reloaded: %d customers, %d servers, %d products",
-            len(new.customers), len(new.servers), len(new.products),
+            "config reloaded: %s, %d servers, %d products",
+            linked, len(new.servers), len(new.products),
         )  # fmt: skip
         notify.ready()
+
+    def _reload_webhook_secret(self, new: Settings) -> None:
+        """A new secret (PayNow's was rotated) counts at once; turning webhooks
+        on or off needs the listener made again."""
+        secret = new.paynow.webhook_secret_value
+        if self.webhooks is not None and secret is not None:
+            self.webhooks.secret = secret.get_secret_value().encode()
+        elif (self.webhooks is None) != (secret is None or not new.store_mode):
+            log.warning("paynow.webhook_secret added or removed: restart perksync to apply it")
 
     def _reload_workers(self, old: Settings, new: Settings) -> None:
         for name in list(self.workers):
@@ -294,6 +336,7 @@ class Service:
                 self._close_later(worker)
             elif new.servers[name] != old.servers[name]:
                 # Reconnect with the new address/password at the next command.
+                worker.use_rules(ServerRules.of(new.servers[name]))
                 self._close_later(worker)
                 worker.wake.set()
         for name in new.servers:
@@ -320,6 +363,10 @@ class Service:
                 pending = await self.store.pending_counts()
                 for server in self.settings.servers:
                     self.telemetry.backlog(server, pending.get(server, 0))
+                    if pending.get(server):
+                        # Rows another process journaled (`perksync resend`,
+                        # `retry`) wake no worker of ours: this one does.
+                        self.core.wakers.ring(server)
             except Exception:
                 log.exception("cannot read the journal backlog")
             notify.status(self.telemetry.summary())
@@ -335,7 +382,7 @@ class Service:
             if summary_due:
                 self._log_summary(pending)
                 next_summary = self.clock.monotonic() + self.settings.sync.interval_seconds
-            await asyncio.sleep(tick)
+            await self.clock.sleep(tick)
 
     def _log_summary(self, pending: dict[str, int]) -> None:
         """The `last interval:` line: what happened since the last one, and what
@@ -345,7 +392,7 @@ class Service:
         report.undelivered_items = self.core.undelivered.found.items
         busy = report.polls_failed or report.journaled or sum(report.delivered.values())
         level = logging.INFO if busy or report.unreachable else logging.DEBUG
-        log.log(level, "%s", report.summary(service=True))
+        log.log(level, "%s", report.summary(service=True, store_mode=self.settings.store_mode))
 
 
 def _what_runs(settings: Settings) -> str:

@@ -3,20 +3,24 @@
 Token mode: the linked customers and when each was last synced. Store mode:
 a summary (customers seen, live items, when the last snapshot, new-items
 read and webhook happened, items PayNow no longer lists). Both: pending,
-failed and skipped commands per server, and the live items that reach no
-server. It only reads, and works beside a running service.
+failed, skipped and delivered commands per server, and those waiting (for
+the player, until a time, behind another) and rejected; and the live items
+that reach no server. It only reads, and works beside a running service.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from daemon.config import Settings
+from daemon.delivery import waiting_kind
 from daemon.placeholders import printable
 from daemon.sources.store import CURSOR, LAST_NEW_ITEMS, LAST_SNAPSHOT, LAST_WEBHOOK, MISSING
 from daemon.state import (
+    JournalStatus,
     LinkStatus,
     ServerCounts,
     Store,
@@ -46,14 +50,53 @@ class _State:
     undelivered: Undelivered = field(default_factory=Undelivered)
     totals: Totals = field(default_factory=lambda: Totals(0, 0))
     meta: dict[str, str | None] = field(default_factory=dict)
+    waiting: dict[str, Waiting] = field(default_factory=dict)  # server → why rows wait
+
+
+@dataclass
+class Waiting:
+    """A server's waiting rows, by what they wait for."""
+
+    kinds: Counter[str] = field(default_factory=Counter)  # waiting_kind → rows
+    first_due: datetime | None = None  # the earliest time a delayed row waits for
+
+    def describe(self) -> str:
+        parts = []
+        if n := self.kinds["player"]:
+            parts.append(f"{n} for the player")
+        if n := self.kinds["time"]:
+            first = _when(self.first_due)
+            parts.append(
+                f"{n} until {first}" if n == 1 else f"{n} delayed, the first until {first}"
+            )
+        if n := self.kinds["behind"]:
+            parts.append(f"{n} behind them")
+        return ", ".join(parts)
+
+
+async def _waiting(store: Store, server: str) -> Waiting:
+    waiting, after = Waiting(), 0
+    while rows := await store.unfinished(server, after_id=after):
+        for row in rows:
+            if row.status is not JournalStatus.WAITING:
+                continue
+            kind = waiting_kind(row.reason)
+            waiting.kinds[kind] += 1
+            if kind == "time" and row.not_before is not None:
+                due = waiting.first_due
+                waiting.first_due = row.not_before if due is None else min(due, row.not_before)
+        after = rows[-1].id
+    return waiting
 
 
 async def _read(settings: Settings, store: Store) -> _State:
     live = await store.live_item_counts(id_fields(settings))
     meta_keys = (LAST_SNAPSHOT, LAST_NEW_ITEMS, LAST_WEBHOOK, CURSOR, MISSING)
+    counts = await store.server_counts()
     return _State(
         links=await store.links(),
-        counts=await store.server_counts(),
+        counts=counts,
+        waiting={c.server: await _waiting(store, c.server) for c in counts if c.waiting},
         undelivered=find_undelivered(settings, live),
         totals=await store.totals(),
         meta={key: await store.get_meta(key) for key in meta_keys},
@@ -77,7 +120,7 @@ async def print_status(settings: Settings) -> int:
         _print_store(settings, state)
     else:
         _print_links(settings, state.links)
-    _print_servers(settings, state.counts)
+    _print_servers(settings, state.counts, state.waiting)
     _print_undelivered(state.undelivered)
     return 0
 
@@ -124,7 +167,9 @@ def _print_links(settings: Settings, links: list[LinkStatus]) -> None:
         print(line)
 
 
-def _print_servers(settings: Settings, counts: list[ServerCounts]) -> None:
+def _print_servers(
+    settings: Settings, counts: list[ServerCounts], waiting: dict[str, Waiting]
+) -> None:
     print("servers:")
     by_server = {c.server: c for c in counts}
     for name in sorted(set(settings.servers) | set(by_server)):
@@ -132,11 +177,19 @@ def _print_servers(settings: Settings, counts: list[ServerCounts]) -> None:
         note = "" if name in settings.servers else " (no longer in the config)"
         if c is None:
             print(f"  {name}: nothing journaled yet{note}")
-        else:
-            print(
-                f"  {name}: {c.pending} pending, {c.failed} failed, {c.skipped} skipped, "
-                f"{c.delivered} delivered{note}"
-            )
+            continue
+        line = (
+            f"  {name}: {c.pending} pending, {c.failed} failed, {c.skipped} skipped, "
+            f"{c.delivered} delivered"
+        )
+        if c.waiting:
+            line += f", {c.waiting} waiting ({waiting[name].describe()})"
+        for count, word in ((c.rejected, "rejected"), (c.kept, "kept"), (c.cancelled, "cancelled")):
+            if count:
+                line += f", {count} {word}"
+        print(line + note)
+    if any(c.rejected for c in counts):
+        print("  (perksync journal --status rejected shows what the servers answered)")
 
 
 def _print_undelivered(undelivered: Undelivered) -> None:

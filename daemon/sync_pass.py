@@ -1,11 +1,14 @@
 """`perksync --sync-now`: one pass, then exit.
 
+It starts by pruning the journal's old finished rows (daemon/retention.py).
 The pass reads PayNow once (token mode: every linked customer, a bounded
 pool of them at a time; store mode: one new-items read, one snapshot and
 the look-ups it calls for), applies due local expiries after the reads (so
 that a renewal they just saw is not expired), and beside that one worker per
 server keeps delivering as rows are journaled, until reading is over and
-nothing deliverable is left.
+nothing deliverable is left. It never waits for a player or a delay: each
+server's player list is read at most once, and what cannot be sent yet stays
+waiting for a later pass or the service.
 
 A `StoreWriteError` (or any other error) anywhere stops every read and
 delivery at once and is raised: the one command in flight on each server
@@ -24,6 +27,7 @@ from daemon.delivery import ServerWorker, make_server_factory
 from daemon.expiry import sweep_expiries
 from daemon.paynow import RateLimiter, make_session
 from daemon.report import PassReport
+from daemon.retention import prune_journal
 from daemon.sources.token import TokenSource
 from daemon.state import Store, StoreWriteError
 from daemon.wiring import Core
@@ -115,8 +119,13 @@ async def run_pass(
     `dry_run_output`: print each command there instead of sending it (the
     store is then a throw-away copy)."""
     core = Core(settings, store, clock)
+    if dry_run_output is None:  # a dry run changes nothing, old rows included
+        await prune_journal(store, settings.sync.journal_retention_days, clock.now())
     factory = make_server_factory(settings, dry_run_output=dry_run_output)
-    workers = [core.worker(name, factory) for name in settings.servers]
+    dry_run = dry_run_output is not None
+    workers = [
+        core.worker(name, factory, one_pass=True, dry_run=dry_run) for name in settings.servers
+    ]
     async with make_session() as session:
         limiter = RateLimiter(settings.paynow.requests_per_second)
         if settings.store_mode:
@@ -138,4 +147,5 @@ async def run_pass(
         await SyncPass(core.applier, read, workers).run()
     core.report.undelivered_items = (await core.undelivered.check()).items
     core.report.pending_left = await store.pending_counts()
+    core.report.waiting_left = {c.server: c.waiting for c in await store.server_counts()}
     return core.report

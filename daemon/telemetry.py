@@ -23,7 +23,8 @@ class Telemetry(Protocol):
         """A poll was due while the previous one of the same customer still ran."""
 
     def command_finished(self, server: str, outcome: str) -> None:
-        """A journal row reached an outcome: "delivered", "failed" or "skipped"."""
+        """A journal row reached an outcome: "delivered", "failed", "skipped" or
+        "rejected" (the server's reply was an error)."""
 
     def delivery_failed(self, server: str, reason: str) -> None:
         """The server could not be reached or broke mid-command (rows stay pending)."""

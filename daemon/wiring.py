@@ -15,7 +15,7 @@ import aiohttp
 from daemon.apply import Applier
 from daemon.clock import SYSTEM_CLOCK, Clock
 from daemon.config import Settings
-from daemon.delivery import ServerFactory, ServerWorker, Wakers
+from daemon.delivery import ServerFactory, ServerRules, ServerWorker, Wakers
 from daemon.paynow import ManagementClient, RateLimiter, StorefrontClient
 from daemon.report import PassReport
 from daemon.sources.store import StoreSource
@@ -48,10 +48,19 @@ class Core:
         self.applier.settings = settings
         self.undelivered.use_settings(settings)
 
-    def worker(self, name: str, server_factory: ServerFactory) -> ServerWorker:
+    def worker(
+        self,
+        name: str,
+        server_factory: ServerFactory,
+        *,
+        one_pass: bool = False,
+        dry_run: bool = False,
+    ) -> ServerWorker:
+        """The server's worker (`one_pass`, `dry_run`: see `ServerWorker`)."""
         return ServerWorker(
-            name, self.store, server_factory, wakers=self.wakers, clock=self.clock,
-            report=self.report, telemetry=self.telemetry, names=self.names,
+            name, self.store, server_factory, rules=ServerRules.of(self.settings.servers[name]),
+            wakers=self.wakers, clock=self.clock, report=self.report, telemetry=self.telemetry,
+            names=self.names, one_pass=one_pass, dry_run=dry_run,
         )  # fmt: skip
 
     def storefront(

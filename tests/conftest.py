@@ -1,14 +1,19 @@
-"""What many test files build: PayNow objects shaped like the API's, and routes.
+"""What many test files build: PayNow objects shaped like the API's, routes,
+and a clock tests move by hand.
 
 `item(...)` and `customer(...)` give validated models (with their raw JSON),
 `item_data(...)` / `customer_data(...)` the JSON itself; `by_product(...)`
 turns a product → servers mapping into the router `daemon.diff` takes.
+`ManualClock` is a `daemon.clock.Clock` whose time only moves when a test
+moves it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from daemon.models import Customer, InventoryItem
@@ -134,3 +139,58 @@ def by_product(
 ) -> Callable[[InventoryItem], Sequence[str]]:
     """The router of `daemon.diff`: an item goes to its product's servers."""
     return lambda it: routes.get(it.product.slug, ())
+
+
+class ManualClock:
+    """A `daemon.clock.Clock` that stands still until a test moves it.
+
+    It starts at the real time (the fakes stamp items with it), `advance`
+    moves both its times and wakes the `sleep`s that are then due; `set`
+    moves the wall time alone, as a changed system clock would."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self._now = start or datetime.now(UTC)
+        self._monotonic = 1000.0
+        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
+
+    def now(self) -> datetime:
+        return self._now
+
+    def monotonic(self) -> float:
+        return self._monotonic
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._sleepers.append((self._monotonic + seconds, woken))
+        await woken
+
+    @property
+    def sleeping(self) -> int:
+        """How many `sleep`s wait for the clock to move."""
+        return sum(not woken.done() for _, woken in self._sleepers)
+
+    def advance(self, seconds: float = 0, **more: float) -> None:
+        """Move on by `seconds` plus a `timedelta(**more)` (e.g. `days=30`)."""
+        step = seconds + timedelta(**more).total_seconds()
+        if step < 0:
+            raise ValueError("a clock never goes back")
+        self._now += timedelta(seconds=step)
+        self._monotonic += step
+        waiting = []
+        for due, woken in self._sleepers:
+            if woken.done():
+                continue
+            if due <= self._monotonic:
+                woken.set_result(None)
+            else:
+                waiting.append((due, woken))
+        self._sleepers = waiting
+
+    def set(self, moment: datetime) -> None:
+        """Set the wall time (either way); monotonic time stays."""
+        if moment.tzinfo is None:
+            raise ValueError("a naive datetime: give the time zone")
+        self._now = moment.astimezone(UTC)

@@ -342,3 +342,10 @@ def test_a_password_in_a_state_url_from_the_environment_names_the_variable(
     message = error_of(tmp_path, GOOD, env)
     assert message.startswith("PERKSYNC_SYNC__STATE_DB: the URL holds a password: ")
     assert "pg-SECRET" not in message
+
+
+def test_a_memory_store_is_refused_as_the_state(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("sync:\n  state_db: memory://x\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"^sync\.state_db: a memory store forgets"):
+        load_settings(path, env={})

@@ -13,17 +13,14 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cache
-from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from daemon.diff import GRANTING_STATES, EventKind, Mark, MarkKey, Phase, diff_inventory
 from daemon.models import KNOWN_STATES, InventoryItem
-from tests.conftest import by_product
+from tests.conftest import by_product, item
 
-STORE_ID = "94688451781206016"
-CUSTOMER_ID = "150352880618967040"
 # A few items; each always belongs to the same product.
 ITEM_PRODUCTS = {"101": "vip", "102": "vip", "103": "kit", "1000": "kit"}
 PRODUCTS = ("vip", "kit", "other")
@@ -42,32 +39,18 @@ def _stamp(minutes: int | None) -> str | None:
 
 @cache
 def make_item(item_id: str, state: str, active: int | None, ended: int | None) -> InventoryItem:
-    slug = ITEM_PRODUCTS[item_id]
-    data: dict[str, Any] = {
-        "id": item_id,
-        "store_id": STORE_ID,
-        "customer_id": CUSTOMER_ID,
-        "order_id": "149643389770407936",
-        "order_line_id": "149643389770407937",
-        "quantity_index": 0,
-        "product": {
-            "id": "124249183568797696",
-            "store_id": STORE_ID,
-            "version_id": "147121000780144640",
-            "slug": slug,
-            "name": slug.upper(),
-        },
-        "state": state,
-        "expirable": True,
-        "gift": False,
-        "added_at": _stamp(0),
-        "active_at": _stamp(active),
-        "expires_at": None,
-        "removed_at": _stamp(ended) if state == "used" else None,
-        "revoked_at": _stamp(ended) if state == "revoked" else None,
-        "revoke_reason": "refund" if state == "revoked" else None,
-    }
-    return InventoryItem.from_api(data)
+    return item(
+        item_id,
+        state,
+        ITEM_PRODUCTS[item_id],
+        quantity_index=0,
+        added_at=_stamp(0),
+        active_at=_stamp(active),
+        expires_at=None,
+        removed_at=_stamp(ended) if state == "used" else None,
+        revoked_at=_stamp(ended) if state == "revoked" else None,
+        revoke_reason="refund" if state == "revoked" else None,
+    )
 
 
 # One listing of an item: (id, state, active_at minutes, ended_at minutes).

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tests.fakes.paynow_api import iso
 from tests.fakes.world import RCON_PASSWORD, World
-from tests.test_service import wait_until
+from tests.test_service_process import wait_until
 
 SECONDS = float(os.environ.get("PERKSYNC_SOAK_SECONDS", "60"))
 PRODUCTS = {

@@ -28,6 +28,7 @@ import pytest
 from daemon.diff import Mark, Phase
 from daemon.state import (
     BACKENDS,
+    REPLY_LIMIT,
     CustomerChange,
     CustomerChanged,
     CustomerRecord,
@@ -623,6 +624,105 @@ async def test_an_unknown_row_id_is_an_error(opener: Opener) -> None:
         await store.mark_delivered(missing, T1)
     with pytest.raises(StoreError):
         await store.mark_failed(missing, "x", T1)
+    assert all(r.status is JournalStatus.PENDING for r in await store.rows())
+
+
+@run_async
+async def test_a_waiting_row_stays_unfinished_and_an_attempt_makes_it_pending(
+    opener: Opener,
+) -> None:
+    store = opener()
+    a, b, c, _ = await first_pass(store)
+    await store.mark_waiting(a, "for the player")
+    await store.mark_waiting(b, f"behind row {a}")
+    await store.mark_waiting(b, f"behind row {a}")  # again: the same
+    rows = {r.id: r for r in await store.rows()}
+    assert (rows[a].status, rows[a].reason, rows[a].finished_at) == (
+        JournalStatus.WAITING,
+        "for the player",
+        None,
+    )
+    assert (rows[b].status, rows[b].reason) == (JournalStatus.WAITING, f"behind row {a}")
+    # Waiting rows are still delivery's to do, but not pending (no exit 3 for them).
+    assert ids(await store.unfinished("survival")) == [a, b]
+    assert await store.pending_counts() == {"jailbreak": 2}
+    assert await store.server_counts() == [
+        ServerCounts("jailbreak", pending=2, failed=0, skipped=0, delivered=0),
+        ServerCounts("survival", pending=0, failed=0, skipped=0, delivered=0, waiting=2),
+    ]
+
+    await store.mark_attempt(a)
+    row = {r.id: r for r in await store.rows()}[a]
+    assert (row.status, row.reason, row.attempts) == (JournalStatus.PENDING, None, 1)
+    await store.mark_waiting(a, "for the player")  # the server said the player left
+    await store.mark_delivered(b, T1, "ok")  # a waiting row may be delivered as it is
+    await store.mark_failed(c, "too long", T1)
+    await store.mark_waiting(b, "late")  # a finished row keeps its outcome
+    await store.mark_waiting(c, "late")
+    rows = {r.id: r for r in await store.rows()}
+    assert (rows[a].status, rows[a].attempts) == (JournalStatus.WAITING, 1)
+    assert (rows[b].status, rows[b].reason, rows[b].reply) == (JournalStatus.DELIVERED, None, "ok")
+    assert (rows[c].status, rows[c].reason) == (JournalStatus.FAILED, "too long")
+
+
+@run_async
+async def test_replies_are_kept_cut_to_the_limit(opener: Opener) -> None:
+    store = opener()
+    a, b, c, d = await first_pass(store)
+    long_reply = "é" * REPLY_LIMIT + "and more"
+    await store.mark_delivered(a, T1, long_reply)
+    await store.mark_delivered(b, T1, "")
+    await store.mark_delivered(c, T1)
+    await store.mark_waiting(d, "until later")
+    await store.mark_delivered(d, T1, "There are 0 of a max of 20 players online: ")
+    replies = [r.reply for r in await store.rows()]
+    assert replies == ["é" * REPLY_LIMIT, "", None, "There are 0 of a max of 20 players online: "]
+
+
+@run_async
+async def test_a_rejected_row_is_finished_with_its_reply_and_never_unfinished(
+    opener: Opener,
+) -> None:
+    store = opener()
+    a, b, c, d = await first_pass(store)
+    reply = "Unknown or incomplete command, see below for errorlp usr x<--[HERE]"
+    await store.mark_attempt(a)
+    await store.mark_rejected(a, reply, "an error reply (Unknown or incomplete command)", T1)
+    await store.mark_waiting(c, "for the player")
+    await store.mark_rejected(c, "x" * (REPLY_LIMIT + 1), "error", T2)
+    rows = {r.id: r for r in await store.rows()}
+    assert (rows[a].status, rows[a].reply, rows[a].reason, rows[a].finished_at) == (
+        JournalStatus.REJECTED,
+        reply,
+        "an error reply (Unknown or incomplete command)",
+        T1,
+    )
+    assert rows[a].attempts == 1
+    assert (rows[c].status, rows[c].reply) == (JournalStatus.REJECTED, "x" * REPLY_LIMIT)
+    assert ids(await store.unfinished("survival")) == [b]
+    assert ids(await store.unfinished("jailbreak")) == [d]
+    assert await store.server_counts() == [
+        ServerCounts("jailbreak", pending=1, failed=0, skipped=0, delivered=0, rejected=1),
+        ServerCounts("survival", pending=1, failed=0, skipped=0, delivered=0, rejected=1),
+    ]
+    # Its first outcome stands.
+    await store.mark_delivered(a, T2, "fine")
+    await store.mark_attempt(a)
+    await store.mark_rejected(b, "no", "error", T2)
+    await store.mark_rejected(b, "again", "error", T2)
+    rows = {r.id: r for r in await store.rows()}
+    assert (rows[a].status, rows[a].reply, rows[a].attempts) == (JournalStatus.REJECTED, reply, 1)
+    assert (rows[b].status, rows[b].reply) == (JournalStatus.REJECTED, "no")
+
+
+@run_async
+async def test_marking_an_unknown_row_waiting_or_rejected_is_an_error(opener: Opener) -> None:
+    store = opener()
+    missing = max(await first_pass(store)) + 1000
+    with pytest.raises(StoreError):
+        await store.mark_waiting(missing, "for the player")
+    with pytest.raises(StoreError):
+        await store.mark_rejected(missing, "Unknown command", "error", T1)
     assert all(r.status is JournalStatus.PENDING for r in await store.rows())
 
 

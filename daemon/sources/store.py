@@ -23,13 +23,16 @@ Three reads, each handing `Answer`s to the applier:
   new-items read and a snapshot at once).
 
 A read that fails anywhere (any page) applies nothing and returns False.
+An item that fails validation fails only its customer: none of that
+customer's items in the read are applied (the read returns False), the
+others are, and the cursor moves on (the snapshot delivers the customer's
+live items once PayNow sends them whole).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -38,7 +41,7 @@ from typing import Any, Final
 from daemon.apply import Applier, customer_fingerprint, describe_customer
 from daemon.clock import Clock
 from daemon.models import parse_timestamp
-from daemon.paynow import ManagementClient, PayNowError
+from daemon.paynow import ManagementClient, PayNowBadResponse, PayNowError, PayNowNotFound
 from daemon.paynow.parse import StoreItem, store_item
 from daemon.report import PassReport
 from daemon.sources import Answer
@@ -59,12 +62,25 @@ FLAKE_TIME_SHIFT: Final = 22  # a flake is milliseconds since PayNow's epoch << 
 
 @dataclass(slots=True)
 class _Customers:
-    """The items a read found, grouped by customer (first seen first)."""
+    """The items a read found, grouped by customer (first seen first), and
+    the customers none of whose items it applies (one failed validation)."""
 
     groups: dict[str, list[StoreItem]] = field(default_factory=dict)
+    broken: dict[str, str] = field(default_factory=dict)  # customer id → why
 
     def add(self, found: StoreItem) -> None:
         self.groups.setdefault(found.customer.id, []).append(found)
+
+    def take(self, raw: Any, what: str) -> None:
+        """Validate a listed item and add it. One that fails validation fails
+        its customer; only one that names no customer clearly fails the read."""
+        try:
+            self.add(store_item(raw, what))
+        except PayNowBadResponse as exc:
+            owner = _owner(raw)
+            if owner is None:
+                raise
+            self.broken.setdefault(owner, str(exc))
 
 
 def overlap_cursor(cursor: str, overlap_seconds: float) -> int:
@@ -108,9 +124,8 @@ class StoreSource:
             highest = int(cursor)
             async for page in self.client.store_item_pages(after):
                 for index, raw in enumerate(page):
-                    item = store_item(raw, f"new item {index} after {after}")
-                    found.add(item)
-                    highest = max(highest, int(item.item.id))
+                    found.take(raw, f"new item {index} after {after}")
+                    highest = max(highest, int(raw["id"]))  # checked by the client
         except PayNowError as exc:
             self._read_failed("new_items", "new items", exc)
             return False
@@ -120,7 +135,7 @@ class StoreSource:
             {CURSOR: str(highest), LAST_NEW_ITEMS: read_at.isoformat(timespec="seconds")}
         )
         self._read_ok("new_items")
-        return True
+        return self._none_broken(found, "these new items")
 
     async def _start_cursor(self, read_at: datetime) -> bool:
         newest = await self.client.newest_item_id()
@@ -149,13 +164,14 @@ class StoreSource:
                 for index, raw in enumerate(page):
                     listed.add(str(raw["id"]))
                     if not _matches(baseline, raw):
-                        changed.add(store_item(raw, f"live item {index} of the snapshot"))
+                        changed.take(raw, f"live item {index} of the snapshot")
         except PayNowError as exc:
             self._read_failed("snapshot", "snapshot", exc)
             return False
         self.snapshots += 1
         look_ups = self._look_ups_due(baseline, listed)
         complete = await self._apply_all(changed, read_at, complete=False, skip=look_ups)
+        complete = self._none_broken(changed, "the snapshot") and complete
         missing: list[str] = []
         for customer_id, item_ids in look_ups.items():
             found = await self.look_up(customer_id, why="items missing from the snapshot")
@@ -188,9 +204,10 @@ class StoreSource:
     async def _record_missing(self, missing: Sequence[str], at: datetime) -> None:
         if missing:
             log.warning(
-                "%d items held live are listed neither in the snapshot nor among their "
+                "%d item%s held live %s listed neither in the snapshot nor among their "
                 "customer's items (first: %s); they stay granted",
-                len(missing), ", ".join(missing[:5]),
+                len(missing), "" if len(missing) == 1 else "s",
+                "is" if len(missing) == 1 else "are", ", ".join(missing[:5]),
             )  # fmt: skip
         self.telemetry.items_missing(len(missing))
         value = json.dumps({"count": len(missing), "items": list(missing[:MISSING_SHOWN])})
@@ -207,15 +224,23 @@ class StoreSource:
             async for page in self.client.customer_item_pages(customer_id):
                 for index, raw in enumerate(page):
                     items.append(store_item(raw, f"item {index} of customer {customer_id}"))
+        except PayNowNotFound:
+            # PayNow knows no such customer (any more): it lists none of its
+            # items, which stay as they are (held live ones are "missing").
+            log.warning("store mode: PayNow knows no customer %s (%s)", customer_id, why)
+            self._read_ok("look_up")
+            return set()
         except PayNowError as exc:
             self._read_failed("look_up", f"look-up of customer {customer_id} ({why})", exc)
             return None
-        if items:
-            found = _Customers({customer_id: items})
-            if not await self._apply_all(found, read_at, complete=True):
-                return None
+        # Only the customer's own: were a gift it bought listed too, it is the
+        # recipient's, and goes with the recipient's reads.
+        own = [one for one in items if one.customer.id == customer_id]
+        found = _Customers({customer_id: own} if own else {})
+        if not await self._apply_all(found, read_at, complete=True):
+            return None
         self._read_ok("look_up")
-        return {found.item.id for found in items}
+        return {one.item.id for one in own}
 
     # --- applying -------------------------------------------------------------------
 
@@ -231,6 +256,8 @@ class StoreSource:
         others are applied: one broken customer never stops the others)."""
         ok = True
         for customer_id, items in found.groups.items():
+            if customer_id in found.broken:
+                continue  # see _none_broken
             if skip and customer_id in skip:
                 continue  # its look-up reads and applies everything
             customer = items[-1].customer  # the newest item's embedded customer
@@ -246,15 +273,37 @@ class StoreSource:
                 ok = False
         return ok
 
+    def _none_broken(self, found: _Customers, read: str) -> bool:
+        """Report the customers the read left out for a malformed item; True if none."""
+        for customer_id, error in found.broken.items():
+            label = self.applier.names.get(customer_id, customer_id)
+            log.error("customer %s: %s; none of its items in %s applied", label, error, read)
+            self.report.customers_failed[label] = error
+        return not found.broken
+
     def _read_ok(self, read: str) -> None:
         self.report.polls_ok += 1
-        self.telemetry.store_read(read, None, time.time())
+        self.telemetry.store_read(read, None, self.clock.now().timestamp())
 
     def _read_failed(self, read: str, what: str, exc: PayNowError) -> None:
         log.error("store mode: %s failed: %s; nothing changed", what, exc)
         self.report.polls_failed += 1
         self.report.customers_failed[what] = str(exc)
-        self.telemetry.store_read(read, exc.kind, time.time())
+        self.telemetry.store_read(read, exc.kind, self.clock.now().timestamp())
+
+
+def _owner(raw: Any) -> str | None:
+    """The id of the customer a listed item (not validated) belongs to, if
+    its `customer_id` and embedded `customer` agree on one."""
+    if not isinstance(raw, dict):
+        return None
+    embedded = raw.get("customer")
+    named = {raw.get("customer_id"), embedded.get("id") if isinstance(embedded, dict) else None}
+    texts = {str(v) for v in named if isinstance(v, str | int) and not isinstance(v, bool)}
+    if len(texts) != 1:
+        return None
+    text = texts.pop()
+    return text if 0 < len(text) <= 20 and text.isascii() and text.isdigit() else None
 
 
 def _matches(baseline: LiveBaseline, raw: Any) -> bool:

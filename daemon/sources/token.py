@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from collections.abc import Callable
 from datetime import datetime
 
@@ -231,7 +230,7 @@ class TokenSource:
     def _poll_ok(self, label: str) -> None:
         self.report.polls_ok += 1
         self.report.customers_failed.pop(label, None)
-        self.telemetry.poll_succeeded(label, time.time())
+        self.telemetry.poll_succeeded(label, self.clock.now().timestamp())
 
     def _poll_failed(self, label: str, kind: str, error: str) -> None:
         self.report.polls_failed += 1

@@ -43,6 +43,7 @@ SIGNATURE_HEADER: Final = "PayNow-Signature"
 TIMESTAMP_HEADER: Final = "PayNow-Timestamp"
 WINDOW_SECONDS: Final = 300  # a signed timestamp further from now than this is stale
 REMEMBER_SECONDS: Final = 3600  # event ids are remembered at least this long
+REFUSAL_LOG_SECONDS: Final = 60  # refused requests are logged at most once this often
 DELIVERY_EVENT_PREFIX: Final = "ON_DELIVERY_ITEM_"
 
 
@@ -82,7 +83,8 @@ def verify(secret: bytes, headers: Mapping[str, str], body: bytes, now: datetime
         raise Forged("the signature does not match")
     age = now.timestamp() - int(stamp) / 1000
     if abs(age) > WINDOW_SECONDS:
-        raise Forged(f"the signed timestamp is {age:+.0f} s from now (allowed ±{WINDOW_SECONDS})")
+        when = f"{age:.0f} s old" if age > 0 else f"{-age:.0f} s in the future"
+        raise Forged(f"the signed timestamp is {when} (allowed: {WINDOW_SECONDS} s either way)")
 
 
 def _decodings(text: str) -> list[bytes]:
@@ -130,6 +132,23 @@ class WebhookReceiver:
         self.store = store
         self.hint = hint
         self.clock = clock
+        self._refusals = 0  # refused since the last refusal logged
+        self._refused_logged_at: float | None = None
+
+    def _refused(self, why: str) -> None:
+        """Log a refusal: the first at once, then at most one line a minute
+        with how many (anyone on the internet can send them)."""
+        now = self.clock.monotonic()
+        self._refusals += 1
+        if self._refused_logged_at is None or now - self._refused_logged_at >= REFUSAL_LOG_SECONDS:
+            more = (
+                f" ({self._refusals} refused since the last such line)"
+                if self._refusals > 1
+                else ""
+            )
+            log.warning("webhook refused (401): %s%s", why, more)
+            self._refused_logged_at = now
+            self._refusals = 0
 
     async def receive(self, headers: Mapping[str, str], body: bytes) -> int:
         """Handle one request; the HTTP status to answer."""
@@ -137,7 +156,7 @@ class WebhookReceiver:
         try:
             verify(self.secret, headers, body, now)
         except Forged as exc:
-            log.warning("webhook refused (401): %s", exc)
+            self._refused(str(exc))
             return 401
         try:
             event = read_event(body)

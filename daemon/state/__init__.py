@@ -342,6 +342,10 @@ class ServerCounts:
             failed=by_status.get(JournalStatus.FAILED, 0),
             skipped=by_status.get(JournalStatus.SKIPPED, 0),
             delivered=by_status.get(JournalStatus.DELIVERED, 0),
+            waiting=by_status.get(JournalStatus.WAITING, 0),
+            rejected=by_status.get(JournalStatus.REJECTED, 0),
+            kept=by_status.get(JournalStatus.KEPT, 0),
+            cancelled=by_status.get(JournalStatus.CANCELLED, 0),
         )
 
 
@@ -471,16 +475,21 @@ class Store(Protocol):
         customer_id: str | None = None,
         statuses: Sequence[JournalStatus] = (),
         row_ids: Sequence[int] = (),
+        item_ids: Sequence[str] = (),
         limit: int | None = 100,
     ) -> list[JournalRow]:
         """Journal rows matching every filter given, newest first, at most
-        `limit` (None: all). For `perksync journal`, `cancel`, `retry`."""
+        `limit` (None: all). For `perksync journal`, `cancel`, `retry` and
+        `resend` (`item_ids`: the rows of those items, read through the
+        journal's unique key, cheap however long the journal is)."""
         ...
 
     async def granted(self, server: str) -> list[GrantedItem]:
         """Every item GRANTED on `server` (phase granted), with its customer,
         product, cycle, perk and whether its on_active there is still pending
-        or waiting: what `perksync resend` starts from."""
+        or waiting: what `perksync resend` starts from. Ordered by customer,
+        then by item id as PayNow's ids grow (shorter first, then by text):
+        oldest item first."""
         ...
 
     async def live_item_counts(self, id_fields: Sequence[str]) -> list[LiveItems]:

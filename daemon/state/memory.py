@@ -27,10 +27,12 @@ from datetime import UTC, datetime
 
 from daemon.diff import Mark, Phase
 from daemon.state import (
+    REPLY_LIMIT,
     UNFINISHED,
     CustomerChange,
     CustomerTxn,
     DueExpiry,
+    GrantedItem,
     JournalEntry,
     JournalRow,
     JournalStatus,
@@ -81,7 +83,6 @@ class _Link:
 
 
 JournalKey = tuple[str, str, int, str, int, int]  # item, server, cycle, event, index, resend
-JournalKey = tuple[str, str, int, str, int, int]  # item, server, cycle, event, command index
 
 
 @dataclass(slots=True)
@@ -105,7 +106,7 @@ class _Database:
             for server, mark in self.marks.get(item_id, {}).items()
         }
         stored = {
-            i: StoredItem(item.product, item.state, item.expires_at, item.read_at)
+            i: StoredItem(item.product, item.state, item.expires_at, item.read_at, item.raw)
             for i, item in items.items()
         }
         customer = self.customers.get(customer_id)
@@ -143,6 +144,10 @@ def _utc(value: datetime) -> datetime:
 
 def _utc_or_none(value: datetime | None) -> datetime | None:
     return None if value is None else _utc(value)
+
+
+def _cut(reply: str | None) -> str | None:
+    return None if reply is None else reply[:REPLY_LIMIT]
 
 
 def _ids(raw: str | None, fields: Sequence[str]) -> frozenset[str] | None:
@@ -222,8 +227,12 @@ class MemoryStore:
             link.customer_id, link.last_synced_at, link.digest = customer_id, at, change.link.digest
             link.last_error = link.last_error_at = None
         for (item_id, server), mark in change.marks.items():
-            db.marks.setdefault(item_id, {})[server] = Mark(Phase(mark.phase), mark.cycle)
-        return _journal(db, change.entries, at)
+            db.marks.setdefault(item_id, {})[server] = Mark(
+                Phase(mark.phase), mark.cycle, mark.perk
+            )
+        new_ids = _journal(db, change.entries, at)
+        _cancel(db, customer_id, change.cancel_rows, at)
+        return new_ids
 
     @staticmethod
     def _store_customer(db: _Database, block: Block, change: CustomerChange) -> None:
@@ -360,17 +369,39 @@ class MemoryStore:
         row = db.journal.get(row_id)
         if row is None:
             raise StoreError(f"memory store {self.url}: no journal row {row_id}")
-        if row.status == JournalStatus.PENDING:  # its first outcome stands
+        if row.status in UNFINISHED:  # its first outcome stands
             db.journal[row_id] = update(row)
 
     async def mark_attempt(self, row_id: int) -> None:
-        await self._finish(row_id, lambda row: dataclasses.replace(row, attempts=row.attempts + 1))
-
-    async def mark_delivered(self, row_id: int, at: datetime, reply: str | None = None) -> None:
-        when = _utc(at)
         await self._finish(
             row_id,
-            lambda row: dataclasses.replace(row, status=JournalStatus.DELIVERED, finished_at=when),
+            lambda row: dataclasses.replace(
+                row, attempts=row.attempts + 1, status=JournalStatus.PENDING, reason=None
+            ),
+        )
+
+    async def mark_waiting(self, row_id: int, reason: str) -> None:
+        await self._finish(
+            row_id,
+            lambda row: dataclasses.replace(row, status=JournalStatus.WAITING, reason=reason),
+        )
+
+    async def mark_delivered(self, row_id: int, at: datetime, reply: str | None = None) -> None:
+        when, kept = _utc(at), _cut(reply)
+        await self._finish(
+            row_id,
+            lambda row: dataclasses.replace(
+                row, status=JournalStatus.DELIVERED, finished_at=when, reply=kept, reason=None
+            ),
+        )
+
+    async def mark_rejected(self, row_id: int, reply: str, reason: str, at: datetime) -> None:
+        when, kept = _utc(at), _cut(reply)
+        await self._finish(
+            row_id,
+            lambda row: dataclasses.replace(
+                row, status=JournalStatus.REJECTED, reply=kept, reason=reason, finished_at=when
+            ),
         )
 
     async def mark_failed(self, row_id: int, reason: str, at: datetime) -> None:
@@ -382,7 +413,70 @@ class MemoryStore:
             ),
         )
 
+    async def prune_journal(self, finished_before: datetime, limit: int) -> int:
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        before = _utc(finished_before)
+        db = await self._turn()
+        old = sorted(
+            (row.finished_at, row.id)
+            for row in db.journal.values()
+            if row.finished_at is not None
+            and row.finished_at < before
+            and row.status not in UNFINISHED
+        )[:limit]
+        for _, row_id in old:
+            row = db.journal.pop(row_id)
+            db.journal_keys.discard(_key(row))
+        return len(old)
+
     # --- reading, for status and reports -----------------------------------------------
+
+    async def journal(
+        self,
+        *,
+        server: str | None = None,
+        customer_id: str | None = None,
+        statuses: Sequence[JournalStatus] = (),
+        row_ids: Sequence[int] = (),
+        item_ids: Sequence[str] = (),
+        limit: int | None = 100,
+    ) -> list[JournalRow]:
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        wanted_statuses, wanted_ids, wanted_items = set(statuses), set(row_ids), set(item_ids)
+        db = await self._turn()
+        rows = []
+        for row in reversed(db.journal.values()):
+            if (
+                (server is None or row.server == server)
+                and (customer_id is None or row.customer_id == customer_id)
+                and (not wanted_statuses or row.status in wanted_statuses)
+                and (not wanted_ids or row.id in wanted_ids)
+                and (not wanted_items or row.item_id in wanted_items)
+            ):
+                rows.append(row)
+                if len(rows) == limit:
+                    break
+        return rows
+
+    async def granted(self, server: str) -> list[GrantedItem]:
+        db = await self._turn()
+        open_grants = {
+            (row.item_id, row.server)
+            for row in db.journal.values()
+            if row.status in UNFINISHED and row.event == "on_active"
+        }
+        found = [
+            GrantedItem(
+                item.customer_id, item_id, item.product, server, mark.cycle, mark.perk,
+                (item_id, server) in open_grants,
+            )
+            for item_id, item in db.items.items()
+            if (mark := db.marks.get(item_id, {}).get(server)) is not None
+            and mark.phase == Phase.GRANTED
+        ]  # fmt: skip
+        return sorted(found, key=lambda g: (g.customer_id, len(g.item_id), g.item_id))
 
     async def rows(self, server: str | None = None) -> list[JournalRow]:
         db = await self._turn()
@@ -452,6 +546,20 @@ def _check(change: CustomerChange) -> None:
             raise StoreError(
                 f"a journal entry for item {e.item_id} on {e.server}: status {e.status!r}, "
                 f"cycle {e.cycle}, command index {e.command_index}"
+            )
+
+
+def _key(row: JournalRow) -> JournalKey:
+    return (row.item_id, row.server, row.cycle, row.event, row.command_index, row.resend)
+
+
+def _cancel(db: _Database, customer_id: str, row_ids: Sequence[int], at: datetime) -> None:
+    """An operator's cancel: only the customer's rows still pending or waiting."""
+    for row_id in row_ids:
+        row = db.journal.get(row_id)
+        if row is not None and row.customer_id == customer_id and row.status in UNFINISHED:
+            db.journal[row_id] = dataclasses.replace(
+                row, status=JournalStatus.CANCELLED, finished_at=at
             )
 
 

@@ -63,10 +63,12 @@ from typing import Any, Final
 
 from daemon.diff import Mark, MarkKey, Phase
 from daemon.state import (
+    REPLY_LIMIT,
     UNFINISHED,
     CustomerChange,
     CustomerTxn,
     DueExpiry,
+    GrantedItem,
     JournalEntry,
     JournalRow,
     JournalStatus,
@@ -386,7 +388,8 @@ def _dt_or_none(text: str | None) -> datetime | None:
 # Every customer with items has a row (commits and the migration make it).
 _KNOWN = """
 SELECT c.version, c.raw, c.digest,
-       i.item_id, i.product, i.state, i.expires_at, i.read_at, m.server, m.phase, m.cycle
+       i.item_id, i.product, i.state, i.expires_at, i.read_at, i.raw,
+       m.server, m.phase, m.cycle, m.perk
 FROM customers AS c
 LEFT JOIN items AS i ON i.customer_id = c.customer_id
 LEFT JOIN marks AS m ON m.item_id = i.item_id
@@ -485,8 +488,16 @@ ORDER BY i.expires_at, i.item_id, m.server
 """
 
 _UPSERT_MARK = """
-INSERT INTO marks (item_id, server, phase, cycle) VALUES (?, ?, ?, ?)
-ON CONFLICT (item_id, server) DO UPDATE SET phase = excluded.phase, cycle = excluded.cycle
+INSERT INTO marks (item_id, server, phase, cycle, perk) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (item_id, server) DO UPDATE SET
+    phase = excluded.phase, cycle = excluded.cycle, perk = excluded.perk
+"""
+
+# An operator's cancel: only the customer's rows still pending or waiting.
+_CANCEL_ROWS = """
+UPDATE journal SET status = 'cancelled', finished_at = ?
+WHERE customer_id = ? AND status IN ('pending', 'waiting')
+  AND id IN (SELECT value FROM json_each(?))
 """
 
 # ON CONFLICT on the unique key only (not INSERT OR IGNORE, which would also
@@ -554,6 +565,57 @@ _ROW_COLUMNS = """id, customer_id, item_id, product, server, event, cycle, comma
     command, status, reason, attempts, created_at, finished_at, online, not_before, reply,
     resend"""
 
+# A row's first outcome stands: only pending and waiting rows change. An
+# attempt makes a waiting row pending again (its reason no longer holds).
+_MARK_ATTEMPT = """
+UPDATE journal SET attempts = attempts + 1, status = 'pending', reason = NULL
+WHERE id = ? AND status IN ('pending', 'waiting')
+"""
+
+_MARK_WAITING = """
+UPDATE journal SET status = 'waiting', reason = ?
+WHERE id = ? AND status IN ('pending', 'waiting')
+"""
+
+_MARK_DELIVERED = """
+UPDATE journal SET status = 'delivered', finished_at = ?, reply = ?, reason = NULL
+WHERE id = ? AND status IN ('pending', 'waiting')
+"""
+
+_MARK_REJECTED = """
+UPDATE journal SET status = 'rejected', reply = ?, reason = ?, finished_at = ?
+WHERE id = ? AND status IN ('pending', 'waiting')
+"""
+
+_MARK_FAILED = """
+UPDATE journal SET status = 'failed', reason = ?, finished_at = ?
+WHERE id = ? AND status IN ('pending', 'waiting')
+"""
+
+# Items granted on a server, oldest item first (PayNow's ids grow), and
+# whether an on_active row of theirs there is still unfinished (among the
+# customer's few unfinished rows, through journal_open).
+_GRANTED = """
+SELECT i.customer_id, m.item_id, i.product, m.server, m.cycle, m.perk,
+       EXISTS (SELECT 1 FROM journal AS j INDEXED BY journal_open
+               WHERE j.customer_id = i.customer_id AND j.status IN ('pending', 'waiting')
+                 AND j.item_id = m.item_id AND j.server = m.server AND j.event = 'on_active')
+FROM marks AS m JOIN items AS i ON i.item_id = m.item_id
+WHERE m.server = ? AND m.phase = 'granted'
+ORDER BY i.customer_id, length(m.item_id), m.item_id
+"""
+
+# Retention: the oldest finished rows first, through journal_finished, a
+# batch at a time (one short transaction each).
+_PRUNE = """
+DELETE FROM journal WHERE id IN (
+    SELECT id FROM journal INDEXED BY journal_finished
+    WHERE finished_at IS NOT NULL AND finished_at < ?
+      AND status NOT IN ('pending', 'waiting')
+    ORDER BY finished_at, id LIMIT ?
+)
+"""
+
 _UNFINISHED = f"""
 SELECT {_ROW_COLUMNS} FROM journal INDEXED BY journal_unfinished
 WHERE server = ? AND status IN ('pending', 'waiting') AND id > ?
@@ -602,6 +664,10 @@ def _why_unwritable(path: Path) -> str:
         if not os.access(file, os.W_OK, effective_ids=os.access in os.supports_effective_ids):
             return f"; {file} is not writable by user {running_user()}"
     return ""
+
+
+def _cut(reply: str | None) -> str | None:
+    return None if reply is None else reply[:REPLY_LIMIT]
 
 
 def _journal_row(r: Sequence[Any]) -> JournalRow:
@@ -883,13 +949,13 @@ class SqliteStore:
         with self._errors(f"read customer {customer_id}") as conn:
             for row in conn.execute(_KNOWN, (customer_id,)):
                 version, raw, digest, item_id, product, state, expires_at, read_at = row[:8]
-                server, phase, cycle = row[8:]
+                item_raw, server, phase, cycle, perk = row[8:]
                 if item_id is not None and item_id not in items:
                     items[item_id] = StoredItem(
-                        product, state, _dt_or_none(expires_at), _dt_or_none(read_at)
+                        product, state, _dt_or_none(expires_at), _dt_or_none(read_at), item_raw
                     )
                 if server is not None:
-                    marks[(item_id, server)] = Mark(Phase(phase), cycle)
+                    marks[(item_id, server)] = Mark(Phase(phase), cycle, perk)
         return KnownCustomer(items, marks, raw, digest), version
 
     async def _commit(self, block: Block, change: CustomerChange) -> list[int]:
@@ -921,6 +987,8 @@ class SqliteStore:
             else:
                 conn.execute(_UPSERT_LINK, (change.link.label, customer_id, at, change.link.digest))
             new_ids = self._journal(conn, change.marks, change.entries, at)
+            if change.cancel_rows:
+                conn.execute(_CANCEL_ROWS, (at, customer_id, json.dumps(list(change.cancel_rows))))
         for item_id, owner in moved:
             log.warning(
                 "state database %s: item %s moves from customer %s to customer %s",
@@ -974,7 +1042,7 @@ class SqliteStore:
     ) -> list[int]:
         """Store marks and journal entries inside the caller's transaction."""
         mark_rows = [
-            (item_id, server, str(mark.phase), mark.cycle)
+            (item_id, server, str(mark.phase), mark.cycle, mark.perk)
             for (item_id, server), mark in marks.items()
         ]
         entry_rows = [
@@ -1094,32 +1162,77 @@ class SqliteStore:
             return [_journal_row(r) for r in conn.execute(_UNFINISHED, (server, after_id, limit))]
 
     async def mark_attempt(self, row_id: int) -> None:
-        self._finish(
-            row_id,
-            "UPDATE journal SET attempts = attempts + 1 WHERE id = ? AND status = 'pending'",
-            (row_id,),
-            f"count an attempt of journal row {row_id}",
-        )
+        self._finish(row_id, _MARK_ATTEMPT, (row_id,), f"count an attempt of journal row {row_id}")
+
+    async def mark_waiting(self, row_id: int, reason: str) -> None:
+        self._finish(row_id, _MARK_WAITING, (reason, row_id), f"mark journal row {row_id} waiting")
 
     async def mark_delivered(self, row_id: int, at: datetime, reply: str | None = None) -> None:
-        self._finish(
-            row_id,
-            "UPDATE journal SET status = 'delivered', finished_at = ? "
-            "WHERE id = ? AND status = 'pending'",
-            (_ts(at), row_id),
-            f"mark journal row {row_id} delivered",
-        )
+        params = (_ts(at), _cut(reply), row_id)
+        self._finish(row_id, _MARK_DELIVERED, params, f"mark journal row {row_id} delivered")
+
+    async def mark_rejected(self, row_id: int, reply: str, reason: str, at: datetime) -> None:
+        params = (_cut(reply), reason, _ts(at), row_id)
+        self._finish(row_id, _MARK_REJECTED, params, f"mark journal row {row_id} rejected")
 
     async def mark_failed(self, row_id: int, reason: str, at: datetime) -> None:
-        self._finish(
-            row_id,
-            "UPDATE journal SET status = 'failed', reason = ?, finished_at = ? "
-            "WHERE id = ? AND status = 'pending'",
-            (reason, _ts(at), row_id),
-            f"mark journal row {row_id} failed",
-        )
+        params = (reason, _ts(at), row_id)
+        self._finish(row_id, _MARK_FAILED, params, f"mark journal row {row_id} failed")
+
+    async def prune_journal(self, finished_before: datetime, limit: int) -> int:
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        params = (_ts(finished_before), limit)
+        with self._transaction("prune the journal") as conn:
+            pruned: int = conn.execute(_PRUNE, params).rowcount
+        return pruned
 
     # --- reading, for status and reports ------------------------------------------------
+
+    async def journal(
+        self,
+        *,
+        server: str | None = None,
+        customer_id: str | None = None,
+        statuses: Sequence[JournalStatus] = (),
+        row_ids: Sequence[int] = (),
+        item_ids: Sequence[str] = (),
+        limit: int | None = 100,
+    ) -> list[JournalRow]:
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        where: list[str] = []
+        params: list[Any] = []
+        for column, value in (("server", server), ("customer_id", customer_id)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        for column, values in (
+            ("status", [str(s) for s in statuses]),
+            ("id", list(row_ids)),
+            ("item_id", list(item_ids)),
+        ):
+            if values:
+                where.append(f"{column} IN (SELECT value FROM json_each(?))")
+                params.append(json.dumps(values))
+        sql = f"SELECT {_ROW_COLUMNS} FROM journal"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        with self._errors("read the journal") as conn:
+            return [_journal_row(r) for r in conn.execute(sql, params)]
+
+    async def granted(self, server: str) -> list[GrantedItem]:
+        with self._errors(f"read the items granted on {server}") as conn:
+            return [
+                GrantedItem(customer_id, item_id, product, server_, cycle, perk, bool(open_))
+                for customer_id, item_id, product, server_, cycle, perk, open_ in conn.execute(
+                    _GRANTED, (server,)
+                )
+            ]
 
     async def rows(self, server: str | None = None) -> list[JournalRow]:
         with self._errors("read the journal") as conn:
