@@ -4,6 +4,7 @@ fakes and the test server (an empty schema each: tests/postgres_db.py)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -104,6 +105,22 @@ def test_a_dry_run_prints_the_commands_and_changes_nothing(world: World, url: st
     assert grant in output
     assert fetch(url, "SELECT * FROM journal") == before
     assert world.received("survival") == [grant]
+
+
+def test_operator_commands_read_and_change_the_postgresql_state(world: World, url: str) -> None:
+    token, alice = world.add_customer(platform="minecraft", name="alice")
+    world.add_item(token, "vip")
+    world.call(world.rcon["survival"].stop())  # the command stays pending
+    world.config(PRODUCTS, extra={"sync": {"state_db": url}})
+    grant = f"lp user {alice['minecraft_uuid']} parent add vip"
+
+    run(world, "--sync-now", expect=3)
+    shown = world.run_cli("journal", "--json")
+    assert shown.returncode == 0, shown.stderr
+    (row,) = json.loads(shown.stdout)
+    assert (row["command"], row["status"]) == (grant, "pending")
+    run(world, "cancel", str(row["id"]), expect=0)
+    assert journal(url) == [(grant, "cancelled")]
 
 
 def test_sync_now_stops_while_another_perksync_delivers_from_the_database(
