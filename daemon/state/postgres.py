@@ -50,20 +50,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final
 
 import asyncpg
 
 from daemon.diff import Mark, MarkKey, Phase
 from daemon.state import (
-    REPLY_LIMIT,
     CustomerChange,
     CustomerTxn,
     DueExpiry,
@@ -85,6 +83,7 @@ from daemon.state import (
 )
 from daemon.state.blocks import Block, CustomerLocks
 from daemon.state.lock import LockedError
+from daemon.state.values import cut_reply, ids_set, utc, utc_or_none
 
 log = logging.getLogger(__name__)
 
@@ -248,16 +247,6 @@ async def _v1(conn: Any) -> None:
 # --- values in and out -----------------------------------------------------------
 
 
-def _utc(value: datetime) -> datetime:
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError(f"naive datetime {value.isoformat()}: the store needs aware times")
-    return value.astimezone(UTC)
-
-
-def _utc_or_none(value: datetime | None) -> datetime | None:
-    return None if value is None else _utc(value)
-
-
 def _text(value: str | None) -> str | None:
     """Free text as PostgreSQL can hold it (no NUL character)."""
     if value is None or "\x00" not in value:
@@ -268,20 +257,6 @@ def _text(value: str | None) -> str | None:
 def _ident(name: str) -> str:
     """A quoted SQL identifier."""
     return '"' + name.replace('"', '""') + '"'
-
-
-def _ids_set(raw: str | None, fields: Sequence[str]) -> frozenset[str] | None:
-    """Which of `fields` the customer's JSON sets (not missing, null, "", false
-    or 0); None without JSON, or with JSON that does not parse."""
-    if raw is None:
-        return None
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return None
-    if not isinstance(value, dict):
-        return frozenset()
-    return frozenset(f for f in fields if value.get(f) not in ("", 0, None))
 
 
 def _journal_row(r: Any) -> JournalRow:
@@ -882,14 +857,14 @@ class PostgresStore:
     async def record_unchanged(self, synced: Mapping[str, datetime]) -> None:
         if not synced:
             return
-        labels, times = list(synced), [_utc(at) for at in synced.values()]
+        labels, times = list(synced), [utc(at) for at in synced.values()]
         async with self._using(
             f"record the sync of {len(labels)} unchanged links", write=True
         ) as c:
             await c.execute(_RECORD_UNCHANGED, labels, times)
 
     async def record_link_error(self, label: str, error: str, at: datetime) -> None:
-        when = _utc(at)
+        when = utc(at)
         async with self._using(f"record the error of {label}", write=True) as conn:
             await conn.execute(_LINK_ERROR, label, _text(error), when)
 
@@ -901,7 +876,7 @@ class PostgresStore:
     # --- local expiry ----------------------------------------------------------------
 
     async def due_expiries(self, cutoff: datetime) -> list[DueExpiry]:
-        until = _utc(cutoff)
+        until = utc(cutoff)
         async with self._using("read the items due to expire") as conn:
             rows = await conn.fetch(_DUE_EXPIRIES, until)
         return [DueExpiry(*row) for row in rows]
@@ -934,7 +909,7 @@ class PostgresStore:
             await conn.execute(_SET_META, list(values), list(values.values()))
 
     async def remember_webhook(self, event_id: str, at: datetime, forget_before: datetime) -> bool:
-        when, before = _utc(at), _utc(forget_before)
+        when, before = utc(at), utc(forget_before)
         async with (
             self._using(f"remember webhook event {event_id}", write=True) as conn,
             conn.transaction(),
@@ -967,21 +942,21 @@ class PostgresStore:
         await self._finish(row_id, _MARK_WAITING, params, f"mark journal row {row_id} waiting")
 
     async def mark_delivered(self, row_id: int, at: datetime, reply: str | None = None) -> None:
-        params = (_utc(at), _text(None if reply is None else reply[:REPLY_LIMIT]))
+        params = (utc(at), _text(cut_reply(reply)))
         await self._finish(row_id, _MARK_DELIVERED, params, f"mark journal row {row_id} delivered")
 
     async def mark_rejected(self, row_id: int, reply: str, reason: str, at: datetime) -> None:
-        params = (_text(reply[:REPLY_LIMIT]), _text(reason), _utc(at))
+        params = (_text(cut_reply(reply)), _text(reason), utc(at))
         await self._finish(row_id, _MARK_REJECTED, params, f"mark journal row {row_id} rejected")
 
     async def mark_failed(self, row_id: int, reason: str, at: datetime) -> None:
-        params = (_text(reason), _utc(at))
+        params = (_text(reason), utc(at))
         await self._finish(row_id, _MARK_FAILED, params, f"mark journal row {row_id} failed")
 
     async def prune_journal(self, finished_before: datetime, limit: int) -> int:
         if limit < 1:
             raise ValueError(f"limit must be at least 1, not {limit}")
-        before = _utc(finished_before)
+        before = utc(finished_before)
         async with self._using("prune the journal", write=True) as conn:
             pruned: int = await conn.fetchval(_PRUNE, before, limit)
         return pruned
@@ -1047,7 +1022,7 @@ class PostgresStore:
         live = []
         for customer_id, product, count, name, raw, labels in rows:
             if customer_id not in ids:
-                ids[customer_id] = _ids_set(raw, fields)
+                ids[customer_id] = ids_set(raw, fields)
             live += [
                 LiveItems(label, customer_id, name, product, count, ids[customer_id])
                 for label in labels or [None]
@@ -1082,12 +1057,12 @@ class PostgresStore:
 
 def _commit_params(customer_id: str, version: int, change: CustomerChange) -> list[Any]:
     """The parameters of `_COMMIT` for one block's change (ValueError on a naive time)."""
-    at = _utc(change.at)
+    at = utc(change.at)
     record = change.customer
     # One row per item (the last one given wins, as a row-by-row upsert would).
     seen = {s.item_id: s for s in change.seen}
     items = [
-        (s.item_id, s.product, s.state, _utc_or_none(s.expires_at), s.raw, _utc_or_none(s.read_at))
+        (s.item_id, s.product, s.state, utc_or_none(s.expires_at), s.raw, utc_or_none(s.read_at))
         for s in seen.values()
     ]
     marks = [
@@ -1098,7 +1073,7 @@ def _commit_params(customer_id: str, version: int, change: CustomerChange) -> li
         (
             e.customer_id, e.item_id, e.product, e.server, str(e.event), e.cycle,
             e.command_index, e.command, str(e.status), _text(e.reason), e.online,
-            _utc_or_none(e.not_before), e.resend,
+            utc_or_none(e.not_before), e.resend,
         )
         for e in change.entries
     ]  # fmt: skip
