@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
-import tempfile
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from pathlib import Path
 
 from daemon import __version__, log_format, startup_signals
@@ -27,9 +28,9 @@ from daemon.commands import (
 )
 from daemon.config import ConfigError, Settings, config_path_from, load_settings
 from daemon.http_api import ListenError
-from daemon.operator import UsageProblem, scratch_copy
+from daemon.operator import UsageProblem, open_state, state_copy
 from daemon.preflight import setup_problems
-from daemon.state import StoreError, StoreWriteError, open_store
+from daemon.state import Store, StoreError, StoreWriteError
 from daemon.state.lock import LockedError, LockFileError, state_lock
 from daemon.status import print_status
 from daemon.sync_pass import run_pass
@@ -177,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # (The service's own bind reports a busy http.listen, before any poll.)
         if _report_setup_problems(settings, listen=False):
             return EXIT_USAGE
-        with state_lock(settings.state_db_path):
+        with _file_lock(settings):
             if args.sync_now:
                 return asyncio.run(_sync_now(settings, dry_run=False))
             return asyncio.run(_serve(path, settings))
@@ -225,36 +226,60 @@ def _print_line(line: str) -> None:
     print(line, flush=True)
 
 
+def _file_lock(settings: Settings) -> AbstractContextManager[None]:
+    """One delivering perksync per state database. SQLite's: the state-file lock,
+    taken before the event loop starts; PostgreSQL's is in the database
+    (`_database_lock`)."""
+    if settings.state_db_postgres:
+        return contextlib.nullcontext()
+    return state_lock(settings.state_db_path)
+
+
+def _database_lock(settings: Settings, store: Store) -> AbstractAsyncContextManager[None]:
+    if not settings.state_db_postgres:
+        return contextlib.nullcontext()
+    from daemon.state.postgres import PostgresStore
+
+    assert isinstance(store, PostgresStore)
+    return store.hold_delivery_lock()
+
+
 async def _sync_now(settings: Settings, *, dry_run: bool) -> int:
     if dry_run:
-        with tempfile.TemporaryDirectory(prefix="perksync-dry-run-") as folder:
-            store = open_store(scratch_copy(settings.state_db_path, folder), throwaway=True)
-            # The printed lines are the output; "delivered" lines would mislead.
-            logging.getLogger("daemon.delivery").setLevel(logging.WARNING)
-            try:
-                report = await run_pass(settings, store, dry_run_output=_print_line)
-            finally:
-                await store.close()
-            log.info(
-                "dry run: %s (nothing was sent or stored)",
-                report.summary(dry_run=True, store_mode=settings.store_mode),
-            )
-            return EXIT_UNDELIVERED if report.customers_failed else EXIT_OK
-    store = open_store(str(settings.state_db_path))
+        with state_copy(settings) as scratch:
+            return await _dry_run(settings, scratch)
+    store = open_state(settings)
     try:
-        report = await run_pass(settings, store)
+        async with _database_lock(settings, store):
+            report = await run_pass(settings, store)
     finally:
         await store.close()
     log.info("%s", report.summary(store_mode=settings.store_mode))
     return report.exit_code
 
 
+async def _dry_run(settings: Settings, store: Store) -> int:
+    """A pass on a scratch copy of the state (`store`), closed after."""
+    # The printed lines are the output; "delivered" lines would mislead.
+    logging.getLogger("daemon.delivery").setLevel(logging.WARNING)
+    try:
+        report = await run_pass(settings, store, dry_run_output=_print_line)
+    finally:
+        await store.close()
+    log.info(
+        "dry run: %s (nothing was sent or stored)",
+        report.summary(dry_run=True, store_mode=settings.store_mode),
+    )
+    return EXIT_UNDELIVERED if report.customers_failed else EXIT_OK
+
+
 async def _serve(config_path: Path, settings: Settings) -> int:
     """Service mode (daemon/service.py) until SIGTERM/SIGINT."""
     from daemon.service import Service  # APScheduler and prometheus only here
 
-    store = open_store(str(settings.state_db_path))
+    store = open_state(settings)
     try:
-        return await Service(config_path, settings, store).run()
+        async with _database_lock(settings, store):
+            return await Service(config_path, settings, store).run()
     finally:
         await store.close()

@@ -11,17 +11,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import tempfile
 from typing import Any, Final
 
 from daemon.adopt import adopt
 from daemon.clock import SYSTEM_CLOCK
 from daemon.config import Settings
 from daemon.journal_view import DEFAULT_LIMIT, show_journal
-from daemon.operator import UsageProblem, open_existing, scratch_copy
+from daemon.operator import UsageProblem, open_existing, open_state, state_copy
 from daemon.resend import check_request, resend
 from daemon.row_commands import Outcome, cancel, named_rows, retry
-from daemon.state import JournalStatus, open_store
+from daemon.state import JournalStatus
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +148,7 @@ async def _adopt(settings: Settings, *, dry_run: bool) -> int:
         print(prefix + line, flush=True)
 
     # A dry run reads and writes a throw-away copy of the state.
-    scratch = tempfile.TemporaryDirectory(prefix="perksync-dry-run-") if dry_run else None
-    with scratch or contextlib.nullcontext():
-        path = scratch_copy(settings.state_db_path, scratch.name) if scratch else None
-        store = open_store(path or str(settings.state_db_path), throwaway=dry_run)
+    with state_copy(settings) if dry_run else contextlib.nullcontext(open_state(settings)) as store:
         try:
             adopted, failed = await adopt(settings, store, clock=SYSTEM_CLOCK, output=output)
         finally:

@@ -36,6 +36,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from adapters import PLATFORMS
 from daemon.paynow import validate_api_url
 from daemon.placeholders import Template, TemplateError, parse_template
+from daemon.state import is_postgres_url, postgres_driver_missing, postgres_url_problem
 
 DEFAULT_CONFIG_PATH = Path("/etc/perksync/config.yaml")
 EVENT_KEYS = ("on_active", "on_expire", "on_revoke")
@@ -104,7 +105,11 @@ class PayNowSettings(_Section):
 
 
 class SyncSettings(_Section):
+    # An SQLite file, or a postgresql:// URL (its password never in it: in
+    # state_db_password_env or state_db_password_file, at most one).
     state_db: str = "/var/lib/perksync/state.sqlite3"
+    state_db_password_env: str | None = None
+    state_db_password_file: str | None = None
     interval_seconds: Annotated[float, Field(ge=1, le=86_400)] = 60.0
     concurrency: Annotated[int, Field(ge=1, le=1000)] = 16
     expiry_grace_seconds: Annotated[float, Field(ge=0, le=86_400)] = 60.0
@@ -115,14 +120,36 @@ class SyncSettings(_Section):
     new_items_seconds: Annotated[float, Field(ge=1, le=3_600)] = 5.0
     new_items_overlap_seconds: Annotated[float, Field(ge=0, le=3_600)] = 30.0
 
+    _state_db_password: SecretStr | None = PrivateAttr(default=None)
+
     @field_validator("state_db")
     @classmethod
-    def _durable(cls, value: str) -> str:
+    def _check_state_db(cls, value: str) -> str:
         if value.startswith("memory:"):
             raise ValueError(
-                "a memory store forgets every delivered perk when perksync stops; give a file path"
+                "a memory store forgets every delivered perk when perksync stops; give a file "
+                "path or a postgresql:// URL"
             )
+        # The message never repeats the value: it may hold a password.
+        problem = postgres_url_problem(value) if is_postgres_url(value) else None
+        if problem is not None:
+            raise ValueError(problem)
         return value
+
+    @model_validator(mode="after")
+    def _password_source(self) -> Self:
+        given = [
+            key for key in ("state_db_password_env", "state_db_password_file") if getattr(self, key)
+        ]
+        if len(given) > 1:
+            raise ValueError("give at most one of state_db_password_env or state_db_password_file")
+        if given and not is_postgres_url(self.state_db):
+            raise ValueError(f"{given[0]}: only a postgresql:// state_db takes a password")
+        return self
+
+    @property
+    def has_state_db_password(self) -> bool:
+        return bool(self.state_db_password_env or self.state_db_password_file)
 
 
 class HttpSettings(_Section):
@@ -337,8 +364,25 @@ class Settings(BaseSettings):
         return (_EnvironmentOverrides(settings_cls), init_settings)
 
     @property
+    def state_db_postgres(self) -> bool:
+        """The state is in PostgreSQL (`sync.state_db` is a postgresql:// URL)."""
+        return is_postgres_url(self.sync.state_db)
+
+    @property
     def state_db_path(self) -> Path:
+        """The SQLite state file (meaningless when `state_db_postgres`)."""
         return self._resolve(self.sync.state_db)
+
+    @property
+    def state_db_url(self) -> str:
+        """What `open_store` takes: the URL, or the SQLite file's resolved path."""
+        return self.sync.state_db if self.state_db_postgres else str(self.state_db_path)
+
+    @property
+    def state_db_password(self) -> str | None:
+        """The PostgreSQL password, resolved; None when none is configured."""
+        secret = self.sync._state_db_password
+        return None if secret is None else secret.get_secret_value()
 
     def _resolve(self, value: str) -> Path:
         path = Path(value).expanduser()
@@ -657,6 +701,9 @@ def _check_cross_references(settings: Settings) -> list[str]:
                     )
             product._commands[event] = tuple(commands)
     errors += _check_mode(settings)
+    missing = postgres_driver_missing() if settings.state_db_postgres else None
+    if missing is not None:
+        errors.append(f"sync.state_db: {missing}")
     if settings.products and not settings.servers:
         errors.append("servers: no server is configured, so no product can be delivered")
     seen_tokens: dict[str, int] = {}
@@ -705,6 +752,8 @@ def _resolve_secrets(settings: Settings, base_dir: str, env: Mapping[str, str]) 
         jobs.append((settings.paynow, "api_key", "paynow", "_api_key"))
     if settings.paynow.has_webhook_secret:
         jobs.append((settings.paynow, "webhook_secret", "paynow", "_webhook_secret"))
+    if settings.sync.has_state_db_password:
+        jobs.append((settings.sync, "state_db_password", "sync", "_state_db_password"))
     for model, prefix, where, attribute in jobs:
         try:
             setattr(model, attribute, _read_secret(model, prefix, where, base_dir, env))

@@ -12,10 +12,12 @@ transactions.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
-from collections.abc import Awaitable, Callable
+import tempfile
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Final, TypeVar
 
@@ -36,11 +38,30 @@ class UsageProblem(Exception):
     product, a journal row): one line, exit status 2, nothing changed."""
 
 
+def open_state(settings: Settings, *, throwaway: bool = False) -> Store:
+    """The configured state store: SQLite's file or PostgreSQL's database."""
+    url = settings.state_db_url
+    return open_store(url, throwaway=throwaway, password=settings.state_db_password)
+
+
 def open_existing(settings: Settings) -> Store | None:
-    """The state store, or None if no pass has created it yet (a read-only
-    command does not create it)."""
-    path = settings.state_db_path
-    return open_store(str(path)) if path.exists() else None
+    """The state store, or None if no pass has created its SQLite file yet (a
+    read-only command does not create it; a PostgreSQL database is there)."""
+    if settings.state_db_postgres or settings.state_db_path.exists():
+        return open_state(settings)
+    return None
+
+
+@contextlib.contextmanager
+def state_copy(settings: Settings) -> Iterator[Store]:
+    """A throw-away copy of the state for a dry run, to close before leaving:
+    SQLite's file copied into a temporary folder; PostgreSQL's tables copied
+    into temporary ones of the copy's own connection."""
+    if settings.state_db_postgres:
+        yield open_state(settings, throwaway=True)
+        return
+    with tempfile.TemporaryDirectory(prefix="perksync-dry-run-") as folder:
+        yield open_store(scratch_copy(settings.state_db_path, folder), throwaway=True)
 
 
 async def in_block(

@@ -291,8 +291,8 @@ class Service:
             )
             notify.ready()
             return
-        if new.state_db_path != old.state_db_path:
-            log.warning("sync.state_db changed: restart perksync to use the new file")
+        if (new.state_db_url, new.state_db_password) != (old.state_db_url, old.state_db_password):
+            log.warning("sync.state_db or its password changed: restart perksync to use them")
         if new.http.listen != old.http.listen:
             log.warning("http.listen changed: restart perksync to apply it")
         self._reload_webhook_secret(new)

@@ -19,7 +19,15 @@ from daemon.config import Settings
 from daemon.delivery import waiting_kind
 from daemon.placeholders import printable
 from daemon.sources.store import CURSOR, LAST_NEW_ITEMS, LAST_SNAPSHOT, LAST_WEBHOOK, MISSING
-from daemon.state import JournalStatus, LinkStatus, ServerCounts, Store, Totals, open_store
+from daemon.state import (
+    JournalStatus,
+    LinkStatus,
+    ServerCounts,
+    Store,
+    Totals,
+    describe_postgres_url,
+    open_store,
+)
 from daemon.undelivered import (
     Undelivered,
     describe_unmapped,
@@ -97,16 +105,17 @@ async def _read(settings: Settings, store: Store) -> _State:
 
 async def print_status(settings: Settings) -> int:
     db_path = settings.state_db_path
-    if not db_path.exists():
+    if not settings.state_db_postgres and not db_path.exists():
         print(f"state: {db_path} does not exist yet (no pass has run)")
         state = _State()
     else:
-        store = open_store(str(db_path))
+        store = open_store(settings.state_db_url, password=settings.state_db_password)
         try:
             state = await _read(settings, store)
         finally:
             await store.close()
-        print(f"state: {db_path}")
+        where = settings.state_db_url
+        print(f"state: {describe_postgres_url(where) if settings.state_db_postgres else where}")
     if settings.store_mode:
         _print_store(settings, state)
     else:

@@ -4,15 +4,16 @@ The in-memory backend yields to the event loop at every call, so the tests of
 customer blocks see the interleavings a networked database allows; two
 stores opened on one database stand for two processes (or hosts).
 
-A backend other than SQLite and memory needs a database to talk to: give its
-URL in `PERKSYNC_TEST_<NAME>_URL` (e.g. PERKSYNC_TEST_POSTGRES_URL); each
-test must then start from an empty database. Without it, that backend's
-tests skip.
+PostgreSQL's tests each get an empty schema of the server tests/postgres_db.py
+finds (skipped when none answers). Another backend needs a database to talk
+to: give its URL in `PERKSYNC_TEST_<NAME>_URL`; each test must then start
+from an empty database. Without it, that backend's tests skip.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import json
@@ -49,6 +50,7 @@ from daemon.state import (
     Totals,
 )
 from daemon.state import memory as memory_backend
+from tests.postgres_db import empty_schema
 
 T = TypeVar("T")
 
@@ -64,46 +66,66 @@ Opener = Callable[[], Store]
 
 
 def run_async(test: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
-    """Run an async test function to completion (pytest-asyncio is not used)."""
+    """Run an async test function to completion (pytest-asyncio is not used),
+    closing the stores its `opener` opened in the same event loop."""
 
     @functools.wraps(test)
     def wrapper(*args: Any, **kwargs: Any) -> T:
-        return asyncio.run(test(*args, **kwargs))
+        async def run() -> T:
+            try:
+                return await test(*args, **kwargs)
+            finally:
+                opener = kwargs.get("opener")
+                if isinstance(opener, _Opener):
+                    await opener.close_all()
+
+        return asyncio.run(run())
 
     return wrapper
 
 
-def _url(backend: str, tmp_path: Path) -> str:
+@contextlib.contextmanager
+def _database(backend: str, tmp_path: Path) -> Iterator[str]:
+    """The URL of an empty database of `backend`, for one test."""
     if backend == "sqlite":
-        return str(tmp_path / "state.sqlite3")
-    if backend == "memory":
-        return f"memory://{tmp_path}"
-    url = os.environ.get(f"PERKSYNC_TEST_{backend.upper()}_URL")
-    if not url:
-        pytest.skip(f"set PERKSYNC_TEST_{backend.upper()}_URL to test the {backend} backend")
-    return url
+        yield str(tmp_path / "state.sqlite3")
+    elif backend == "memory":
+        yield f"memory://{tmp_path}"
+        memory_backend.forget(f"memory://{tmp_path}")
+    elif backend == "postgres":
+        with empty_schema() as url:
+            yield url
+    else:
+        url = os.environ.get(f"PERKSYNC_TEST_{backend.upper()}_URL")
+        if not url:
+            pytest.skip(f"set PERKSYNC_TEST_{backend.upper()}_URL to test the {backend} backend")
+        yield url
+
+
+class _Opener:
+    """Opens a store on one database each time it is called."""
+
+    def __init__(self, backend: str, url: str) -> None:
+        self.backend, self.url = BACKENDS[backend], url
+        self.opened: list[Store] = []
+
+    def __call__(self) -> Store:
+        store = self.backend(self.url)
+        self.opened.append(store)
+        return store
+
+    async def close_all(self) -> None:
+        for store in self.opened:
+            await store.close()
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
     """Opens a store on the same database each time it is called; closes them all after."""
-    url = _url(request.param, tmp_path)
-    backend = BACKENDS[request.param]
-    opened: list[Store] = []
-
-    def open_() -> Store:
-        store = backend(url)
-        opened.append(store)
-        return store
-
-    yield open_
-
-    async def close_all() -> None:
-        for store in opened:
-            await store.close()
-
-    asyncio.run(close_all())
-    memory_backend.forget(url)
+    with _database(request.param, tmp_path) as url:
+        open_ = _Opener(request.param, url)
+        yield open_
+        asyncio.run(open_.close_all())
 
 
 # --- building blocks -------------------------------------------------------------
@@ -1143,12 +1165,13 @@ async def test_blocks_for_different_customers_run_side_by_side(opener: Opener) -
             )  # fmt: skip
 
     tasks = [asyncio.create_task(block("100", "200")), asyncio.create_task(block("200", "100"))]
-    for _ in range(200):  # event-loop turns, not time: plenty for both to enter
-        if all(event.is_set() for event in inside.values()):
-            break
-        await asyncio.sleep(0)
-    both_inside = all(event.is_set() for event in inside.values())
+    entered = asyncio.ensure_future(asyncio.gather(*(e.wait() for e in inside.values())))
+    # A networked backend takes real time to read `known`: the bound only ends
+    # the wait of a broken backend, whose two blocks would wait for each other.
+    await asyncio.wait([entered], timeout=30)
+    both_inside = entered.done()
     if not both_inside:
+        entered.cancel()
         for task in tasks:
             task.cancel()
     results = await asyncio.gather(*tasks, return_exceptions=True)

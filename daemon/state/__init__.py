@@ -2,8 +2,9 @@
 
 Backends implement `Store`; `tests/test_store_contract.py` runs one contract
 suite against every backend in `BACKENDS`: SQLite (`daemon/state/sqlite.py`,
-the embedded default) and an in-memory one that yields to the event loop at
-every call (`daemon/state/memory.py`: fast engine tests, and it finds
+the embedded default), PostgreSQL (`daemon/state/postgres.py`: one database
+that several hosts share) and an in-memory one that yields to the event loop
+at every call (`daemon/state/memory.py`: fast engine tests, and it finds
 ordering bugs that a backend which never awaits would hide).
 
 The journal holds one row per (item, server, cycle, event, command index).
@@ -32,6 +33,7 @@ from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Final, Protocol
+from urllib.parse import parse_qs, parse_qsl, urlsplit
 
 from daemon.diff import Mark, MarkKey
 
@@ -520,18 +522,77 @@ class Store(Protocol):
 
 StoreOpener = Callable[[str], "Store"]
 
+POSTGRES_SCHEMES: Final = ("postgresql://", "postgres://")
+# Query parameters of a libpq URL that carry a secret.
+_SECRET_PARAMETERS: Final = frozenset({"password", "sslpassword"})
 
-def open_store(url: str, *, throwaway: bool = False) -> Store:
+
+def is_postgres_url(url: str) -> bool:
+    return url.startswith(POSTGRES_SCHEMES)
+
+
+def postgres_url_problem(url: str) -> str | None:
+    """Why `url` cannot name a PostgreSQL state database, or None. Never
+    repeats a password the URL holds."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError when the port is not a number
+    except ValueError:
+        return "not a valid URL (postgresql://USER@HOST:PORT/DATABASE)"
+    query = {key.lower() for key in parse_qs(parts.query, keep_blank_values=True)}
+    if parts.password is not None or query & _SECRET_PARAMETERS:
+        return (
+            "the URL holds a password: remove it from the URL, and give it in "
+            "sync.state_db_password_env or sync.state_db_password_file"
+        )
+    return None
+
+
+def describe_postgres_url(url: str) -> str:
+    """The URL as messages name the database: user, host, port, database and
+    schema (`search_path`) only."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host if parts.port is None else f"{host}:{parts.port}"
+    if parts.username:
+        netloc = f"{parts.username}@{netloc}"
+    schemas = [v for k, v in parse_qsl(parts.query) if k.lower() == "search_path"]
+    where = f"?search_path={schemas[0]}" if schemas else ""
+    return f"{parts.scheme}://{netloc}{parts.path}{where}"
+
+
+def postgres_driver_missing() -> str | None:
+    """What to install for a PostgreSQL state database, when its driver is missing."""
+    try:
+        import asyncpg  # noqa: F401
+    except ImportError:
+        return (
+            "a postgresql:// state database needs the asyncpg driver: "
+            "pip install 'perksync[postgresql]'"
+        )
+    return None
+
+
+def open_store(url: str, *, throwaway: bool = False, password: str | None = None) -> Store:
     """Open the store named by `url`: a file path (SQLite), `sqlite:///path`,
-    or `memory://name` (in this process only, for tests: see
-    daemon/state/memory.py).
+    a `postgresql://` URL (its password given apart, never in the URL), or
+    `memory://name` (in this process only, for tests: see daemon/state/memory.py).
 
     `throwaway`: a scratch copy (a dry run's), whose creation is not news to
-    the operator."""
+    the operator; for PostgreSQL, a copy that only this store sees."""
     if url.startswith("memory://"):
         from daemon.state.memory import MemoryStore
 
         return MemoryStore(url)
+    if is_postgres_url(url):
+        missing = postgres_driver_missing()
+        if missing is not None:
+            raise StoreError(missing)
+        from daemon.state.postgres import PostgresStore
+
+        return PostgresStore(url, password=password, throwaway=throwaway)
     from daemon.state.sqlite import SqliteStore
 
     path = url.removeprefix("sqlite://") if url.startswith("sqlite://") else url
@@ -539,4 +600,8 @@ def open_store(url: str, *, throwaway: bool = False) -> Store:
 
 
 # Backend name → opener of its URLs; the contract tests run against each entry.
-BACKENDS: dict[str, StoreOpener] = {"memory": open_store, "sqlite": open_store}
+BACKENDS: dict[str, StoreOpener] = {
+    "memory": open_store,
+    "postgres": open_store,
+    "sqlite": open_store,
+}

@@ -19,15 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
 from daemon.diff import Mark, Phase
 from daemon.state import (
-    REPLY_LIMIT,
     UNFINISHED,
     CustomerChange,
     CustomerTxn,
@@ -47,6 +45,7 @@ from daemon.state import (
     Totals,
 )
 from daemon.state.blocks import Block, CustomerLocks
+from daemon.state.values import cut_reply, ids_set, utc, utc_or_none
 
 log = logging.getLogger(__name__)
 
@@ -159,34 +158,6 @@ def forget(url: str) -> None:
     _DATABASES.pop(url, None)
 
 
-def _utc(value: datetime) -> datetime:
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError(f"naive datetime {value.isoformat()}: the store needs aware times")
-    return value.astimezone(UTC)
-
-
-def _utc_or_none(value: datetime | None) -> datetime | None:
-    return None if value is None else _utc(value)
-
-
-def _cut(reply: str | None) -> str | None:
-    return None if reply is None else reply[:REPLY_LIMIT]
-
-
-def _ids(raw: str | None, fields: Sequence[str]) -> frozenset[str] | None:
-    """Which of `fields` the customer's JSON sets (not missing, null, "", false
-    or 0); None without JSON, or with JSON that does not parse."""
-    if raw is None:
-        return None
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return None
-    if not isinstance(value, dict):
-        return frozenset()
-    return frozenset(f for f in fields if value.get(f) not in ("", 0, None))
-
-
 class MemoryStore:
     """`daemon.state.Store` in this process's memory; see the module docstring."""
 
@@ -224,11 +195,11 @@ class MemoryStore:
         db = await self._turn()
         block.check_marks(change)
         customer_id = block.customer_id
-        at = _utc(change.at)
+        at = utc(change.at)
         items = {
             s.item_id: _Item(
-                customer_id, s.product, s.state, _utc_or_none(s.expires_at), s.raw,
-                _utc_or_none(s.read_at),
+                customer_id, s.product, s.state, utc_or_none(s.expires_at), s.raw,
+                utc_or_none(s.read_at),
             )
             for s in change.seen
         }  # fmt: skip
@@ -285,7 +256,7 @@ class MemoryStore:
         return {label: link.digest for label, link in db.links.items() if link.digest is not None}
 
     async def record_unchanged(self, synced: Mapping[str, datetime]) -> None:
-        times = {label: _utc(at) for label, at in synced.items()}
+        times = {label: utc(at) for label, at in synced.items()}
         db = await self._turn()
         for label, at in times.items():
             link = db.links.get(label)
@@ -294,7 +265,7 @@ class MemoryStore:
                 link.last_error = link.last_error_at = None
 
     async def record_link_error(self, label: str, error: str, at: datetime) -> None:
-        when = _utc(at)
+        when = utc(at)
         db = await self._turn()
         link = db.links.setdefault(label, _Link())
         link.last_error, link.last_error_at = error, when
@@ -319,7 +290,7 @@ class MemoryStore:
     # --- local expiry ---------------------------------------------------------------
 
     async def due_expiries(self, cutoff: datetime) -> list[DueExpiry]:
-        until = _utc(cutoff)
+        until = utc(cutoff)
         db = await self._turn()
         due = []
         for item_id, item in db.items.items():
@@ -362,7 +333,7 @@ class MemoryStore:
         (await self._turn()).meta.update(values)
 
     async def remember_webhook(self, event_id: str, at: datetime, forget_before: datetime) -> bool:
-        when, before = _utc(at), _utc(forget_before)
+        when, before = utc(at), utc(forget_before)
         db = await self._turn()
         for old in [e for e, received in db.webhooks.items() if received < before]:
             del db.webhooks[old]
@@ -410,7 +381,7 @@ class MemoryStore:
         )
 
     async def mark_delivered(self, row_id: int, at: datetime, reply: str | None = None) -> None:
-        when, kept = _utc(at), _cut(reply)
+        when, kept = utc(at), cut_reply(reply)
         await self._finish(
             row_id,
             lambda row: dataclasses.replace(
@@ -419,7 +390,7 @@ class MemoryStore:
         )
 
     async def mark_rejected(self, row_id: int, reply: str, reason: str, at: datetime) -> None:
-        when, kept = _utc(at), _cut(reply)
+        when, kept = utc(at), cut_reply(reply)
         await self._finish(
             row_id,
             lambda row: dataclasses.replace(
@@ -428,7 +399,7 @@ class MemoryStore:
         )
 
     async def mark_failed(self, row_id: int, reason: str, at: datetime) -> None:
-        when = _utc(at)
+        when = utc(at)
         await self._finish(
             row_id,
             lambda row: dataclasses.replace(
@@ -439,7 +410,7 @@ class MemoryStore:
     async def prune_journal(self, finished_before: datetime, limit: int) -> int:
         if limit < 1:
             raise ValueError(f"limit must be at least 1, not {limit}")
-        before = _utc(finished_before)
+        before = utc(finished_before)
         db = await self._turn()
         old = sorted(
             (row.finished_at, row.id)
@@ -522,7 +493,7 @@ class MemoryStore:
             customer = db.customers.get(customer_id)
             if customer is None:
                 continue
-            ids = _ids(customer.raw, fields)
+            ids = ids_set(customer.raw, fields)
             live += [
                 LiveItems(label, customer_id, customer.name, product, count, ids)
                 for label in labels.get(customer_id) or [None]
@@ -600,7 +571,7 @@ def _journal(db: _Database, entries: Sequence[JournalEntry], at: datetime) -> li
             created_at=at,
             finished_at=None if e.status in UNFINISHED else at,
             online=e.online,
-            not_before=_utc_or_none(e.not_before),
+            not_before=utc_or_none(e.not_before),
             resend=e.resend,
         )
         new.append(db.last_id)
