@@ -371,7 +371,9 @@ WITH cas AS (
     WHERE customer_id = $1 AND status IN ('pending', 'waiting') AND EXISTS (SELECT FROM cas)
       AND (id = ANY($36::bigint[])
            OR (event = 'on_active'
-               AND (item_id, server) IN (SELECT * FROM unnest($34::text[], $35::text[]))))
+               AND (item_id, server) IN (SELECT * FROM unnest($34::text[], $35::text[]))
+               -- only grants that wait: a plain pending one is sent before its take-back
+               AND (status = 'waiting' OR online OR not_before IS NOT NULL)))
 ), journaled AS (
     INSERT INTO journal (customer_id, item_id, product, server, event, cycle, command_index,
                          command, status, reason, created_at, finished_at, online,
