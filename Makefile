@@ -17,7 +17,7 @@ demo: $(BIN)/perksync
 
 # Lint, type-check and run the whole test suite (what CI runs).
 test: $(BIN)/perksync lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n auto
 
 lint: $(BIN)/perksync
 	$(BIN)/ruff check .
