@@ -11,13 +11,13 @@ $(BIN)/perksync: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-# Run a real --sync-now pass against bundled loopback fakes of PayNow and two game servers.
+# Run the README's shop example (real --sync-now passes, a wipe, resend) against loopback fakes.
 demo: $(BIN)/perksync
 	$(BIN)/python -m tests.fakes.demo
 
 # Lint, type-check and run the whole test suite (what CI runs).
 test: $(BIN)/perksync lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n auto
 
 lint: $(BIN)/perksync
 	$(BIN)/ruff check .

@@ -48,7 +48,7 @@ class GameServer(Protocol):
     # "minecraft" | "source"
     platform: ClassVar[str]
     # The Customer field a customer must have for this platform to act on them
-    # ("minecraft_uuid" / "steam_id"), SPEC §6.
+    # ("minecraft_uuid" / "steam_id").
     routing_field: ClassVar[str]
     # Longest command body in UTF-8 bytes this platform accepts.
     max_command_bytes: ClassVar[int]

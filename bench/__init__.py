@@ -1,4 +1,4 @@
-"""perksync benchmarks (issue 4): poll pass, RCON throughput, growth.
+"""perksync benchmarks: poll pass, RCON throughput, growth.
 
 `python -m bench` runs everything on loopback and writes
 `bench/results/latest.md` and `bench/results/latest.json`; `python -m bench

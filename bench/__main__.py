@@ -55,9 +55,7 @@ def _rates(text: str) -> tuple[float, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench", description="perksync benchmarks (issue 4)"
-    )
+    parser = argparse.ArgumentParser(prog="python -m bench", description="perksync benchmarks")
     parser.add_argument("part", nargs="?", default="all", choices=["all", *PARTS, "idle"])
     parser.add_argument("--customers", type=int, default=10_000, help="poll / idle: customers")
     parser.add_argument("--items", type=int, default=5, help="poll: items per customer")

@@ -4,7 +4,7 @@
 
 For every customer (one line of FILE: the token, then the `after` cursors of
 its later inventory pages, as `bench.fakes` writes them) it requests the
-customer, then every inventory page, exactly as `PayNowClient` does (same
+customer, then every inventory page, exactly as `StorefrontClient` does (same
 URLs, headers, connection pool and per-request timeout), `concurrency`
 customers at a time, one customer after the other per worker as the engine's
 pollers do, and does nothing with the answers but read them. It imports

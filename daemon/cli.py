@@ -1,4 +1,4 @@
-"""The `perksync` command line (SPEC §3). The only place logging is configured.
+"""The `perksync` command line. The only place logging is configured.
 
 Exit status: 0 all done; 2 invalid configuration or command line, or a state
 folder, state database or listen address that cannot be used as set up
@@ -11,32 +11,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
-import os
-import sqlite3
 import sys
-import tempfile
 from collections.abc import Sequence
-from datetime import datetime
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from pathlib import Path
 
 from daemon import __version__, log_format, startup_signals
-from daemon.config import ConfigError, Settings, config_path_from, load_settings
-from daemon.engine import Engine, PassReport, SyncPass, make_server_factory
-from daemon.http_api import ListenError
-from daemon.paynow import PayNowClient, make_session
-from daemon.placeholders import printable
-from daemon.preflight import setup_problems
-from daemon.state import Store, StoreError, StoreWriteError, open_store
-from daemon.state_lock import LockedError, LockFileError, state_lock
-from daemon.state_sqlite import empty_file_problem
-from daemon.undelivered import (
-    Undelivered,
-    describe_unmapped,
-    describe_unroutable,
-    find_undelivered,
-    id_fields,
+from daemon.commands import (
+    DRY_RUN_COMMANDS,
+    OPERATOR_COMMANDS,
+    WRITING_COMMANDS,
+    add_commands,
+    run_command,
 )
+from daemon.config import ConfigError, Settings, config_path_from, load_settings
+from daemon.http_api import ListenError
+from daemon.operator import UsageProblem, open_state, state_copy
+from daemon.preflight import setup_problems
+from daemon.state import Store, StoreError, StoreWriteError
+from daemon.state.lock import LockedError, LockFileError, state_lock
+from daemon.status import print_status
+from daemon.sync_pass import run_pass
 
 log = logging.getLogger("perksync")
 
@@ -62,8 +59,33 @@ exit status:
      state folder or the listen address); nothing was contacted
   3  the pass finished, but something is not delivered: a customer's inventory
      could not be read, a command is still pending (server down), or a command
-     failed in this pass
+     failed or was rejected (an error reply) in this pass (commands waiting for
+     their player or their time do not count); for resend, adopt, cancel and
+     retry: something asked was not done (a row left as it is, a customer not
+     read or changed)
 """
+
+
+CONFIG_HELP = "config file (default: $PERKSYNC_CONFIG or /etc/perksync/config.yaml)"
+
+
+def _common_options(*, defaults: bool) -> argparse.ArgumentParser:
+    """--config and -v, accepted before and after a command's name. A
+    command's copy leaves them unset unless given (argparse would otherwise
+    let it overwrite what was given before the command's name)."""
+    common = argparse.ArgumentParser(add_help=False)
+    unset = argparse.SUPPRESS
+    common.add_argument(
+        "--config", metavar="PATH", help=CONFIG_HELP, default=None if defaults else unset
+    )
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging",
+        default=False if defaults else unset,
+    )
+    return common
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,19 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="perksync",
         description=(
             "Turn PayNow purchases into in-game perks over RCON, exactly once.\n\n"
-            "Plain `perksync` (no --sync-now, --check-config or status) runs the\n"
+            "Plain `perksync` (no --sync-now, --check-config or command) runs the\n"
             "long-lived service, as the systemd unit does; SIGTERM stops it."
         ),
         epilog=EXIT_STATUS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "command", nargs="?", choices=["status"], help="status: show customers and the journal"
-    )
-    parser.add_argument(
-        "--config",
-        metavar="PATH",
-        help="config file (default: $PERKSYNC_CONFIG or /etc/perksync/config.yaml)",
+        parents=[_common_options(defaults=True)],
     )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--sync-now", action="store_true", help="run one full pass and exit")
@@ -93,8 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --sync-now: print the commands a pass would send; change nothing",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"perksync {__version__}")
+    add_commands(
+        parser.add_subparsers(dest="command", metavar="COMMAND"), _common_options(defaults=False)
+    )
     return parser
 
 
@@ -121,10 +138,10 @@ def _print_error(line: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        if args.dry_run and not args.sync_now:
-            raise _UsageError("--dry-run goes with --sync-now")
-        if args.command == "status" and (args.sync_now or args.check_config or args.dry_run):
-            raise _UsageError("status takes no other mode flag")
+        if args.command and (args.sync_now or args.check_config):
+            raise _UsageError(f"{args.command} takes no other mode flag")
+        if args.dry_run and not (args.sync_now or args.command in DRY_RUN_COMMANDS):
+            raise _UsageError("--dry-run goes with --sync-now, resend or adopt")
     except _UsageError as exc:
         _print_error(str(exc))
         return EXIT_USAGE
@@ -142,19 +159,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.check_config:
             if _report_setup_problems(settings, listen=True):
                 return EXIT_USAGE
+            linked = (
+                f"store mode (store {settings.paynow.store_id})"
+                if settings.store_mode
+                else f"{len(settings.customers)} customers"
+            )
             print(
-                f"{path}: OK ({len(settings.customers)} customers, "
+                f"{path}: OK ({linked}, "
                 f"{len(settings.servers)} servers, {len(settings.products)} products)"
             )
             return EXIT_OK
         if args.command == "status":
-            return asyncio.run(_status(settings))
+            return asyncio.run(print_status(settings))
+        if args.command in OPERATOR_COMMANDS:
+            return _operator_command(args, settings)
         if args.sync_now and args.dry_run:
             return asyncio.run(_sync_now(settings, dry_run=True))
         # (The service's own bind reports a busy http.listen, before any poll.)
         if _report_setup_problems(settings, listen=False):
             return EXIT_USAGE
-        with state_lock(settings.state_db_path):
+        with _file_lock(settings):
             if args.sync_now:
                 return asyncio.run(_sync_now(settings, dry_run=False))
             return asyncio.run(_serve(path, settings))
@@ -177,6 +201,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_UNEXPECTED
 
 
+def _operator_command(args: argparse.Namespace, settings: Settings) -> int:
+    """journal, resend, adopt, cancel, retry: beside the service, without the
+    state lock (see daemon/operator.py)."""
+    if args.command in WRITING_COMMANDS and _report_setup_problems(settings, listen=False):
+        return EXIT_USAGE
+    try:
+        return asyncio.run(run_command(args, settings))
+    except UsageProblem as exc:
+        _print_error(str(exc))
+        return EXIT_USAGE
+
+
 def _report_setup_problems(settings: Settings, *, listen: bool) -> bool:
     """Print what of the machine stops perksync from starting (the state folder,
     with `listen` the service's listen address); True if anything does."""
@@ -186,122 +222,64 @@ def _report_setup_problems(settings: Settings, *, listen: bool) -> bool:
     return bool(problems)
 
 
-async def _run_pass(settings: Settings, store: Store, *, dry_run: bool) -> PassReport:
-    async with make_session() as session:
-        paynow = PayNowClient(
-            session,
-            settings.paynow.api_url,
-            timeout_seconds=settings.paynow.timeout_seconds,
-            requests_per_second=settings.paynow.requests_per_second,
-        )
-        output = (lambda line: print(line, flush=True)) if dry_run else None
-        engine = Engine(settings, store, paynow)
-        sync = SyncPass(engine, make_server_factory(settings), dry_run_output=output)
-        return await sync.run()
+def _print_line(line: str) -> None:
+    print(line, flush=True)
 
 
-def _scratch_copy(db_path: Path, folder: str) -> str:
-    """A throw-away copy of the state for a dry run (the real file is only read)."""
-    scratch = os.path.join(folder, "dry-run.sqlite3")
-    if db_path.exists():
-        if db_path.stat().st_size == 0:
-            raise StoreError(empty_file_problem(db_path))
-        source = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-        target = sqlite3.connect(scratch)
-        try:
-            source.backup(target)
-        finally:
-            source.close()
-            target.close()
-    return scratch
+def _file_lock(settings: Settings) -> AbstractContextManager[None]:
+    """One delivering perksync per state database. SQLite's: the state-file lock,
+    taken before the event loop starts; PostgreSQL's is in the database
+    (`_database_lock`)."""
+    if settings.state_db_postgres:
+        return contextlib.nullcontext()
+    return state_lock(settings.state_db_path)
+
+
+def _database_lock(settings: Settings, store: Store) -> AbstractAsyncContextManager[None]:
+    if not settings.state_db_postgres:
+        return contextlib.nullcontext()
+    from daemon.state.postgres import PostgresStore
+
+    assert isinstance(store, PostgresStore)
+    return store.hold_delivery_lock()
 
 
 async def _sync_now(settings: Settings, *, dry_run: bool) -> int:
     if dry_run:
-        with tempfile.TemporaryDirectory(prefix="perksync-dry-run-") as folder:
-            store = open_store(_scratch_copy(settings.state_db_path, folder), throwaway=True)
-            try:
-                report = await _run_pass(settings, store, dry_run=True)
-            finally:
-                await store.close()
-            log.info("dry run: %s (nothing was sent or stored)", report.summary())
-            return EXIT_UNDELIVERED if report.customers_failed else EXIT_OK
-    store = open_store(str(settings.state_db_path))
+        with state_copy(settings) as scratch:
+            return await _dry_run(settings, scratch)
+    store = open_state(settings)
     try:
-        report = await _run_pass(settings, store, dry_run=False)
+        async with _database_lock(settings, store):
+            report = await run_pass(settings, store)
     finally:
         await store.close()
-    log.info("%s", report.summary())
+    log.info("%s", report.summary(store_mode=settings.store_mode))
     return report.exit_code
+
+
+async def _dry_run(settings: Settings, store: Store) -> int:
+    """A pass on a scratch copy of the state (`store`), closed after."""
+    # The printed lines are the output; "delivered" lines would mislead.
+    logging.getLogger("daemon.delivery").setLevel(logging.WARNING)
+    try:
+        report = await run_pass(settings, store, dry_run_output=_print_line)
+    finally:
+        await store.close()
+    log.info(
+        "dry run: %s (nothing was sent or stored)",
+        report.summary(dry_run=True, store_mode=settings.store_mode),
+    )
+    return EXIT_UNDELIVERED if report.customers_failed else EXIT_OK
 
 
 async def _serve(config_path: Path, settings: Settings) -> int:
     """Service mode (daemon/service.py) until SIGTERM/SIGINT."""
     from daemon.service import Service  # APScheduler and prometheus only here
 
-    store = open_store(str(settings.state_db_path))
+    store = open_state(settings)
     try:
-        return await Service(config_path, settings, store).run()
+        async with _database_lock(settings, store):
+            return await Service(config_path, settings, store).run()
     finally:
         await store.close()
-
-
-def _when(moment: datetime | None) -> str:
-    return moment.strftime("%Y-%m-%d %H:%M:%S UTC") if moment else "never"
-
-
-async def _status(settings: Settings) -> int:
-    db_path = settings.state_db_path
-    if not db_path.exists():
-        print(f"state: {db_path} does not exist yet (no pass has run)")
-        known_customers, counts, undelivered = [], [], Undelivered()
-    else:
-        store = open_store(str(db_path))
-        try:
-            known_customers = await store.customers()
-            counts = await store.server_counts()
-            live = await store.live_items(id_fields(settings))
-            undelivered = find_undelivered(settings, live)
-        finally:
-            await store.close()
-        print(f"state: {db_path}")
-    by_label = {c.label: c for c in known_customers}
-    print(f"customers ({len(settings.customers)} linked):")
-    for index, link in enumerate(settings.customers):
-        label = link.describe(index)
-        known = by_label.get(label)
-        if known is None:
-            print(f"  {label}: never synced")
-            continue
-        who = known.customer_id or "?"
-        if known.name:
-            who += f" ({printable(known.name)})"
-        line = f"  {label}: customer {who}, last synced {_when(known.last_synced_at)}"
-        if known.last_error:
-            line += f"; last error {_when(known.last_error_at)}: {printable(known.last_error, 200)}"
-        print(line)
-    print("servers:")
-    by_server = {c.server: c for c in counts}
-    for name in sorted(set(settings.servers) | set(by_server)):
-        c = by_server.get(name)
-        note = "" if name in settings.servers else " (no longer in the config)"
-        if c is None:
-            print(f"  {name}: nothing journaled yet{note}")
-        else:
-            print(
-                f"  {name}: {c.pending} pending, {c.failed} failed, {c.skipped} skipped, "
-                f"{c.delivered} delivered{note}"
-            )
-    _print_undelivered(undelivered)
-    return EXIT_OK
-
-
-def _print_undelivered(undelivered: Undelivered) -> None:
-    if not (undelivered.unmapped or undelivered.unroutable):
-        print("live items that reach no server: none")
-        return
-    print(f"live items that reach no server: {undelivered.items}")
-    for unmapped in undelivered.unmapped:
-        print(f"  {describe_unmapped(unmapped)}")
-    for unroutable in undelivered.unroutable:
-        print(f"  {describe_unroutable(unroutable)}")

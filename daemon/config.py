@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Mapping
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from types import NoneType, UnionType
 from typing import Annotated, Any, Self, get_args
@@ -35,6 +36,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from adapters import PLATFORMS
 from daemon.paynow import validate_api_url
 from daemon.placeholders import Template, TemplateError, parse_template
+from daemon.state import is_postgres_url, postgres_driver_missing, postgres_url_problem
 
 DEFAULT_CONFIG_PATH = Path("/etc/perksync/config.yaml")
 EVENT_KEYS = ("on_active", "on_expire", "on_revoke")
@@ -58,18 +60,96 @@ class PayNowSettings(_Section):
     timeout_seconds: Annotated[float, Field(gt=0, le=300)] = 10.0
     # One budget for the whole process; PayNow's storefront limits are per IP.
     requests_per_second: Annotated[float, Field(ge=0, le=10_000)] = 20.0
+    # Store mode: the store and a Management API key (they go together).
+    store_id: Annotated[str, Field(pattern=r"^[0-9]{1,20}$")] | None = None
+    api_key_env: str | None = None
+    api_key_file: str | None = None
+    api_key: SecretStr | None = None
+    # Store mode, optional: the secret PayNow signs webhooks with.
+    webhook_secret_env: str | None = None
+    webhook_secret_file: str | None = None
+    webhook_secret: SecretStr | None = None
+
+    _api_key: SecretStr | None = PrivateAttr(default=None)
+    _webhook_secret: SecretStr | None = PrivateAttr(default=None)
 
     @field_validator("api_url")
     @classmethod
     def _check_url(cls, value: str) -> str:
         return validate_api_url(value)
 
+    @model_validator(mode="after")
+    def _at_most_one_source(self) -> Self:
+        _at_most_one(self, "api_key")
+        _at_most_one(self, "webhook_secret")
+        return self
+
+    @property
+    def has_api_key(self) -> bool:
+        return bool(self.api_key_env or self.api_key_file or self.api_key)
+
+    @property
+    def has_webhook_secret(self) -> bool:
+        return bool(self.webhook_secret_env or self.webhook_secret_file or self.webhook_secret)
+
+    @property
+    def api_key_secret(self) -> SecretStr:
+        if self._api_key is None:
+            raise RuntimeError("the API key is resolved by load_settings")
+        return self._api_key
+
+    @property
+    def webhook_secret_value(self) -> SecretStr | None:
+        """The webhook secret, resolved; None when webhooks are off."""
+        return self._webhook_secret
+
 
 class SyncSettings(_Section):
+    # An SQLite file, or a postgresql:// URL (its password never in it: in
+    # state_db_password_env or state_db_password_file, at most one).
     state_db: str = "/var/lib/perksync/state.sqlite3"
+    state_db_password_env: str | None = None
+    state_db_password_file: str | None = None
     interval_seconds: Annotated[float, Field(ge=1, le=86_400)] = 60.0
     concurrency: Annotated[int, Field(ge=1, le=1000)] = 16
     expiry_grace_seconds: Annotated[float, Field(ge=0, le=86_400)] = 60.0
+    # Store mode: how often new items are read, and how far back each read
+    # looks again for items that became visible late.
+    # Finished journal rows older than this are pruned (0: at the next pass).
+    journal_retention_days: Annotated[float, Field(ge=0, le=36_500)] = 90.0
+    new_items_seconds: Annotated[float, Field(ge=1, le=3_600)] = 5.0
+    new_items_overlap_seconds: Annotated[float, Field(ge=0, le=3_600)] = 30.0
+
+    _state_db_password: SecretStr | None = PrivateAttr(default=None)
+
+    @field_validator("state_db")
+    @classmethod
+    def _check_state_db(cls, value: str) -> str:
+        if value.startswith("memory:"):
+            raise ValueError(
+                "a memory store forgets every delivered perk when perksync stops; give a file "
+                "path or a postgresql:// URL"
+            )
+        # The message never repeats the value: it may hold a password.
+        problem = postgres_url_problem(value) if is_postgres_url(value) else None
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    @model_validator(mode="after")
+    def _password_source(self) -> Self:
+        given = [
+            key for key in ("state_db_password_env", "state_db_password_file") if getattr(self, key)
+        ]
+        if len(given) > 1:
+            raise ValueError("give at most one of state_db_password_env or state_db_password_file")
+        if given and not is_postgres_url(self.state_db):
+            raise ValueError(f"{given[0]}: only a postgresql:// state_db takes a password")
+        return self
+
+    @property
+    def has_state_db_password(self) -> bool:
+        return bool(self.state_db_password_env or self.state_db_password_file)
 
 
 class HttpSettings(_Section):
@@ -86,12 +166,30 @@ class HttpSettings(_Section):
         return value
 
 
+def _compile(pattern: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"not a regular expression: {exc}") from None
+
+
+def _secret_sources(model: BaseModel, prefix: str) -> list[str]:
+    return [f"{prefix}{s}" for s in ("_env", "_file", "") if getattr(model, f"{prefix}{s}")]
+
+
 def _exactly_one(model: BaseModel, prefix: str) -> None:
-    given = [f"{prefix}{s}" for s in ("_env", "_file", "") if getattr(model, f"{prefix}{s}")]
+    given = _secret_sources(model, prefix)
     if len(given) != 1:
         options = f"{prefix}_env, {prefix}_file or {prefix}"
         found = f" (found {', '.join(given)})" if given else ""
         raise ValueError(f"give exactly one of {options}{found}")
+
+
+def _at_most_one(model: BaseModel, prefix: str) -> None:
+    given = _secret_sources(model, prefix)
+    if len(given) > 1:
+        options = f"{prefix}_env, {prefix}_file or {prefix}"
+        raise ValueError(f"give at most one of {options} (found {', '.join(given)})")
 
 
 class CustomerLink(_Section):
@@ -134,8 +232,38 @@ class ServerSettings(_Section):
     password_file: str | None = None
     password: SecretStr | None = None
     timeout_seconds: Annotated[float, Field(gt=0, le=300)] = 5.0
+    # Regular expressions searched anywhere in a reply: a match marks the
+    # command rejected (on top of the platform's own error replies).
+    error_replies: list[str] = []
+    # Regular expressions: a reply to an online-only command saying the player
+    # is not there returns it to waiting (on top of the platform's own).
+    offline_replies: list[str] = []
+    # How the player list is read, where the game's differs from the
+    # platform's default (`players_pattern`: a regular expression with a
+    # group for the player's id).
+    players_command: Annotated[str, Field(min_length=1)] | None = None
+    players_pattern: str | None = None
+    # The player list is read at most this often, only while a command waits.
+    presence_seconds: Annotated[float, Field(ge=1, le=3_600)] = 10.0
+    # Store mode: PayNow's id of this game server; an item whose
+    # execute_on_gameserver_id is this id goes to this server only.
+    paynow_gameserver_id: Annotated[str, Field(pattern=r"^[0-9]{1,20}$")] | None = None
 
     _password: SecretStr | None = PrivateAttr(default=None)
+
+    @field_validator("error_replies", "offline_replies")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            _compile(pattern)
+        return value
+
+    @field_validator("players_pattern")
+    @classmethod
+    def _players_pattern(cls, value: str | None) -> str | None:
+        if value is not None and _compile(value).groups < 1:
+            raise ValueError("needs a group for the player's id, e.g. (STEAM_[0-5]:[01]:\\d+)")
+        return value
 
     @field_validator("platform")
     @classmethod
@@ -156,13 +284,41 @@ class ServerSettings(_Section):
         return self._password
 
 
+class CommandSettings(_Section):
+    """A command written as a mapping: `{run: TEMPLATE, online: true, delay_seconds: 30}`."""
+
+    run: str
+    # Sent only while the customer's player is online on that server.
+    online: bool = False
+    # Not sent before this long after its event was journaled.
+    delay_seconds: Annotated[float, Field(ge=0, le=30 * 86_400)] = 0.0
+    # Runs for its own item whatever the product's shared perk does.
+    per_item: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A parsed command of a product's event list (plain strings get the defaults)."""
+
+    template: Template
+    online: bool = False
+    delay_seconds: float = 0.0
+    per_item: bool = False
+
+
 class ProductSettings(_Section):
     servers: list[str] | None = None  # None: every server
-    on_active: list[str] = []
-    on_expire: list[str] = []
-    on_revoke: list[str] = []
+    # Items of every product with the same perk share one grant per customer
+    # and server, as a rank does.
+    perk: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] | None = None
+    # A one-time product (keys, coins): on_active runs on the servers it went
+    # to when first granted, never again for a server added later nor by resend.
+    once: bool = False
+    on_active: list[str | CommandSettings] = []
+    on_expire: list[str | CommandSettings] = []
+    on_revoke: list[str | CommandSettings] = []
 
-    _templates: dict[str, tuple[Template, ...]] = PrivateAttr(default_factory=dict)
+    _commands: dict[str, tuple[Command, ...]] = PrivateAttr(default_factory=dict)
 
     @field_validator("servers")
     @classmethod
@@ -171,8 +327,11 @@ class ProductSettings(_Section):
             raise ValueError("an empty list routes to no server; omit the key for every server")
         return value
 
+    def commands(self, event: str) -> tuple[Command, ...]:
+        return self._commands.get(event, ())
+
     def templates(self, event: str) -> tuple[Template, ...]:
-        return self._templates.get(event, ())
+        return tuple(command.template for command in self.commands(event))
 
 
 class Settings(BaseSettings):
@@ -205,12 +364,35 @@ class Settings(BaseSettings):
         return (_EnvironmentOverrides(settings_cls), init_settings)
 
     @property
+    def state_db_postgres(self) -> bool:
+        """The state is in PostgreSQL (`sync.state_db` is a postgresql:// URL)."""
+        return is_postgres_url(self.sync.state_db)
+
+    @property
     def state_db_path(self) -> Path:
+        """The SQLite state file (meaningless when `state_db_postgres`)."""
         return self._resolve(self.sync.state_db)
+
+    @property
+    def state_db_url(self) -> str:
+        """What `open_store` takes: the URL, or the SQLite file's resolved path."""
+        return self.sync.state_db if self.state_db_postgres else str(self.state_db_path)
+
+    @property
+    def state_db_password(self) -> str | None:
+        """The PostgreSQL password, resolved; None when none is configured."""
+        secret = self.sync._state_db_password
+        return None if secret is None else secret.get_secret_value()
 
     def _resolve(self, value: str) -> Path:
         path = Path(value).expanduser()
         return path if path.is_absolute() else self._base_dir / path
+
+    @property
+    def store_mode(self) -> bool:
+        """A Management API key links every customer of the store (store mode);
+        without one, each customer is linked by its token (token mode)."""
+        return self.paynow.has_api_key
 
     @property
     def ignored_products(self) -> frozenset[str]:
@@ -499,16 +681,29 @@ def _check_cross_references(settings: Settings) -> list[str]:
                 known = ", ".join(settings.servers) or "none are configured"
                 errors.append(f"products.{slug}.servers[{i}]: unknown server {server!r} ({known})")
         for event in EVENT_KEYS:
-            templates = []
-            for i, command in enumerate(getattr(product, event)):
+            commands = []
+            for i, written in enumerate(getattr(product, event)):
+                spec = written if isinstance(written, CommandSettings) else None
+                text = spec.run if spec is not None else written
+                where = f"products.{slug}.{event}[{i}]" + (".run" if spec is not None else "")
                 try:
-                    templates.append(parse_template(command))
+                    template = parse_template(text, store_mode=settings.store_mode)
                 except TemplateError as exc:
-                    errors.append(f"products.{slug}.{event}[{i}]: {exc}")
+                    errors.append(f"{where}: {exc}")
                     continue
-                if not command.strip():
-                    errors.append(f"products.{slug}.{event}[{i}]: empty command")
-            product._templates[event] = tuple(templates)
+                if not text.strip():
+                    errors.append(f"{where}: empty command")
+                if spec is None:
+                    commands.append(Command(template))
+                else:
+                    commands.append(
+                        Command(template, spec.online, spec.delay_seconds, spec.per_item)
+                    )
+            product._commands[event] = tuple(commands)
+    errors += _check_mode(settings)
+    missing = postgres_driver_missing() if settings.state_db_postgres else None
+    if missing is not None:
+        errors.append(f"sync.state_db: {missing}")
     if settings.products and not settings.servers:
         errors.append("servers: no server is configured, so no product can be delivered")
     seen_tokens: dict[str, int] = {}
@@ -517,6 +712,53 @@ def _check_cross_references(settings: Settings) -> list[str]:
         if key and key in seen_tokens:
             errors.append(f"customers[{i}]: the same token source as customers[{seen_tokens[key]}]")
         seen_tokens.setdefault(key, i)
+    return errors
+
+
+def _check_mode(settings: Settings) -> list[str]:
+    """Store mode's keys go together and exclude the token mode's."""
+    paynow = settings.paynow
+    errors = []
+    if paynow.has_api_key and paynow.store_id is None:
+        errors.append("paynow.store_id: store mode (an API key is given) needs the store's id")
+    if paynow.store_id is not None and not paynow.has_api_key:
+        errors.append(
+            "paynow.store_id: store mode needs a Management API key too "
+            "(paynow.api_key_env, api_key_file or api_key)"
+        )
+    if paynow.has_api_key and settings.customers:
+        errors.append(
+            "customers: store mode (paynow.api_key) links every customer of the store; "
+            "remove the customers list, or the API key for token mode"
+        )
+    if paynow.has_webhook_secret and not paynow.has_api_key:
+        errors.append("paynow.webhook_secret: webhooks need store mode (paynow.api_key)")
+    if paynow.has_webhook_secret and not settings.http.listen:
+        errors.append(
+            "paynow.webhook_secret: webhooks arrive on http.listen, which is not set "
+            "(e.g. http.listen: 127.0.0.1:9108)"
+        )
+    return errors
+
+
+def _resolve_secrets(settings: Settings, base_dir: str, env: Mapping[str, str]) -> list[str]:
+    """Read every secret the settings name; one error line per one that fails."""
+    errors = []
+    jobs: list[tuple[BaseModel, str, str, str]] = [
+        (link, "token", f"customers[{i}]", "_token") for i, link in enumerate(settings.customers)
+    ]
+    jobs += [(s, "password", f"servers.{n}", "_password") for n, s in settings.servers.items()]
+    if settings.paynow.has_api_key:
+        jobs.append((settings.paynow, "api_key", "paynow", "_api_key"))
+    if settings.paynow.has_webhook_secret:
+        jobs.append((settings.paynow, "webhook_secret", "paynow", "_webhook_secret"))
+    if settings.sync.has_state_db_password:
+        jobs.append((settings.sync, "state_db_password", "sync", "_state_db_password"))
+    for model, prefix, where, attribute in jobs:
+        try:
+            setattr(model, attribute, _read_secret(model, prefix, where, base_dir, env))
+        except ConfigError as exc:
+            errors.append(str(exc))
     return errors
 
 
@@ -540,18 +782,7 @@ def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
     settings._base_dir = base_dir
     settings._ignored_products = ignored
     errors += _check_cross_references(settings)
-    for i, link in enumerate(settings.customers):
-        try:
-            link._token = _read_secret(link, "token", f"customers[{i}]", str(base_dir), env)
-        except ConfigError as exc:
-            errors.append(str(exc))
-    for name, server in settings.servers.items():
-        try:
-            server._password = _read_secret(
-                server, "password", f"servers.{name}", str(base_dir), env
-            )
-        except ConfigError as exc:
-            errors.append(str(exc))
+    errors += _resolve_secrets(settings, str(base_dir), env)
     if errors:
         raise ConfigError("\n".join(_name_variables(errors, origins)))
     return settings
@@ -570,6 +801,8 @@ __all__ = [
     "DEFAULT_CONFIG_PATH",
     "EVENT_KEYS",
     "IGNORE",
+    "Command",
+    "CommandSettings",
     "ConfigError",
     "CustomerLink",
     "HttpSettings",

@@ -1,10 +1,13 @@
-"""The optional HTTP listener of the service (`http.listen`): /healthz and /metrics.
+"""The optional HTTP listener of the service (`http.listen`): /healthz, /metrics
+and, in store mode with a webhook secret, PayNow's webhooks.
 
 - `GET /healthz`: `200 ok`, or `503` with one line naming why the service is
   unhealthy (see daemon/metrics.py for the rules). For load balancers, probes
   and humans with curl.
 - `GET /metrics`: Prometheus text exposition of the service's own registry.
-- Anything else: 404 (405 for another method on these two paths).
+- `POST /paynow/webhook`: see daemon/sources/webhooks.py (401 unless signed
+  by PayNow). Only this path is meant to be forwarded from the internet.
+- Anything else: 404 (405 for another method on these paths).
 
 Nothing here ever shows a secret: the health reasons and metric labels are made
 of customer labels, server names, error kinds and delivery-failure reasons,
@@ -26,6 +29,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from daemon.metrics import PrometheusTelemetry
+from daemon.sources.webhooks import WebhookReceiver
 
 log = logging.getLogger("perksync.http")
 
@@ -77,8 +81,15 @@ def is_loopback(host: str) -> bool:
         return False  # a host name other than localhost: whatever it resolves to
 
 
-def make_app(telemetry: PrometheusTelemetry) -> web.Application:
-    """The aiohttp application (no listener): /healthz and /metrics of `telemetry`."""
+WEBHOOK_PATH = "/paynow/webhook"
+WEBHOOK_MAX_BYTES = 1 << 20  # PayNow's webhook bodies are a few kilobytes
+
+
+def make_app(
+    telemetry: PrometheusTelemetry, webhooks: WebhookReceiver | None = None
+) -> web.Application:
+    """The aiohttp application (no listener): /healthz and /metrics of
+    `telemetry`, and the webhook path when `webhooks` is given."""
     scrape_lock = asyncio.Lock()
 
     async def healthz(request: web.Request) -> web.Response:
@@ -100,13 +111,23 @@ def make_app(telemetry: PrometheusTelemetry) -> web.Application:
             body=body, headers={"Content-Type": CONTENT_TYPE_LATEST, "Cache-Control": "no-store"}
         )
 
-    app = web.Application()
+    async def webhook(request: web.Request) -> web.Response:
+        assert webhooks is not None
+        body = await request.read()
+        status = await webhooks.receive(request.headers, body)
+        return web.Response(status=status, text="ok\n" if status == 200 else "refused\n")
+
+    app = web.Application(client_max_size=WEBHOOK_MAX_BYTES)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
+    if webhooks is not None:
+        app.router.add_post(WEBHOOK_PATH, webhook)
     return app
 
 
-async def start_http(listen: str, telemetry: PrometheusTelemetry) -> web.AppRunner:
+async def start_http(
+    listen: str, telemetry: PrometheusTelemetry, webhooks: WebhookReceiver | None = None
+) -> web.AppRunner:
     """Listen on `listen` (HOST:PORT) and serve until `stop_http(runner)`.
 
     Raises ValueError for a malformed address and `ListenError` when it cannot
@@ -120,7 +141,7 @@ async def start_http(listen: str, telemetry: PrometheusTelemetry) -> web.AppRunn
             listen,
         )
     runner = web.AppRunner(
-        make_app(telemetry),
+        make_app(telemetry, webhooks),
         access_log=None,  # a scrape every few seconds is not news for the journal
         handle_signals=False,
         shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS,
@@ -133,7 +154,8 @@ async def start_http(listen: str, telemetry: PrometheusTelemetry) -> web.AppRunn
         if isinstance(exc, OSError):
             raise listen_error(listen, exc) from exc
         raise
-    log.info("serving /healthz and /metrics on %s", ", ".join(_shown(a) for a in runner.addresses))
+    paths = "/healthz, /metrics" + (f" and {WEBHOOK_PATH}" if webhooks is not None else "")
+    log.info("serving %s on %s", paths, ", ".join(_shown(a) for a in runner.addresses))
     return runner
 
 

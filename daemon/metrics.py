@@ -1,4 +1,4 @@
-"""Prometheus metrics and the health model of the service (issue 3, part 7).
+"""Prometheus metrics and the health model of the service.
 
 `PrometheusTelemetry` implements the engine's `Telemetry` hook
 (daemon/telemetry.py) on its own `CollectorRegistry`, so a test, or a reload
@@ -12,7 +12,7 @@ Metrics:
 | --- | --- | --- |
 | `perksync_polls_total` | counter | `outcome` = ok / failed / skipped |
 | `perksync_api_errors_total` | counter | `kind` (PayNowError.kind, or "unexpected") |
-| `perksync_commands_total` | counter | `server`, `outcome` = delivered / failed / skipped |
+| `perksync_commands_total` | counter | `server`, `outcome` = delivered/failed/skipped/rejected |
 | `perksync_delivery_failures_total` | counter | `server` |
 | `perksync_journal_backlog` | gauge | `server` (pending journal rows, as last seen) |
 | `perksync_undelivered_items` | gauge | `product`, `reason` = unmapped / missing_id (live items) |
@@ -62,8 +62,8 @@ MIN_POLL_STALE_SECONDS = 300.0
 POLL_STALE_INTERVALS = 5
 
 POLL_OUTCOMES = ("ok", "failed", "skipped")
-COMMAND_OUTCOMES = ("delivered", "failed", "skipped")
-# PayNowError kinds (daemon/paynow.py) plus the engine's "unexpected": created at
+COMMAND_OUTCOMES = ("delivered", "failed", "skipped", "rejected")
+# PayNowError kinds (daemon/paynow/errors.py) plus the engine's "unexpected": created at
 # zero so that rate() and alerts work before the first error. Others still count.
 KNOWN_API_ERROR_KINDS = (
     "auth",
@@ -130,6 +130,7 @@ class PrometheusTelemetry:
         delivery_stale_seconds: float = DEFAULT_DELIVERY_STALE_SECONDS,
         clock: Callable[[], float] = time.time,
         version: str = __version__,
+        store_mode: bool = False,
     ) -> None:
         if interval_seconds <= 0:
             raise ValueError("interval_seconds must be positive")
@@ -138,6 +139,7 @@ class PrometheusTelemetry:
         if delivery_stale_seconds <= 0:
             raise ValueError("delivery_stale_seconds must be positive")
         self._clock = clock
+        self.store_mode = store_mode  # the summary speaks of store reads, not customers
         self._interval = interval_seconds
         self._poll_stale_fixed = poll_stale_seconds
         self.delivery_stale_seconds = delivery_stale_seconds
@@ -186,6 +188,24 @@ class PrometheusTelemetry:
             registry=r,
         )
         self._undelivered_series: set[tuple[str, str]] = set()
+        self._store_reads = Counter(
+            "perksync_store_reads",
+            "Store mode: reads of PayNow by kind (new_items, snapshot, look_up) and outcome.",
+            ["read", "outcome"],
+            registry=r,
+        )
+        self._last_store_read = Gauge(
+            "perksync_last_store_read_timestamp_seconds",
+            "Store mode: unix time of the last complete read of a kind.",
+            ["read"],
+            registry=r,
+        )
+        self._items_missing = Gauge(
+            "perksync_items_missing",
+            "Store mode: items held live that the last snapshot and their customer's "
+            "items both lacked (they stay granted).",
+            registry=r,
+        )
         self._customers_linked = Gauge(
             "perksync_customers_linked", "Customers in the configuration.", registry=r
         )
@@ -309,7 +329,7 @@ class PrometheusTelemetry:
     def command_finished(self, server: str, outcome: str) -> None:
         state = self._server(server)
         self._commands.labels(server, outcome).inc()
-        if outcome == "delivered":
+        if outcome in ("delivered", "rejected"):
             # The server answered: whatever failed before is over.
             state.failing_since = None
             state.failures = 0
@@ -330,6 +350,25 @@ class PrometheusTelemetry:
             # Nothing is waiting, so nothing is failing to arrive.
             state.failing_since = None
             state.failures = 0
+
+    def store_read(self, read: str, error_kind: str | None, at: float) -> None:
+        """Counted like a poll for health: a failing store is as unhealthy."""
+        if error_kind is None:
+            self._store_reads.labels(read, "ok").inc()
+            self._last_store_read.labels(read).set(at)
+            self._last_any_success = max(at, self._last_any_success or at)
+            self._last_poll_activity = max(at, self._last_poll_activity or at)
+            self._failed_since_success = 0
+            self._skipped_since_success = 0
+        else:
+            self._store_reads.labels(read, "failed").inc()
+            self._api_errors.labels(error_kind).inc()
+            self._last_poll_activity = self._clock()
+            self._failed_since_success += 1
+            self._last_failure_kind = error_kind
+
+    def items_missing(self, count: int) -> None:
+        self._items_missing.set(count)
 
     def undelivered(self, unmapped: Mapping[str, int], missing_id: Mapping[str, int]) -> None:
         series = {(slug, "unmapped"): n for slug, n in unmapped.items() if n}
@@ -396,11 +435,15 @@ class PrometheusTelemetry:
         """One line for systemd's STATUS=, e.g.
         "10000 customers (9998 synced), last poll ok 3 s ago, 0 pending, 2/2 servers up"."""
         now = self._clock() if now is None else now
-        parts = [f"{self._linked_count()} customers ({len(self._last_success)} synced)"]
-        if self._last_any_success is None:
-            parts.append("no poll ok yet")
+        what = "read" if self.store_mode else "poll"
+        if self.store_mode:
+            parts = ["store mode"]
         else:
-            parts.append(f"last poll ok {_ago(now - self._last_any_success)} ago")
+            parts = [f"{self._linked_count()} customers ({len(self._last_success)} synced)"]
+        if self._last_any_success is None:
+            parts.append(f"no {what} ok yet")
+        else:
+            parts.append(f"last {what} ok {_ago(now - self._last_any_success)} ago")
         parts.append(f"{sum(s.pending or 0 for s in self._servers.values())} pending")
         if self._servers:
             up = sum(1 for s in self._servers.values() if s.failing_since is None)

@@ -1,4 +1,4 @@
-"""Pydantic models of the PayNow Storefront objects perksync reads.
+"""Pydantic models of the PayNow objects perksync reads (Storefront and Management).
 
 They follow the seed documentation and the newer OpenAPI spec. Unknown extra
 fields are tolerated (PayNow adds fields over time) and an unknown item state is
@@ -196,6 +196,9 @@ class InventoryItem(_RawApiObject):
     removed_at: OptionalTimestamp = None
     revoked_at: OptionalTimestamp = None
     revoke_reason: str | None = None
+    # Sent by the Management API (store mode) only.
+    skip_commands: bool = False  # run nothing for this item
+    custom_variables: dict[str, str] | None = None  # the buyer's checkout choices
 
 
 # Placeholder paths that exist on every Customer / InventoryItem, as the API

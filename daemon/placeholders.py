@@ -1,4 +1,4 @@
-"""Command templates: `{customer.X}`, `{item.X}` and `{product.X}` placeholders (SPEC §5).
+"""Command templates: `{customer.X}`, `{item.X}` and `{product.X}` placeholders.
 
 A template is parsed once, when the configuration is loaded (`parse_template`),
 and rendered for each event (`render`). The parser is a small hand-written one:
@@ -12,6 +12,9 @@ Syntax
 - `{item.X}`: a field of the InventoryItem (`{item.product.slug}`); X must be in
   `ITEM_FIELDS`.
 - `{product.X}`: short for `{item.product.X}`.
+- Store mode only: `{customer.metadata.KEY}` (the customer's metadata) and
+  `{item.custom_variables.KEY}` (the buyer's checkout choices); KEY is 1-64
+  letters, digits, `_` or `-`. In token mode they are unknown placeholders.
 - Derived: `{customer.steam_id2}` is the SteamID2 form `STEAM_0:Y:Z` of the
   customer's SteamID64 `steam_id`, and `{customer.steam_id3}` the SteamID3 form
   `[U:1:N]`. The universe digit of SteamID2 is always `0`, the form Source 1
@@ -39,7 +42,7 @@ contains `{customer.id}` is inserted literally.
 
 `render` returns a `Refusal` instead of a command when
 - a value is null or missing, or is an object/array rather than a single value
-  (`kind="null"`: the command is skipped by design, SPEC §5), or
+  (`kind="null"`: the command is skipped by design), or
 - a value contains a character that could break out of the command or that we
   refuse to relay (`kind="unsafe"`): every control character (Unicode category
   Cc: NUL, TAB, CR, LF, ESC, DEL, the C1 controls including NEL U+0085), the
@@ -207,7 +210,20 @@ def _resolve(name: str) -> _Field:
     return _Field(name, "item", ("product", *rest.split(".")))
 
 
-def _check_name(content: str) -> None:
+# Store mode adds free-form keys: the customer's metadata and the buyer's
+# checkout choices (`{customer.metadata.discord}`, `{item.custom_variables.color}`).
+STORE_MODE_PREFIXES: Final = ("customer.metadata.", "item.custom_variables.")
+_FREE_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _store_mode_name(content: str) -> bool:
+    return any(
+        content.startswith(prefix) and _FREE_KEY.fullmatch(content[len(prefix) :]) is not None
+        for prefix in STORE_MODE_PREFIXES
+    )
+
+
+def _check_name(content: str, store_mode: bool) -> None:
     written = "{" + printable(content) + "}"
     if not content.strip():
         raise TemplateError(f"empty placeholder {written}")
@@ -217,17 +233,20 @@ def _check_name(content: str) -> None:
         raise TemplateError(f"format specs are not supported: {written}")
     if "[" in content or "]" in content:
         raise TemplateError(f"index syntax is not supported: {written}")
-    if content in PLACEHOLDERS:
+    if content in PLACEHOLDERS or (store_mode and _store_mode_name(content)):
         return
     message = f"unknown placeholder {written}"
+    if _store_mode_name(content):
+        raise TemplateError(f"{message}: it exists in store mode only (paynow.api_key)")
     close = difflib.get_close_matches(content.strip(), sorted(PLACEHOLDERS), n=1, cutoff=0.6)
     if close:
         message += f" (did you mean {{{close[0]}}}?)"
     raise TemplateError(message)
 
 
-def parse_template(text: str) -> Template:
-    """Parse one command template; raise `TemplateError` if it is not valid."""
+def parse_template(text: str, *, store_mode: bool = False) -> Template:
+    """Parse one command template; raise `TemplateError` if it is not valid.
+    `store_mode` allows the placeholders only store mode has."""
     for offset, ch in enumerate(text):
         if unicodedata.category(ch) in _BAD_LITERAL_CATEGORIES:
             raise TemplateError(
@@ -265,7 +284,7 @@ def parse_template(text: str) -> Template:
                 " (write '{{' for a literal brace)"
             )
         content = text[i + 1 : close]
-        _check_name(content)
+        _check_name(content, store_mode)
         if literal:
             parts.append("".join(literal))
             literal = []
@@ -280,7 +299,7 @@ def parse_template(text: str) -> Template:
 # --------------------------------------------------------------------------- SteamIDs
 
 
-def _steam_account(steam_id64: object) -> int | None:
+def steam_account(steam_id64: object) -> int | None:
     """The account number of an individual SteamID64, or None if it is not one."""
     if isinstance(steam_id64, bool):
         return None
@@ -298,7 +317,7 @@ def _steam_account(steam_id64: object) -> int | None:
 
 def steam_id2(steam_id64: object) -> str | None:
     """`STEAM_0:Y:Z` for an individual SteamID64 (string or int), else None."""
-    account = _steam_account(steam_id64)
+    account = steam_account(steam_id64)
     if account is None:
         return None
     return f"STEAM_0:{account & 1}:{account >> 1}"
@@ -306,7 +325,7 @@ def steam_id2(steam_id64: object) -> str | None:
 
 def steam_id3(steam_id64: object) -> str | None:
     """`[U:1:N]` for an individual SteamID64 (string or int), else None."""
-    account = _steam_account(steam_id64)
+    account = steam_account(steam_id64)
     if account is None:
         return None
     return f"[U:1:{account}]"

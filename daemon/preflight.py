@@ -1,8 +1,10 @@
 """What can be checked of the machine before anything is contacted.
 
-perksync needs its state folder (`sync.state_db`'s) to exist and to be
-writable by the user it runs as: the database, its `-wal` and `-shm` files and
-the lock file live there. The service also needs its `http.listen` address.
+perksync needs its state folder (`sync.state_db`'s, for an SQLite file) to
+exist and to be writable by the user it runs as: the database, its `-wal` and
+`-shm` files and the lock file live there. A PostgreSQL state database is not
+contacted here: its first use says what is wrong with it. The service also
+needs its `http.listen` address.
 `--check-config` runs all of these checks, `--sync-now` and the service the
 state ones before they start (the service's real bind comes before its first
 poll, and fails with the same line): each problem is one line naming the key, the
@@ -24,15 +26,16 @@ from pathlib import Path
 
 from daemon.config import Settings
 from daemon.http_api import listen_error, parse_listen
-from daemon.state_lock import lock_holder, lock_path_of
-from daemon.state_sqlite import empty_file_problem, running_user
+from daemon.state.lock import lock_holder, lock_path_of
+from daemon.state.sqlite import empty_file_problem, running_user
 
 
 def setup_problems(settings: Settings, *, listen: bool) -> list[str]:
     """Every problem of the state folder (and with `listen`, of `http.listen`)."""
-    problems = state_problems(settings.state_db_path)
+    sqlite = not settings.state_db_postgres
+    problems = state_problems(settings.state_db_path) if sqlite else []
     if listen and settings.http.listen:
-        problem = listen_problem(settings.http.listen, settings.state_db_path)
+        problem = listen_problem(settings.http.listen, settings.state_db_path if sqlite else None)
         if problem is not None:
             problems.append(problem)
     return problems
@@ -78,9 +81,12 @@ def state_problems(db_path: Path) -> list[str]:
     return problems
 
 
-def listen_problem(listen: str, db_path: Path) -> str | None:
+def listen_problem(listen: str, db_path: Path | None) -> str | None:
     """Why the service could not listen on `listen`; None when it could (the
-    address is free, or held by the perksync that is using `db_path` now)."""
+    address is free, or held by the perksync that is using `db_path` now).
+    `db_path` None (a PostgreSQL state): whether the perksync running here holds
+    a busy address cannot be told without contacting the database, so a busy
+    one is left to the service's own bind to report."""
     host, port = parse_listen(listen)
     try:
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -95,8 +101,10 @@ def listen_problem(listen: str, db_path: Path) -> str | None:
             try:
                 probe.bind(address)
             except OSError as exc:
-                if exc.errno == errno.EADDRINUSE and lock_holder(db_path) is not None:
-                    continue  # the running perksync's own listener
+                if exc.errno == errno.EADDRINUSE and (
+                    db_path is None or lock_holder(db_path) is not None
+                ):
+                    continue  # the running perksync's own listener, or maybe so
                 return str(listen_error(listen, exc))
     return None
 

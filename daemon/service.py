@@ -1,128 +1,158 @@
 """Service mode: plain `perksync`, the systemd unit's ExecStart.
 
-- Every linked customer is a job of an APScheduler `AsyncIOScheduler`, polled
-  every `sync.interval_seconds`; first runs are spread evenly over one
-  interval and every run gets a little jitter, so 10,000 customers never fire
-  at once. At most `sync.concurrency` polls run at a time, never two of the
-  same customer, and a poll that is due while the previous one still runs is
-  skipped, not stacked.
-- One delivery worker per server delivers pending journal rows as soon as
-  they are journaled; while a server is down or refuses the password it
-  backs off exponentially (capped), then gets its whole backlog at once.
-- Local expiry runs every few seconds, without the API.
-- SIGTERM/SIGINT: stop polling, let each server finish the command in
-  flight, exit 0. SIGHUP: reload config.yaml; a bad one is rejected with a
-  log line and the old one stays. Either one received during start-up
-  (daemon/startup_signals.py) is honoured once the loop handles signals.
-- The state database cannot be written (disk full, read-only): stop the same
-  way and raise the `StoreWriteError`, so that the process exits non-zero and
-  systemd restarts it; retrying inside would only fail every poll and every
-  command again, out of the operator's sight.
-- systemd: READY/STATUS/WATCHDOG/RELOADING/STOPPING via $NOTIFY_SOCKET, and
-  optional /healthz and /metrics on `http.listen`.
+It wires the parts together and runs them until stopped:
+- the sources, made to read by the jobs of `daemon/scheduler.py` (token
+  mode: every linked customer each interval), handing answers to one
+  `Applier`;
+- one delivery worker per server (`daemon.delivery.deliver_forever`), woken
+  as rows are journaled;
+- the local expiry sweep every few seconds, without the API;
+- journal retention (daemon/retention.py) at start and once per interval;
+- the optional HTTP listener (`/healthz`, `/metrics`) and systemd notify
+  (READY/STATUS/WATCHDOG/RELOADING/STOPPING), a summary line per interval.
+
+`stop()` (SIGTERM/SIGINT) stops reading, lets each server finish the
+command in flight, and `run()` returns 0. `reload()` (SIGHUP) loads
+config.yaml again; a bad one is rejected with a log line and the old one
+stays. Either signal received during start-up (daemon/startup_signals.py)
+is honoured once the loop handles signals.
+
+A state database that cannot be written (disk full, read-only) stops the
+service the same way, and `run()` raises the `StoreWriteError`, so that the
+process exits non-zero and systemd restarts it; retrying inside would only
+fail every poll and every command again, out of the operator's sight.
+
+Tests run it in-process: `handle_signals=False` leaves the process's
+signals alone, and `clock` sets the time decisions are made at (local
+expiry, health) and paces the heartbeat and a failing server's retries;
+APScheduler's jobs still fire on the wall clock.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import random
 import signal
-import time
 from collections.abc import Awaitable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
-from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobExecutionEvent
+from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from adapters.base import GameServer
 from daemon import __version__, notify, startup_signals
-from daemon.config import ConfigError, CustomerLink, Settings, load_settings
-from daemon.engine import Engine, PassReport, ServerWorker, make_server_factory
+from daemon.clock import SYSTEM_CLOCK, Clock
+from daemon.config import ConfigError, Settings, load_settings
+from daemon.delivery import ServerRules, ServerWorker, deliver_forever, make_server_factory
+from daemon.expiry import sweep_expiries
 from daemon.http_api import start_http, stop_http
 from daemon.metrics import PrometheusTelemetry
-from daemon.paynow import PayNowClient, RateLimiter, make_session
+from daemon.paynow import RateLimiter, make_session
+from daemon.retention import prune_journal
+from daemon.scheduler import LinkPolls, StoreReads, wall_now
+from daemon.sources.store import StoreSource
+from daemon.sources.token import TokenSource
+from daemon.sources.webhooks import WebhookReceiver
 from daemon.state import Store, StoreWriteError
+from daemon.wiring import Core
 
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT = 8.0  # seconds to let commands in flight finish on SIGTERM
-BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0  # server down: 1 s, 2 s, 4 s … 60 s
-AUTH_BACKOFF_FIRST, AUTH_BACKOFF_MAX = 30.0, 600.0  # wrong password: SRCDS bans retry storms
-IDLE_CLOSE = 30.0  # close an idle RCON connection after this many seconds
-AUTH_RETRY = 1800.0  # a token PayNow rejected (401/403) is tried again this rarely
 EXPIRY_SWEEP_MAX = 15.0  # seconds between local-expiry sweeps (at most)
+HEARTBEAT_MAX = 10.0  # seconds between heartbeats (watchdog, STATUS, batched writes)
 
 
 class Service:
-    def __init__(self, config_path: Path, settings: Settings, store: Store) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        settings: Settings,
+        store: Store,
+        *,
+        handle_signals: bool = True,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
         self.config_path = config_path
         self.settings = settings
         self.store = store
+        self.handle_signals = handle_signals
+        self.clock = clock
         self.stopping = asyncio.Event()
+        self.ready = asyncio.Event()  # set once READY=1 was sent
         self.telemetry = PrometheusTelemetry(
             interval_seconds=settings.sync.interval_seconds,
             customers=_labels(settings),
             servers=settings.servers,
+            store_mode=settings.store_mode,
+            clock=lambda: clock.now().timestamp(),
         )
+        self.core = Core(settings, store, clock, self.telemetry)
+        self.report = self.core.report
         self.rate_limiter = RateLimiter(settings.paynow.requests_per_second)
         self.scheduler = AsyncIOScheduler(timezone=UTC)
         self.workers: dict[str, ServerWorker] = {}
         self.worker_tasks: dict[str, asyncio.Task[None]] = {}
-        self.polling: set[str] = set()  # labels being polled right now
-        self.job_labels: dict[str, str] = {}  # scheduler job id → link label
-        self.poll_tasks: set[asyncio.Task[Any]] = set()
-        self.auth_rejected: dict[str, float] = {}  # label → monotonic time of the 401/403
-        self.semaphore = asyncio.Semaphore(settings.sync.concurrency)
-        self.engine: Engine | None = None
+        self.source: TokenSource | None = None  # token mode
+        self.polls: LinkPolls | None = None
+        self.store_source: StoreSource | None = None  # store mode
+        self.store_reads: StoreReads | None = None
+        self.look_ups: asyncio.Task[None] | None = None
         self.session: Any = None
+        self.http: web.AppRunner | None = None  # the http.listen listener, once started
+        self.webhooks: WebhookReceiver | None = None  # on that listener (store mode)
         self.store_failure: StoreWriteError | None = None  # the first; ends the service
+        self._closing: set[asyncio.Task[None]] = set()  # connections closing after a reload
+
+    def stop(self) -> None:
+        """What SIGTERM does: stop reading, finish the commands in flight, return."""
+        self.stopping.set()
 
     # --- life cycle ------------------------------------------------------------
 
     async def run(self) -> int:
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
-        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
-        early = startup_signals.take()
-        if early.stop is not None:
-            log.info("%s during start-up: stopped before anything ran", early.stop.name)
-            return 0
+        if self.handle_signals:
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGTERM, self.stop)
+            loop.add_signal_handler(signal.SIGINT, self.stop)
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
+            early = startup_signals.take()
+            if early.stop is not None:
+                log.info("%s during start-up: stopped before anything ran", early.stop.name)
+                return 0
+            reload_now = early.reload
+        else:
+            reload_now = False
         self.session = make_session()
-        http_runner = None
         try:
+            self._make_sources()
             # First, so that an address in use stops the start before any poll.
             if self.settings.http.listen:
-                http_runner = await start_http(self.settings.http.listen, self.telemetry)
-            self.engine = Engine(
-                self.settings,
-                self.store,
-                self._paynow(),
-                telemetry=self.telemetry,
-                cache_customers=True,
-            )
+                self.webhooks = self._webhooks()
+                self.http = await start_http(
+                    self.settings.http.listen, self.telemetry, self.webhooks
+                )
+            self._start_reading()
             for name in self.settings.servers:
                 self._start_worker(name)
-            self._schedule_customers()
-            self.scheduler.add_listener(self._skipped, EVENT_JOB_MAX_INSTANCES)
             sweep_every = max(1.0, min(EXPIRY_SWEEP_MAX, self.settings.sync.interval_seconds / 4))
             self.scheduler.add_job(
                 self._sweep, IntervalTrigger(seconds=sweep_every), id="expiry-sweep",
-                max_instances=1, coalesce=True, next_run_time=datetime.now(UTC),
+                max_instances=1, coalesce=True, next_run_time=wall_now(),
+            )  # fmt: skip
+            self.scheduler.add_job(
+                self._prune, IntervalTrigger(seconds=self.settings.sync.interval_seconds),
+                id="journal-retention", max_instances=1, coalesce=True,
+                next_run_time=wall_now(),
             )  # fmt: skip
             self.scheduler.start()
-            log.info(
-                "perksync %s started: %d customers every %gs, %d servers",
-                __version__, len(self.settings.customers),
-                self.settings.sync.interval_seconds, len(self.settings.servers),
-            )  # fmt: skip
+            log.info("perksync %s started: %s", __version__, _what_runs(self.settings))
             notify.ready()
-            if early.reload:
+            self.ready.set()
+            if reload_now:
                 log.info("SIGHUP during start-up: reloading config.yaml now")
                 self.reload()
             heartbeat = asyncio.create_task(self._heartbeat())
@@ -130,13 +160,43 @@ class Service:
             heartbeat.cancel()
             await self._shutdown()
         finally:
-            if http_runner is not None:
-                await stop_http(http_runner)
+            if self.http is not None:
+                await stop_http(self.http)
+                self.http = None
             await self.session.close()
         if self.store_failure is not None:
             raise self.store_failure
         log.info("perksync stopped")
         return 0
+
+    def _make_sources(self) -> None:
+        """The mode's source and the jobs that make it read (not started yet)."""
+        common: dict[str, Any] = {"stopping": self.stopping, "store_failed": self._store_failed}
+        if self.settings.store_mode:
+            management = self.core.management(self.session, self.rate_limiter)
+            self.store_source = self.core.store_source(management)
+            self.store_reads = StoreReads(self.scheduler, self.store_source, **common)
+        else:
+            storefront = self.core.storefront(self.session, self.rate_limiter)
+            self.source = self.core.token_source(storefront, cache_customers=True)
+            self.polls = LinkPolls(
+                self.scheduler, self.source, clock=self.clock, telemetry=self.telemetry, **common
+            )
+
+    def _webhooks(self) -> WebhookReceiver | None:
+        secret = self.settings.paynow.webhook_secret_value
+        if secret is None or self.store_reads is None:
+            return None
+        return WebhookReceiver(
+            secret.get_secret_value().encode(), self.store, self.store_reads.hint, clock=self.clock
+        )
+
+    def _start_reading(self) -> None:
+        if self.polls is not None:
+            self.polls.schedule(self.settings)
+        if self.store_reads is not None:
+            self.store_reads.schedule(self.settings)
+            self.look_ups = asyncio.create_task(self.store_reads.look_ups())
 
     def _store_failed(self, exc: StoreWriteError) -> None:
         """Nothing more can be recorded: stop polling and delivering (see run)."""
@@ -152,8 +212,11 @@ class Service:
         # and return. Cancelled before starting, APScheduler would log each
         # with a traceback.
         await asyncio.sleep(0)
-        for task in list(self.poll_tasks):
-            task.cancel()  # a poll commits atomically: cancelling it stores nothing
+        if self.look_ups is not None:
+            self.look_ups.cancel()
+        reads = self.polls or self.store_reads
+        if reads is not None:
+            reads_stopped = asyncio.create_task(reads.cancel_running())
         for worker in self.workers.values():
             worker.wake.set()
         tasks = list(self.worker_tasks.values())
@@ -162,93 +225,30 @@ class Service:
             for task in late:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(*self.poll_tasks, return_exceptions=True)
+        if reads is not None:
+            await reads_stopped
         self.scheduler.shutdown(wait=False)
-        if self.engine is not None:
-            await self._guarded(self.engine.flush_touches())
+        if self.source is not None:
+            await self._guarded(self.source.flush_unchanged())
         for worker in self.workers.values():
             await worker.close()
 
-    def _paynow(self) -> PayNowClient:
-        return PayNowClient(
-            self.session,
-            self.settings.paynow.api_url,
-            timeout_seconds=self.settings.paynow.timeout_seconds,
-            rate_limiter=self.rate_limiter,
-        )
-
-    # --- polling ---------------------------------------------------------------
-
-    def _schedule_customers(self) -> None:
-        links = self.settings.customers
-        rate = self.settings.paynow.requests_per_second
-        interval = effective_interval(self.settings.sync.interval_seconds, len(links), rate)
-        if interval > self.settings.sync.interval_seconds:
-            log.warning(
-                "%d customers at paynow.requests_per_second %g cannot all be polled every "
-                "%gs; polling each every %.0fs instead (raise the rate limit if PayNow allows)",
-                len(links), rate, self.settings.sync.interval_seconds, interval,
-            )  # fmt: skip
-        now = datetime.now(UTC)
-        jitter = min(interval * 0.1, 5.0)
-        self.job_labels.clear()
-        for index, link in enumerate(links):
-            self.job_labels[f"poll:{index}"] = link.describe(index)
-            # Spread the first runs evenly over one interval.
-            first = now + timedelta(seconds=interval * index / max(1, len(links)))
-            self.scheduler.add_job(
-                self._poll_job,
-                IntervalTrigger(seconds=interval, start_date=first, jitter=jitter),
-                args=(index, link),
-                id=f"poll:{index}",
-                max_instances=1,
-                coalesce=True,
-                misfire_grace_time=max(1, int(interval)),
-                next_run_time=first,
-            )
-
-    async def _poll_job(self, index: int, link: CustomerLink) -> None:
-        assert self.engine is not None
-        label = link.describe(index)
-        if label in self.polling or self.stopping.is_set():
-            self.telemetry.poll_skipped(label)
-            return
-        rejected_at = self.auth_rejected.get(label)
-        if rejected_at is not None and time.monotonic() - rejected_at < AUTH_RETRY:
-            return
-        self.polling.add(label)
-        task = asyncio.current_task()
-        if task is not None:
-            self.poll_tasks.add(task)
-        try:
-            async with self.semaphore:
-                ok = await self.engine.poll(index, link)
-            if ok:
-                self.auth_rejected.pop(label, None)
-            elif label in self.engine.auth_failures:
-                self.auth_rejected[label] = time.monotonic()
-        except asyncio.CancelledError:
-            return  # stopping: a poll commits atomically, so nothing half-done remains
-        except StoreWriteError as exc:
-            self._store_failed(exc)
-        finally:
-            self.polling.discard(label)
-            if task is not None:
-                self.poll_tasks.discard(task)
-
-    def _skipped(self, event: JobExecutionEvent) -> None:
-        label = self.job_labels.get(str(event.job_id))
-        if label is not None:
-            self.telemetry.poll_skipped(label)
-
     async def _sweep(self) -> None:
-        assert self.engine is not None
         try:
-            await self.engine.sweep_expiries()
+            await sweep_expiries(self.core.applier)
         except StoreWriteError as exc:
             self._store_failed(exc)
         except Exception:
             log.exception("local expiry sweep failed; will try again")
+
+    async def _prune(self) -> None:
+        try:
+            retention = self.settings.sync.journal_retention_days
+            await prune_journal(self.store, retention, self.clock.now())
+        except StoreWriteError as exc:
+            self._store_failed(exc)
+        except Exception:
+            log.exception("journal retention failed; will try again")
 
     async def _guarded(self, write: Awaitable[None]) -> None:
         """Await a store write; a `StoreWriteError` ends the service (see run)."""
@@ -260,47 +260,18 @@ class Service:
     # --- delivery --------------------------------------------------------------
 
     def _start_worker(self, name: str) -> None:
-        assert self.engine is not None
-        worker = ServerWorker(self.engine, name, self._make_server)
+        worker = self.core.worker(name, self._make_server)
         self.workers[name] = worker
         self.worker_tasks[name] = asyncio.create_task(self._deliver(worker))
+
+    async def _deliver(self, worker: ServerWorker) -> None:
+        await self._guarded(deliver_forever(worker, self.stopping))
 
     def _make_server(self, name: str) -> GameServer:
         # Built from the settings of the moment: a reload may have changed them.
         return make_server_factory(self.settings)(name)
 
-    async def _deliver(self, worker: ServerWorker) -> None:
-        backoff = 0.0
-        while not self.stopping.is_set():
-            worker.wake.clear()
-            try:
-                ok = await worker.deliver_available(self.stopping)
-            except StoreWriteError as exc:
-                self._store_failed(exc)  # the row stays pending: nothing more is sent
-                return
-            except Exception:
-                log.exception("server %s: unexpected delivery error", worker.name)
-                ok = False
-            if self.stopping.is_set():
-                return
-            if ok:
-                backoff = 0.0
-                if not await _wait_any(worker.wake, self.stopping, within=IDLE_CLOSE):
-                    await worker.close()  # idle: let the server forget us
-                    await _wait_any(worker.wake, self.stopping)
-                continue
-            first, cap = (
-                (AUTH_BACKOFF_FIRST, AUTH_BACKOFF_MAX)
-                if worker.auth_refused
-                else (BACKOFF_FIRST, BACKOFF_MAX)
-            )
-            backoff = min(cap, max(first, backoff * 2))
-            # Jitter so that several perksyncs do not knock in step.
-            delay = backoff * random.uniform(0.8, 1.0)
-            log.debug("server %s: next attempt in %.1fs", worker.name, delay)
-            await _wait_any(self.stopping, within=delay)
-
-    # --- reload, status ---------------------------------------------------------
+    # --- reload, heartbeat -------------------------------------------------------
 
     def reload(self) -> None:
         """SIGHUP: load config.yaml again; keep the old one if the new one is bad."""
@@ -312,50 +283,78 @@ class Service:
                 log.error("config reload rejected, keeping the running config: %s", line)
             notify.ready()
             return
-        assert self.engine is not None
         old = self.settings
-        if new.state_db_path != old.state_db_path:
-            log.warning("sync.state_db changed: restart perksync to use the new file")
+        if new.store_mode != old.store_mode:
+            log.error(
+                "config reload rejected, keeping the running config: paynow.api_key switches "
+                "between token mode and store mode; restart perksync to switch"
+            )
+            notify.ready()
+            return
+        if (new.state_db_url, new.state_db_password) != (old.state_db_url, old.state_db_password):
+            log.warning("sync.state_db or its password changed: restart perksync to use them")
         if new.http.listen != old.http.listen:
             log.warning("http.listen changed: restart perksync to apply it")
+        self._reload_webhook_secret(new)
         self.settings = new
-        self.engine.use_settings(new)
+        self.core.use_settings(new)
         self.rate_limiter = RateLimiter(new.paynow.requests_per_second)
-        self.engine.paynow = self._paynow()
-        self.semaphore = asyncio.Semaphore(new.sync.concurrency)
         self.telemetry.configure(
             customers=_labels(new), servers=new.servers, interval_seconds=new.sync.interval_seconds
         )
-        for job in self.scheduler.get_jobs():
-            if job.id.startswith("poll:"):
-                job.remove()
-        self._schedule_customers()
+        if self.source is not None and self.polls is not None:
+            self.source.use_settings(new)
+            self.source.client = self.core.storefront(self.session, self.rate_limiter)
+            self.polls.schedule(new)
+        if self.store_source is not None and self.store_reads is not None:
+            self.store_source.client = self.core.management(self.session, self.rate_limiter)
+            self.store_reads.schedule(new)
+        self._reload_workers(old, new)
+        linked = "store mode" if new.store_mode else f"{len(new.customers)} customers"
+        log.info(
+            "config reloaded: %s, %d servers, %d products",
+            linked, len(new.servers), len(new.products),
+        )  # fmt: skip
+        notify.ready()
+
+    def _reload_webhook_secret(self, new: Settings) -> None:
+        """A new secret (PayNow's was rotated) counts at once; turning webhooks
+        on or off needs the listener made again."""
+        secret = new.paynow.webhook_secret_value
+        if self.webhooks is not None and secret is not None:
+            self.webhooks.secret = secret.get_secret_value().encode()
+        elif (self.webhooks is None) != (secret is None or not new.store_mode):
+            log.warning("paynow.webhook_secret added or removed: restart perksync to apply it")
+
+    def _reload_workers(self, old: Settings, new: Settings) -> None:
         for name in list(self.workers):
             worker = self.workers[name]
             if name not in new.servers:
                 self.worker_tasks.pop(name).cancel()
                 del self.workers[name]
-                self.engine.wakers.pop(name, None)
-                asyncio.get_running_loop().create_task(worker.close())
+                self.core.wakers.drop(name)
+                self._close_later(worker)
             elif new.servers[name] != old.servers[name]:
                 # Reconnect with the new address/password at the next command.
-                asyncio.get_running_loop().create_task(worker.close())
+                worker.use_rules(ServerRules.of(new.servers[name]))
+                self._close_later(worker)
                 worker.wake.set()
         for name in new.servers:
             if name not in self.workers:
                 self._start_worker(name)
-        log.info(
-            "config reloaded: %d customers, %d servers, %d products",
-            len(new.customers), len(new.servers), len(new.products),
-        )  # fmt: skip
-        notify.ready()
+
+    def _close_later(self, worker: ServerWorker) -> None:
+        task = asyncio.get_running_loop().create_task(worker.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def _heartbeat(self) -> None:
-        """Watchdog pings, STATUS, and per interval a check of the live items
-        that reach no server (also at start) and a summary line."""
+        """Watchdog pings, STATUS, batched sync times, and per interval a check
+        of the live items that reach no server (also at start) and a summary
+        line."""
         watchdog = notify.watchdog_interval()
-        tick = min(watchdog / 2, 10.0) if watchdog else 10.0
-        next_summary = time.monotonic() + self.settings.sync.interval_seconds
+        tick = min(watchdog / 2, HEARTBEAT_MAX) if watchdog else HEARTBEAT_MAX
+        next_summary = self.clock.monotonic() + self.settings.sync.interval_seconds
         pending: dict[str, int] = {}
         check = True
         while True:
@@ -364,56 +363,49 @@ class Service:
                 pending = await self.store.pending_counts()
                 for server in self.settings.servers:
                     self.telemetry.backlog(server, pending.get(server, 0))
+                    if pending.get(server):
+                        # Rows another process journaled (`perksync resend`,
+                        # `retry`) wake no worker of ours: this one does.
+                        self.core.wakers.ring(server)
             except Exception:
                 log.exception("cannot read the journal backlog")
             notify.status(self.telemetry.summary())
-            if self.engine is not None:
-                await self._guarded(self.engine.flush_touches())
-                summary_due = time.monotonic() >= next_summary
-                if check or summary_due:
-                    check = False
-                    try:
-                        await self.engine.check_undelivered(only_if_changed=True)
-                    except Exception:
-                        log.exception("cannot check for items that reach no server")
-                if summary_due:
-                    self._log_summary(self.engine, pending)
-                    next_summary = time.monotonic() + self.settings.sync.interval_seconds
-            await asyncio.sleep(tick)
+            if self.source is not None:
+                await self._guarded(self.source.flush_unchanged())
+            summary_due = self.clock.monotonic() >= next_summary
+            if check or summary_due:
+                check = False
+                try:
+                    await self.core.undelivered.check(self.core.applier.commits)
+                except Exception:
+                    log.exception("cannot check for items that reach no server")
+            if summary_due:
+                self._log_summary(pending)
+                next_summary = self.clock.monotonic() + self.settings.sync.interval_seconds
+            await self.clock.sleep(tick)
 
-    @staticmethod
-    def _log_summary(engine: Engine, pending: dict[str, int]) -> None:
+    def _log_summary(self, pending: dict[str, int]) -> None:
         """The `last interval:` line: what happened since the last one, and what
         is pending and reaches no server now."""
-        report, engine.report = engine.report, PassReport()
+        report = self.report.take()
         report.pending_left = pending
-        report.undelivered_items = engine.undelivered.items
+        report.undelivered_items = self.core.undelivered.found.items
         busy = report.polls_failed or report.journaled or sum(report.delivered.values())
         level = logging.INFO if busy or report.unreachable else logging.DEBUG
-        log.log(level, "%s", report.summary(service=True))
+        log.log(level, "%s", report.summary(service=True, store_mode=self.settings.store_mode))
 
 
-def effective_interval(interval: float, customers: int, requests_per_second: float) -> float:
-    """The poll period the rate limit allows: a steady poll is one request, and one
-    in ten also reads the customer. Scheduling faster would only make polls queue
-    behind the limiter and the scheduler skip them by the thousand."""
-    if requests_per_second <= 0:
-        return interval
-    return max(interval, customers * 1.1 / requests_per_second)
+def _what_runs(settings: Settings) -> str:
+    servers = f"{len(settings.servers)} servers"
+    every = settings.sync.interval_seconds
+    if settings.store_mode:
+        webhooks = ", webhooks" if settings.paynow.webhook_secret_value is not None else ""
+        return (
+            f"store mode: store {settings.paynow.store_id}, new items every "
+            f"{settings.sync.new_items_seconds:g}s, snapshot every {every:g}s{webhooks}, {servers}"
+        )
+    return f"{len(settings.customers)} customers every {every:g}s, {servers}"
 
 
 def _labels(settings: Settings) -> list[str]:
     return [link.describe(i) for i, link in enumerate(settings.customers)]
-
-
-async def _wait_any(*events: asyncio.Event, within: float | None = None) -> bool:
-    """Wait until one of the events is set; False on timeout."""
-    waiters = [asyncio.create_task(e.wait()) for e in events]
-    try:
-        done, _ = await asyncio.wait(waiters, timeout=within, return_when=asyncio.FIRST_COMPLETED)
-        return bool(done)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*waiters, return_exceptions=True)

@@ -23,13 +23,21 @@ class Telemetry(Protocol):
         """A poll was due while the previous one of the same customer still ran."""
 
     def command_finished(self, server: str, outcome: str) -> None:
-        """A journal row reached an outcome: "delivered", "failed" or "skipped"."""
+        """A journal row reached an outcome: "delivered", "failed", "skipped" or
+        "rejected" (the server's reply was an error)."""
 
     def delivery_failed(self, server: str, reason: str) -> None:
         """The server could not be reached or broke mid-command (rows stay pending)."""
 
     def backlog(self, server: str, pending: int) -> None:
         """The number of pending journal rows of a server, as last seen."""
+
+    def store_read(self, read: str, error_kind: str | None, at: float) -> None:
+        """Store mode: a read ("new_items", "snapshot", "look_up") finished at
+        unix time `at`, complete (`error_kind` None) or not."""
+
+    def items_missing(self, count: int) -> None:
+        """Store mode: items held live that the last snapshot and look-ups lacked."""
 
     def undelivered(self, unmapped: Mapping[str, int], missing_id: Mapping[str, int]) -> None:
         """Live items that reach no server, per product slug, as last checked:
@@ -56,6 +64,12 @@ class NullTelemetry:
         pass
 
     def backlog(self, server: str, pending: int) -> None:
+        pass
+
+    def store_read(self, read: str, error_kind: str | None, at: float) -> None:
+        pass
+
+    def items_missing(self, count: int) -> None:
         pass
 
     def undelivered(self, unmapped: Mapping[str, int], missing_id: Mapping[str, int]) -> None:

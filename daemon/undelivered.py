@@ -16,13 +16,21 @@ are not granted yet by design, `used` and `revoked` ones are over.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from adapters import PLATFORMS
 from daemon.config import Settings
 from daemon.placeholders import printable
-from daemon.state import LiveItems
+from daemon.state import LiveItems, Store, StoreError
+from daemon.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+# Customers lacking an id are warned about one per line up to this many per
+# check; the rest in one line (an offline-mode store may have thousands).
+UNROUTABLE_LOG_LINES = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +43,7 @@ class Unmapped:
 @dataclass(frozen=True, slots=True)
 class Unroutable:
     product: str
-    label: str
+    label: str | None  # the customer's link (token mode)
     customer_id: str
     name: str | None
     items: int
@@ -73,11 +81,14 @@ def find_undelivered(settings: Settings, live: Iterable[LiveItems]) -> Undeliver
     """The live items of the configured links' customers that reach no server.
 
     A customer linked twice (two labels, one PayNow customer) counts once;
-    links no longer in the configuration are left out, and so is a customer
-    whose JSON is not stored (its ids are unknown).
+    in token mode only customers of configured links count (store mode:
+    every customer), and a customer whose JSON is not stored is left out
+    (its ids are unknown).
     """
-    labels = {link.describe(i) for i, link in enumerate(settings.customers)}
-    counted: dict[str, str] = {}  # customer id → the label its items were counted under
+    labels: set[str | None] = {link.describe(i) for i, link in enumerate(settings.customers)}
+    if settings.store_mode:
+        labels = {None}
+    counted: dict[str, str | None] = {}  # customer id → the label its items were counted under
     unmapped: dict[str, list[int]] = {}  # slug → [items, customers]
     unroutable = []
     for row in live:
@@ -101,7 +112,7 @@ def find_undelivered(settings: Settings, live: Iterable[LiveItems]) -> Undeliver
             )  # fmt: skip
     return Undelivered(
         [Unmapped(slug, n, c) for slug, (n, c) in sorted(unmapped.items())],
-        sorted(unroutable, key=lambda u: (u.product, u.label)),
+        sorted(unroutable, key=lambda u: (u.product, u.label or "", u.customer_id)),
     )
 
 
@@ -122,8 +133,65 @@ def describe_unmapped(u: Unmapped) -> str:
 def describe_unroutable(u: Unroutable) -> str:
     who = f"{u.customer_id} ({printable(u.name)})" if u.name else u.customer_id
     reach = "reaches" if u.items == 1 else "reach"
+    link = f" [{u.label}]" if u.label else ""
     return (
-        f"product {u.product}: {live_items_phrase(u.items)} of customer {who} [{u.label}] "
+        f"product {u.product}: {live_items_phrase(u.items)} of customer {who}{link} "
         f"{reach} no server: the customer has no {' or '.join(u.missing)} "
         f"({u.product} goes to {', '.join(u.servers)})"
     )
+
+
+class UndeliveredWatch:
+    """Finds the live items that reach no server, from the store (so that
+    answers skipped as unchanged, and a restart, make no difference), warns
+    about each product and customer once per run, and counts them in
+    telemetry.
+
+    It reads every live item: `check()` once a pass, or per interval with the
+    applier's commit count (then it reads only if something was committed,
+    or the settings changed, since the last check)."""
+
+    def __init__(self, settings: Settings, store: Store, telemetry: Telemetry) -> None:
+        self.store = store
+        self.telemetry = telemetry
+        self.found = Undelivered()
+        self._checked_at_commits: int | None = None
+        self._warned: set[tuple[str, str]] = set()  # (slug, customer id or "")
+        self.use_settings(settings)
+
+    def use_settings(self, settings: Settings) -> None:
+        """A reload: check, and warn, afresh."""
+        self.settings = settings
+        self._checked_at_commits = None
+        self._warned.clear()
+
+    async def check(self, commits: int | None = None) -> Undelivered:
+        if commits is not None and commits == self._checked_at_commits:
+            return self.found
+        try:
+            live = await self.store.live_item_counts(id_fields(self.settings))
+        except StoreError as exc:
+            log.warning("cannot check for items that reach no server: %s", exc)
+            self._checked_at_commits = None  # try again at the next check
+            return self.found
+        self._checked_at_commits = commits
+        self.found = find_undelivered(self.settings, live)
+        self._warn(self.found)
+        self.telemetry.undelivered(*self.found.per_product())
+        return self.found
+
+    def _warn(self, found: Undelivered) -> None:
+        for unmapped in found.unmapped:
+            if (unmapped.product, "") not in self._warned:
+                self._warned.add((unmapped.product, ""))
+                log.warning("%s", describe_unmapped(unmapped))
+        new = [u for u in found.unroutable if (u.product, u.customer_id) not in self._warned]
+        for unroutable in new[:UNROUTABLE_LOG_LINES]:
+            log.warning("%s", describe_unroutable(unroutable))
+        if len(new) > UNROUTABLE_LOG_LINES:
+            log.warning(
+                "and %d more customers hold live items that reach no server for want of an id "
+                "(perksync status lists them)",
+                len(new) - UNROUTABLE_LOG_LINES,
+            )
+        self._warned.update((u.product, u.customer_id) for u in new)

@@ -1,7 +1,8 @@
 """End to end: the `perksync` CLI as a subprocess against the loopback fakes.
 
 Several passes with state changes between them; each test checks exactly
-which commands every server received. SPEC §3, §6, §7 and §8.
+which commands every server received: the command line, routing, when
+commands run and what must never happen.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from daemon.state_sqlite import latest_version
+from daemon.state.sqlite import latest_version
 from tests.fakes.world import RCON_PASSWORD, REPO, World
 
 PRODUCTS: dict[str, Any] = {

@@ -73,7 +73,7 @@ def test_lone_surrogate_in_a_name_refuses_only_the_command_using_it(world: World
 
     with sqlite3.connect(world.folder / "state.sqlite3") as db:
         name, raw = db.execute(
-            "SELECT name, customer_raw FROM links WHERE customer_id = ?", (eve["id"],)
+            "SELECT name, raw FROM customers WHERE customer_id = ?", (eve["id"],)
         ).fetchone()
         failed = db.execute("SELECT command, reason FROM journal WHERE status = 'failed'")
         assert failed.fetchall() == [

@@ -54,7 +54,7 @@ def test_help_says_plain_perksync_is_the_service_and_lists_the_exit_codes(
     assert result.returncode == 0
     text = squeeze(result.stdout)
     assert (
-        "Plain `perksync` (no --sync-now, --check-config or status) runs the long-lived service"
+        "Plain `perksync` (no --sync-now, --check-config or command) runs the long-lived service"
         in text
     )
     # The same codes and meanings as the README's table.

@@ -282,3 +282,70 @@ def test_unset_variable_in_secret_path_is_named(tmp_path: Path) -> None:
     assert (
         message == "customers[1].token_file: environment variable CREDENTIALS_DIRECTORY is not set"
     )
+
+
+PG = "postgresql://perksync@db.example:5432/perksync"
+
+
+def test_a_postgresql_state_takes_its_password_from_the_environment_or_a_file(
+    tmp_path: Path,
+) -> None:
+    text = GOOD.replace(
+        "state_db: state.sqlite3", f"state_db: {PG}\n  state_db_password_env: PG_PW"
+    )
+    settings = load_settings(write(tmp_path, text), env={**ENV, "PG_PW": " pg-SECRET\n"})
+    assert (settings.state_db_postgres, settings.state_db_url) == (True, PG)
+    assert settings.state_db_password == "pg-SECRET"
+    assert "pg-SECRET" not in repr(settings) + str(settings.model_dump())
+
+    (tmp_path / "pg").write_text("pg-file-SECRET\n")
+    text = GOOD.replace("state_db: state.sqlite3", f"state_db: {PG}\n  state_db_password_file: pg")
+    assert load_settings(write(tmp_path, text), env=ENV).state_db_password == "pg-file-SECRET"
+
+    plain = load_settings(write(tmp_path, GOOD), env=ENV)
+    assert (plain.state_db_postgres, plain.state_db_password) == (False, None)
+    assert plain.state_db_url == str(tmp_path.resolve() / "state.sqlite3")
+
+
+@pytest.mark.parametrize(
+    ("state", "expected"),
+    [
+        (
+            "state_db: postgresql://perksync:pg-SECRET@db.example/perksync",
+            "sync.state_db: the URL holds a password: remove it from the URL, and give it in "
+            "sync.state_db_password_env or sync.state_db_password_file",
+        ),
+        (
+            f"state_db: {PG}\n  state_db_password_env: A\n  state_db_password_file: b",
+            "sync: give at most one of state_db_password_env or state_db_password_file",
+        ),
+        (
+            "state_db: state.sqlite3\n  state_db_password_env: PG_PW",
+            "sync: state_db_password_env: only a postgresql:// state_db takes a password",
+        ),
+        (
+            f"state_db: {PG}\n  state_db_password_env: PG_PW",
+            "sync.state_db_password_env: environment variable PG_PW is not set",
+        ),
+    ],
+)
+def test_a_postgresql_states_errors_name_the_key(tmp_path: Path, state: str, expected: str) -> None:
+    message = error_of(tmp_path, GOOD.replace("state_db: state.sqlite3", state))
+    assert message == expected
+    assert "pg-SECRET" not in message
+
+
+def test_a_password_in_a_state_url_from_the_environment_names_the_variable(
+    tmp_path: Path,
+) -> None:
+    env = {**ENV, "PERKSYNC_SYNC__STATE_DB": "postgres://u:pg-SECRET@h/d"}
+    message = error_of(tmp_path, GOOD, env)
+    assert message.startswith("PERKSYNC_SYNC__STATE_DB: the URL holds a password: ")
+    assert "pg-SECRET" not in message
+
+
+def test_a_memory_store_is_refused_as_the_state(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("sync:\n  state_db: memory://x\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"^sync\.state_db: a memory store forgets"):
+        load_settings(path, env={})

@@ -1,76 +1,13 @@
-"""Example tests of `diff_inventory`, one or more per rule of SPEC §7."""
+"""Example tests of `diff_inventory`, one or more per rule of when commands run."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
-from typing import Any
+from datetime import UTC, datetime, timedelta
 
-from daemon.diff import DiffResult, EventKind, Mark, MarkKey, Phase, diff_inventory
-from daemon.models import InventoryItem
+from daemon.diff import DiffResult, EventKind, Mark, MarkKey, Phase, ProductRules, diff_inventory
+from tests.conftest import ITEM_A, ITEM_B, ITEM_C, by_product, item
 
-CUSTOMER_ID = "150352880618967040"
-STORE_ID = "94688451781206016"
-ITEM_A = "149643503939362817"
-ITEM_B = "149643503939362818"
-ITEM_C = "149643503939362819"
-
-PRODUCTS = {
-    "vip": {
-        "id": "124249183568797696",
-        "store_id": STORE_ID,
-        "version_id": "147121000780144640",
-        "slug": "vip",
-        "name": "VIP",
-    },
-    "banana": {
-        "id": "124249183568797697",
-        "store_id": STORE_ID,
-        "version_id": "147121000780144641",
-        "slug": "banana",
-        "name": "Banana",
-    },
-}
-
-
-def item(
-    item_id: str = ITEM_A,
-    state: str = "active",
-    slug: str = "vip",
-    **fields: Any,
-) -> InventoryItem:
-    """An InventoryItem shaped like the seed's example, in `state`."""
-    data: dict[str, Any] = {
-        "id": item_id,
-        "store_id": STORE_ID,
-        "customer_id": CUSTOMER_ID,
-        "order_id": "149643389770407936",
-        "order_line_id": "149643389770407937",
-        "quantity_index": 1,
-        "product": dict(PRODUCTS[slug]),
-        "state": state,
-        "expirable": True,
-        "gift": False,
-        "added_at": "2023-04-11T20:52:13.659206Z",
-        "active_at": None,
-        "expires_at": None,
-        "removed_at": None,
-        "revoked_at": None,
-        "revoke_reason": None,
-    }
-    if state in ("active", "renewed", "used", "revoked"):
-        data["active_at"] = "2023-04-11T21:52:53.66545Z"
-        data["expires_at"] = "2023-05-11T21:52:53.66545Z"
-    if state == "used":
-        data["removed_at"] = "2023-05-11T21:53:55.763216Z"
-    if state == "revoked":
-        data["revoked_at"] = "2023-04-20T10:00:00Z"
-        data["revoke_reason"] = "chargeback"
-    data.update(fields)
-    return InventoryItem.from_api(data)
-
-
-VIP_ON_SURVIVAL: Mapping[str, Sequence[str]] = {"vip": ["survival"]}
+VIP_ON_SURVIVAL = by_product({"vip": ["survival"]})
 
 
 def granted(*keys: MarkKey) -> dict[MarkKey, Mark]:
@@ -230,7 +167,7 @@ def test_products_not_routed_are_ignored() -> None:
 
 
 def test_only_the_listed_servers_get_commands() -> None:
-    routes = {"vip": ["survival", "creative"], "banana": ["lobby"]}
+    routes = by_product({"vip": ["survival", "creative"], "banana": ["lobby"]})
     result = diff_inventory({}, set(), [item(ITEM_A, slug="vip")], routes)
     assert sorted(e.server for e in result.events) == ["creative", "survival"]
     assert set(result.marks) == {(ITEM_A, "survival"), (ITEM_A, "creative")}
@@ -238,14 +175,14 @@ def test_only_the_listed_servers_get_commands() -> None:
 
 def test_servers_are_tracked_independently() -> None:
     # vip was granted on survival; the operator adds creative to vip's servers.
-    routes = {"vip": ["survival", "creative"]}
+    routes = by_product({"vip": ["survival", "creative"]})
     result = diff_inventory(granted((ITEM_A, "survival")), {ITEM_A}, [item()], routes)
     assert kinds(result) == [(ITEM_A, "creative", EventKind.ACTIVE)]
     assert result.marks == granted((ITEM_A, "creative"))
 
 
 def test_end_event_only_where_the_grant_ran() -> None:
-    routes = {"vip": ["survival", "creative"]}
+    routes = by_product({"vip": ["survival", "creative"]})
     result = diff_inventory(
         granted((ITEM_A, "survival")), {ITEM_A}, [item(state="revoked")], routes
     )
@@ -254,7 +191,7 @@ def test_end_event_only_where_the_grant_ran() -> None:
 
 
 def test_server_listed_twice_is_granted_once() -> None:
-    result = diff_inventory({}, set(), [item()], {"vip": ["survival", "survival"]})
+    result = diff_inventory({}, set(), [item()], by_product({"vip": ["survival", "survival"]}))
     assert kinds(result) == [(ITEM_A, "survival", EventKind.ACTIVE)]
 
 
@@ -280,7 +217,7 @@ def test_events_are_ordered_by_when_they_happened() -> None:
 
 
 def test_same_time_events_are_ordered_by_item_then_server() -> None:
-    routes = {"vip": ["b-server", "a-server"]}
+    routes = by_product({"vip": ["b-server", "a-server"]})
     items = [item("20"), item("3")]
     result = diff_inventory({}, set(), items, routes)
     assert [(e.item.id, e.server) for e in result.events] == [
@@ -365,3 +302,113 @@ def test_lapsed_item_then_used_or_revoked_runs_nothing_more() -> None:
         )
         assert result.events == []
         assert result.marks == {(ITEM_A, "survival"): Mark(Phase.ENDED, 1)}
+
+
+# --------------------------------------------------------------- shared perks
+
+VIP_PERK = ProductRules(perks={"vip": "rank"})
+
+
+def test_a_grant_records_its_products_perk_and_an_end_keeps_the_marks() -> None:
+    result = diff_inventory({}, set(), [item()], VIP_ON_SURVIVAL, rules=VIP_PERK)
+    assert result.marks == {(ITEM_A, "survival"): Mark(Phase.GRANTED, 1, "rank")}
+    # The config changed since: the end keeps the perk the grant was made under.
+    marks = {(ITEM_A, "survival"): Mark(Phase.GRANTED, 1, "old-rank")}
+    ended = diff_inventory(marks, {ITEM_A}, [item(state="used")], VIP_ON_SURVIVAL, rules=VIP_PERK)
+    assert ended.marks == {(ITEM_A, "survival"): Mark(Phase.ENDED, 1, "old-rank")}
+    lapsed = {(ITEM_A, "survival"): Mark(Phase.LAPSED, 1, "old-rank")}
+    ended = diff_inventory(lapsed, {ITEM_A}, [item(state="used")], VIP_ON_SURVIVAL, rules=VIP_PERK)
+    assert ended.marks == {(ITEM_A, "survival"): Mark(Phase.ENDED, 1, "old-rank")}
+
+
+def test_a_renewal_after_a_lapse_is_a_new_grant_under_the_perk_of_now() -> None:
+    lapsed = {(ITEM_A, "survival"): Mark(Phase.LAPSED, 1, "old-rank")}
+    renewed = item(state="active", expires_at="2023-06-11T21:52:53Z")
+    result = diff_inventory(
+        lapsed, {ITEM_A}, [renewed], VIP_ON_SURVIVAL, AFTER_EXPIRY, rules=VIP_PERK
+    )
+    assert result.marks == {(ITEM_A, "survival"): Mark(Phase.GRANTED, 2, "rank")}
+
+
+# ---------------------------------------------------------- one-time products
+
+KEYS_ONCE = ProductRules(once=frozenset({"vip"}))
+
+
+def test_a_one_time_product_is_not_granted_on_a_server_added_later() -> None:
+    routes = by_product({"vip": ["survival", "creative"]})
+    first = diff_inventory({}, set(), [item()], routes, rules=KEYS_ONCE)
+    assert sorted(e.server for e in first.events) == ["creative", "survival"]
+    # Granted on survival before creative was added: creative gets nothing.
+    result = diff_inventory(
+        granted((ITEM_A, "survival")), {ITEM_A}, [item()], routes, rules=KEYS_ONCE
+    )
+    assert result.events == [] and result.marks == {}
+    # Without `once`, creative is granted.
+    again = diff_inventory(granted((ITEM_A, "survival")), {ITEM_A}, [item()], routes)
+    assert kinds(again) == [(ITEM_A, "creative", EventKind.ACTIVE)]
+
+
+def test_a_one_time_product_is_not_granted_again_by_a_renewal() -> None:
+    renewed = item(state="active", expires_at="2023-06-11T21:52:53Z")
+    result = diff_inventory(
+        LAPSED, {ITEM_A}, [renewed], VIP_ON_SURVIVAL, AFTER_EXPIRY, rules=KEYS_ONCE
+    )
+    assert result.events == [] and result.marks == {}
+
+
+def test_a_one_time_product_still_ends_where_it_was_granted() -> None:
+    result = diff_inventory(
+        granted((ITEM_A, "survival")),
+        {ITEM_A},
+        [item(state="revoked")],
+        VIP_ON_SURVIVAL,
+        rules=KEYS_ONCE,
+    )
+    assert kinds(result) == [(ITEM_A, "survival", EventKind.REVOKE)]
+
+
+# ------------------------------------------------------- first seen, expired
+
+GRACE = ProductRules(grace=timedelta(minutes=1))
+EXPIRY = datetime(2023, 5, 11, 21, 52, 53, 665450, tzinfo=UTC)  # the item's expires_at
+
+
+def test_an_item_first_seen_active_after_its_expiry_and_grace_runs_nothing() -> None:
+    for state in ("active", "renewed"):
+        at_end = EXPIRY + timedelta(minutes=1)
+        result = diff_inventory(
+            {}, set(), [item(state=state)], VIP_ON_SURVIVAL, at_end, rules=GRACE
+        )
+        assert result.events == [] and result.marks == {}, state
+        assert result.expired_unseen == [ITEM_A]
+        # Within the grace, it is granted.
+        within = EXPIRY + timedelta(seconds=59)
+        result = diff_inventory(
+            {}, set(), [item(state=state)], VIP_ON_SURVIVAL, within, rules=GRACE
+        )
+        assert kinds(result) == [(ITEM_A, "survival", EventKind.ACTIVE)], state
+        assert result.expired_unseen == []
+
+
+def test_the_override_expiry_decides_whether_a_first_seen_item_expired() -> None:
+    extended = item(override_expires_at="2023-06-11T21:52:53Z")
+    result = diff_inventory({}, set(), [extended], VIP_ON_SURVIVAL, AFTER_EXPIRY)
+    assert kinds(result) == [(ITEM_A, "survival", EventKind.ACTIVE)]
+    shortened = item(expires_at="2023-06-11T21:52:53Z", override_expires_at="2023-05-01T00:00:00Z")
+    result = diff_inventory({}, set(), [shortened], VIP_ON_SURVIVAL, AFTER_EXPIRY)
+    assert result.events == [] and result.expired_unseen == [ITEM_A]
+
+
+def test_an_expired_item_is_not_granted_on_a_new_server_nor_after_being_usable() -> None:
+    routes = by_product({"vip": ["survival", "creative"]})
+    result = diff_inventory(granted((ITEM_A, "survival")), {ITEM_A}, [item()], routes, AFTER_EXPIRY)
+    assert result.events == [] and result.marks == {}
+    # Seen usable before, activated and past its expiry by the next look.
+    result = diff_inventory({}, {ITEM_A}, [item()], VIP_ON_SURVIVAL, AFTER_EXPIRY)
+    assert result.events == [] and result.expired_unseen == [ITEM_A]
+
+
+def test_an_item_without_expiry_is_always_granted() -> None:
+    result = diff_inventory({}, set(), [item(expires_at=None)], VIP_ON_SURVIVAL, AFTER_EXPIRY)
+    assert kinds(result) == [(ITEM_A, "survival", EventKind.ACTIVE)]

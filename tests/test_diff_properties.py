@@ -1,10 +1,11 @@
-"""Property-based tests of `diff_inventory` (SPEC §7).
+"""Property-based tests of `diff_inventory` (the rules of when commands run).
 
 Random sequences of inventory snapshots (items changing state, vanishing and
 coming back, listed twice) and random routing changes are folded through the
 diff exactly as the engine does: the marks of each result are stored on top of
 the known ones, and `known_items` is every item id seen so far. Then the
-history of events must obey the rules of §7.
+history of events must obey the rules of when commands run; shared perks
+are folded through their share decision the same way.
 """
 
 from __future__ import annotations
@@ -18,11 +19,21 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.diff import GRANTING_STATES, EventKind, Mark, MarkKey, Phase, diff_inventory
+from daemon.diff import (
+    GRANTING_STATES,
+    Event,
+    EventKind,
+    Mark,
+    MarkKey,
+    Phase,
+    ProductRules,
+    Share,
+    diff_inventory,
+)
 from daemon.models import KNOWN_STATES, InventoryItem
+from daemon.perks import share_events
+from tests.conftest import by_product, item
 
-STORE_ID = "94688451781206016"
-CUSTOMER_ID = "150352880618967040"
 # A few items; each always belongs to the same product.
 ITEM_PRODUCTS = {"101": "vip", "102": "vip", "103": "kit", "1000": "kit"}
 PRODUCTS = ("vip", "kit", "other")
@@ -41,32 +52,18 @@ def _stamp(minutes: int | None) -> str | None:
 
 @cache
 def make_item(item_id: str, state: str, active: int | None, ended: int | None) -> InventoryItem:
-    slug = ITEM_PRODUCTS[item_id]
-    data: dict[str, Any] = {
-        "id": item_id,
-        "store_id": STORE_ID,
-        "customer_id": CUSTOMER_ID,
-        "order_id": "149643389770407936",
-        "order_line_id": "149643389770407937",
-        "quantity_index": 0,
-        "product": {
-            "id": "124249183568797696",
-            "store_id": STORE_ID,
-            "version_id": "147121000780144640",
-            "slug": slug,
-            "name": slug.upper(),
-        },
-        "state": state,
-        "expirable": True,
-        "gift": False,
-        "added_at": _stamp(0),
-        "active_at": _stamp(active),
-        "expires_at": None,
-        "removed_at": _stamp(ended) if state == "used" else None,
-        "revoked_at": _stamp(ended) if state == "revoked" else None,
-        "revoke_reason": "refund" if state == "revoked" else None,
-    }
-    return InventoryItem.from_api(data)
+    return item(
+        item_id,
+        state,
+        ITEM_PRODUCTS[item_id],
+        quantity_index=0,
+        added_at=_stamp(0),
+        active_at=_stamp(active),
+        expires_at=None,
+        removed_at=_stamp(ended) if state == "used" else None,
+        revoked_at=_stamp(ended) if state == "revoked" else None,
+        revoke_reason="refund" if state == "revoked" else None,
+    )
 
 
 # One listing of an item: (id, state, active_at minutes, ended_at minutes).
@@ -110,7 +107,7 @@ def test_folding_snapshots_obeys_the_event_rules(
 
     for snapshot, routes in run:
         items = [make_item(*entry) for entry in snapshot]
-        result = diff_inventory(marks, frozenset(known_items), items, routes)
+        result = diff_inventory(marks, frozenset(known_items), items, by_product(routes))
 
         listed = {entry[0] for entry in snapshot}
         clean = consistent_states(snapshot)
@@ -184,8 +181,8 @@ def test_the_diff_is_deterministic_and_order_independent(
     known: set[str] = set()
     for snapshot, routes in run:
         items = [make_item(*entry) for entry in snapshot]
-        forward = diff_inventory(marks, known, items, routes)
-        backward = diff_inventory(marks, known, items[::-1], routes)
+        forward = diff_inventory(marks, known, items, by_product(routes))
+        backward = diff_inventory(marks, known, items[::-1], by_product(routes))
         # Items listed twice in conflicting states are skipped, so the order of
         # the copies does not matter; agreeing copies differ only in timestamps.
         clean = consistent_states(snapshot)
@@ -211,7 +208,10 @@ def test_one_item_through_any_state_sequence(states: list[str], servers: list[st
     per_server: dict[str, list[EventKind]] = {s: [] for s in servers}
     for index, state in enumerate(states):
         result = diff_inventory(
-            marks, {"101"} if index else set(), [make_item("101", state, 5, 9)], {"vip": servers}
+            marks,
+            {"101"} if index else set(),
+            [make_item("101", state, 5, 9)],
+            by_product({"vip": servers}),
         )
         for event in result.events:
             per_server[event.server].append(event.kind)
@@ -269,7 +269,11 @@ def test_local_expiry_and_polls_alternate_grant_and_end(
         if action == "poll":
             state, expires = new_state, new_expiry
             result = diff_inventory(
-                marks, {"101"}, [expiring_item(state, expires)], {"vip": ["survival"]}, now
+                marks,
+                {"101"},
+                [expiring_item(state, expires)],
+                by_product({"vip": ["survival"]}),
+                now,
             )
             history += [(e.kind.value, e.cycle) for e in result.events]
             marks.update(result.marks)
@@ -285,3 +289,121 @@ def test_local_expiry_and_polls_alternate_grant_and_end(
     assert all(kind in ("on_expire", "on_revoke") for kind in kinds[1::2])
     cycles = [cycle for _, cycle in history]
     assert cycles == [i // 2 + 1 for i in range(len(history))]
+
+
+# --- shared perks -------------------------------------------------------------------
+
+# Items of four products: two share the perk "rank", one has a perk of its own,
+# one has none.
+PERK_ITEMS = {"201": "vip_month", "202": "vip_year", "203": "vip_month", "204": "fly", "205": "kit"}
+PERKS = {"vip_month": "rank", "vip_year": "rank", "fly": "flight"}
+PERK_SERVERS = ("survival", "creative")
+
+
+@cache
+def perk_item(item_id: str, state: str, expires: int | None, active: int) -> InventoryItem:
+    base = make_item("101", state, active, active + 1)
+    data = dict(base.raw, id=item_id, expires_at=_stamp(expires))
+    data["product"] = dict(data["product"], slug=PERK_ITEMS[item_id])
+    return InventoryItem.from_api(data)
+
+
+perk_polls = st.tuples(
+    st.just("poll"),
+    st.lists(
+        st.tuples(
+            st.sampled_from(sorted(PERK_ITEMS)),
+            st.sampled_from(("usable", "active", "renewed", "used", "revoked")),
+            st.none() | st.integers(0, 200),
+            st.integers(0, 100),
+        ),
+        max_size=5,
+    ),
+    st.booleans(),  # complete: the whole inventory, or a part (store mode)
+    st.dictionaries(
+        st.sampled_from(sorted(set(PERK_ITEMS.values()))),
+        st.lists(st.sampled_from(PERK_SERVERS), max_size=2),
+    ),
+)
+perk_sweeps = st.tuples(st.just("sweep"), st.just([]), st.just(True), st.just({}))
+perk_runs = st.lists(
+    st.tuples(st.one_of(perk_polls, perk_sweeps), st.integers(0, 20)), min_size=1, max_size=10
+)
+
+
+@dataclass
+class PerkWorld:
+    """What the engine stores (marks, last state and expiry of each item) and
+    what the servers were sent, per (server, perk): "grant" / "take"."""
+
+    marks: dict[MarkKey, Mark]
+    items: dict[str, tuple[str, int | None]]
+    sent: dict[tuple[str, str], list[str]]
+
+    def fold(self, events: list[Any], marks: dict[MarkKey, Mark]) -> None:
+        shared = share_events(self.marks, events, marks)
+        for event in shared.events:
+            key = (event.item.id, event.server)
+            perk = marks[key].perk
+            if perk is None:
+                assert event.share is Share.OWN
+                continue
+            holders = self.holders(event.server, perk) - {event.item.id}
+            sent = self.sent.setdefault((event.server, perk), [])
+            starts = event.kind is EventKind.ACTIVE
+            if event.share is Share.OWN:
+                # The perk is granted when nobody holds it, taken back when the last ends.
+                assert not holders, (event, holders)
+                sent.append("grant" if starts else "take")
+            else:
+                assert holders, event
+                assert event.share is (Share.JOINED if starts else Share.KEPT)
+            self.marks[key] = marks[key]
+
+    def holders(self, server: str, perk: str) -> set[str]:
+        return {
+            item_id
+            for (item_id, s), mark in self.marks.items()
+            if s == server and mark.perk == perk and mark.phase is Phase.GRANTED
+        }
+
+
+@SETTINGS
+@given(perk_runs)
+def test_shared_perks_are_granted_once_and_taken_back_when_the_last_item_ends(
+    run: list[tuple[tuple[str, Any, bool, dict[str, list[str]]], int]],
+) -> None:
+    """Polls (whole or partial) and local-expiry sweeps in any mix: per customer,
+    server and perk, the commands sent alternate grant, take-back, grant…, and
+    the perk is held exactly while some item of it is granted there."""
+    world = PerkWorld({}, {}, {})
+    rules = ProductRules(perks=PERKS)
+    minute = 0
+    for (action, snapshot, complete, routes), step in run:
+        minute += step
+        now = EPOCH + timedelta(minutes=minute)
+        if action == "poll":
+            items = [perk_item(*entry) for entry in snapshot]
+            result = diff_inventory(world.marks, set(world.items), items, by_product(routes),
+                                    now, complete=complete, rules=rules)  # fmt: skip
+            world.fold(result.events, result.marks)
+            clean = consistent_states([(e[0], e[1], None, None) for e in snapshot])
+            expiries = {e[0]: e[2] for e in snapshot}
+            world.items.update({i: (state, expiries[i]) for i, state in clean.items()})
+        else:
+            events, lapsed = [], {}
+            for (item_id, server), mark in sorted(world.marks.items()):
+                state, expires = world.items[item_id]
+                due = expires is not None and EPOCH + timedelta(minutes=expires) <= now
+                if mark.phase is Phase.GRANTED and state == "active" and due:
+                    item = perk_item(item_id, state, expires, 0)
+                    events.append(Event(item, server, EventKind.EXPIRE, mark.cycle, now))
+                    lapsed[(item_id, server)] = Mark(Phase.LAPSED, mark.cycle, mark.perk)
+            world.fold(events, lapsed)
+        for (server, perk), sent in world.sent.items():
+            assert sent == ["grant", "take"] * (len(sent) // 2) + ["grant"] * (len(sent) % 2)
+            held = bool(sent) and sent[-1] == "grant"
+            assert held == bool(world.holders(server, perk)), (server, perk, sent)
+    # A mark's perk is its product's: nothing moved it.
+    for (item_id, _), mark in world.marks.items():
+        assert mark.perk == PERKS.get(PERK_ITEMS[item_id])

@@ -271,6 +271,17 @@ def test_permanent_command_failures_do_not_clear_a_failing_server() -> None:
     assert not t.health()[0]
 
 
+def test_rejected_commands_are_counted_and_show_the_server_answers() -> None:
+    t, clock = make(servers=["survival"], delivery_stale_seconds=600)
+    assert value(t, "perksync_commands_total", server="survival", outcome="rejected") == 0
+    t.backlog("survival", 5)
+    t.delivery_failed("survival", "timeout")
+    t.command_finished("survival", "rejected")  # an error reply is still an answer
+    clock.now = T0 + 700
+    assert t.health() == (True, "ok")
+    assert value(t, "perksync_commands_total", server="survival", outcome="rejected") == 1
+
+
 def test_both_reasons_are_reported() -> None:
     t, clock = make(customers=["a"], servers=["s"], poll_stale_seconds=300)
     t.poll_failed("a", "unavailable")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from daemon.engine import PassReport
+from daemon.report import PassReport
 
 
 def test_a_pass_counts_customers() -> None:

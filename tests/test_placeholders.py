@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import copy
 import unicodedata
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -21,72 +21,35 @@ from daemon.placeholders import (
     steam_id2,
     steam_id3,
 )
+from tests import conftest
+from tests.conftest import MINECRAFT_CUSTOMER, STEAM_CUSTOMER, customer_data
 
 SOURCE = frozenset({";", '"'})  # SourceServer.forbidden_in_values
 MINECRAFT: frozenset[str] = frozenset()
 
-STEAM_CUSTOMER: dict[str, Any] = {
-    "id": "150352880618967040",
-    "store_id": "94688451781206016",
-    "steam_id": "76561197960287930",
-    "steam": {
+# The Steam customer of these tests: Rabscuttle, whose Steam id converts to small numbers.
+RABSCUTTLE = customer_data(
+    STEAM_CUSTOMER,
+    profile={"id": "76561197960287930", "platform": "steam", "name": "Rabscuttle"},
+    steam_id="76561197960287930",
+    steam={
         "id": "76561197960287930",
         "name": "Rabscuttle",
         "avatar_url": "https://avatars.akamai.steamstatic.com/c5d56249ee5d28a07db4ac9f7f60af961fab5426_full.jpg",
     },
-    "name": "Rabscuttle",
-    "created_at": "2023-04-13T19:51:02.162046Z",
-    "updated_at": "2023-04-13T19:55:13.122010Z",
-}
-MINECRAFT_CUSTOMER: dict[str, Any] = {
-    "id": "150352880618967041",
-    "store_id": "94688451781206016",
-    "profile": {"id": "069a79f4-44e9-4726-a5be-fca90e38aaf5", "platform": "minecraft"},
-    "steam_id": None,
-    "steam": None,
-    "minecraft_uuid": "069a79f4-44e9-4726-a5be-fca90e38aaf5",
-    "minecraft": {"id": "069a79f4-44e9-4726-a5be-fca90e38aaf5", "name": "Notch"},
-    "minecraft_platform": "java",
-    "name": "Notch",
-    "created_at": "2023-04-13T19:51:02Z",
-    "updated_at": None,
-}
-ITEM: dict[str, Any] = {
-    "id": "149643503939362817",
-    "store_id": "94688451781206016",
-    "customer_id": "150352880618967040",
-    "order_id": "149643389770407936",
-    "order_line_id": "149643389770407937",
-    "quantity_index": 1,
-    "product": {
-        "id": "124249183568797696",
-        "store_id": "94688451781206016",
-        "version_id": "147121000780144640",
-        "slug": "banana",
-        "name": "Banana",
-    },
-    "state": "active",
-    "expirable": True,
-    "gift": False,
-    "added_at": "2023-04-11T20:52:13.659206Z",
-    "active_at": "2023-04-11T21:52:53.66545Z",
-    "expires_at": "2023-04-11T22:52:53.66545Z",
-    "removed_at": None,
-    "revoked_at": None,
-    "revoke_reason": None,
-}
+    name="Rabscuttle",
+    created_at="2023-04-13T19:51:02.162046Z",
+    updated_at="2023-04-13T19:55:13.122010Z",
+)
 
 
-def customer(base: dict[str, Any] = STEAM_CUSTOMER, **changes: Any) -> Customer:
-    data = copy.deepcopy(base)
-    data.update(changes)
-    return Customer.from_api(data)
+def customer(base: Mapping[str, Any] = RABSCUTTLE, **changes: Any) -> Customer:
+    return conftest.customer(base, **changes)
 
 
 def item(**changes: Any) -> InventoryItem:
-    data = copy.deepcopy(ITEM)
-    data.update(changes)
-    return InventoryItem.from_api(data)
+    """An active banana (the seed's example item)."""
+    return conftest.item(slug="banana", **changes)
 
 
 def named(name: str) -> Customer:

@@ -18,6 +18,8 @@ import pytest
 import valve.rcon
 from mcrcon import MCRcon, MCRconException
 
+from daemon.presence import player_list
+from daemon.replies import ReplyRules, Verdict
 from tests.fakes.rcon_server import FakeRconServer, ThreadedServer, running_in_thread
 
 PASSWORD = "s3cret-pw"
@@ -149,15 +151,97 @@ def test_vanilla_drops_a_command_over_1446_bytes(minecraft: ThreadedServer) -> N
     assert minecraft.server.commands == ["s" * 1446]
 
 
+NOTCH = ("Notch", "069a79f4-44e9-4726-a5be-fca90e38aaf5")
+JEB = ("jeb_", "853c80ef-3c37-49fd-aa49-938b674adae6")
+
+
+def test_mcrcon_sees_vanillas_list_uuids(minecraft: ThreadedServer) -> None:
+    with MCRcon("127.0.0.1", PASSWORD, port=minecraft.port, timeout=3) as mcr:
+        assert mcr.command("minecraft:list uuids") == "There are 0 of a max of 20 players online: "
+        minecraft.server.players = dict([NOTCH, JEB])
+        reply = mcr.command("minecraft:list uuids")
+        assert mcr.command("list uuids") == reply
+    assert reply == (
+        "There are 2 of a max of 20 players online: "
+        "Notch (069a79f4-44e9-4726-a5be-fca90e38aaf5), jeb_ (853c80ef-3c37-49fd-aa49-938b674adae6)"
+    )
+    assert player_list("minecraft").ids(reply) == {
+        "069a79f444e94726a5befca90e38aaf5",
+        "853c80ef3c3749fdaa49938b674adae6",
+    }
+    assert minecraft.server.list_reads == 3
+
+
+@pytest.mark.parametrize("game", ["vanilla", "paper"])
+def test_mcrcon_sees_the_unknown_command_reply(game: str) -> None:
+    server = FakeRconServer("minecraft", PASSWORD, game=game)  # type: ignore[arg-type]
+    server.known_commands = frozenset({"give", "list"})
+    with (
+        running_in_thread(server) as threaded,
+        MCRcon("127.0.0.1", PASSWORD, port=threaded.port, timeout=3) as mcr,
+    ):
+        unknown = mcr.command("lp usr Notch parent add vip")
+        assert mcr.command("give Notch diamond 1") == "give Notch diamond 1"
+        assert "players online" in mcr.command("minecraft:list uuids")
+    if game == "vanilla":
+        expected = (
+            "Unknown or incomplete command, see below for errorlp usr Notch parent add vip<--[HERE]"
+        )
+    else:
+        expected = 'Unknown command. Type "/help" for help.\n'
+    assert unknown == expected
+    assert ReplyRules.of("minecraft").judge(unknown, online=False).verdict is Verdict.REJECTED
+
+
 # -- SRCDS fake, driven by python-valve --------------------------------------
+
+
+# SteamID64s of accounts 46143802 (even) and 99999999 (odd).
+M0UKA, ODD = "76561198006409530", "76561198060265727"
+
+
+@pytest.mark.parametrize("game", ["tf2", "css", "gmod", "csgo"])
+def test_python_valve_sees_each_games_status(game: str) -> None:
+    server = FakeRconServer("srcds", PASSWORD, game=game)  # type: ignore[arg-type]
+    server.players = {"m0uka": M0UKA, 'Bob "the" [U:1:1]': ODD}
+    with (
+        running_in_thread(server) as threaded,
+        valve.rcon.RCON(("127.0.0.1", threaded.port), PASSWORD, timeout=3) as rcon,
+    ):
+        reply = rcon("status")
+        threaded.server.players = {}
+        empty = rcon("status")
+    header = "# userid name"
+    assert header in reply and header in empty
+    assert player_list("source").ids(reply) == {"46143802", "99999999"}
+    assert player_list("source").ids(empty) == set()
+    form = {"tf2": "[U:1:46143802]", "csgo": "STEAM_1:0:23071901"}.get(game, "STEAM_0:0:23071901")
+    assert '"m0uka"' in reply and form in reply
+
+
+def test_python_valve_sees_a_long_status_whole(srcds: ThreadedServer) -> None:
+    srcds.server.players = {f"player{n:03d}": str(76561198000000000 + n) for n in range(100)}
+    with valve.rcon.RCON(("127.0.0.1", srcds.port), PASSWORD, timeout=3) as rcon:
+        reply = rcon("status")
+    assert len(reply.encode()) > 4096  # several packets
+    assert len(player_list("source").ids(reply) or ()) == 100
+
+
+def test_python_valve_sees_the_unknown_command_reply(srcds: ThreadedServer) -> None:
+    srcds.server.known_commands = frozenset({"sm_addvip", "status"})
+    with valve.rcon.RCON(("127.0.0.1", srcds.port), PASSWORD, timeout=3) as rcon:
+        unknown = rcon('sm_addvp "STEAM_0:0:1" warden')
+        assert rcon('sm_addvip "STEAM_0:0:1" warden') == 'sm_addvip "STEAM_0:0:1" warden'
+    assert unknown == 'Unknown command "sm_addvp"\n'
+    assert ReplyRules.of("source").judge(unknown, online=False).verdict is Verdict.REJECTED
 
 
 def test_python_valve_auth_command_reply(srcds: ThreadedServer) -> None:
     srcds.server.reply = lambda c: f"hostname: fake ({c})\n"
     with valve.rcon.RCON(("127.0.0.1", srcds.port), PASSWORD, timeout=3) as rcon:
-        assert rcon("status") == "hostname: fake (status)\n"
+        assert rcon("hostname") == "hostname: fake (hostname)\n"
         assert rcon("sm_admin bob") == "hostname: fake (sm_admin bob)\n"
-    assert srcds.server.commands == ["status", "sm_admin bob"]
+    assert srcds.server.commands == ["hostname", "sm_admin bob"]
     assert srcds.server.auth_attempts == 1
 
 

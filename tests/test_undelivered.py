@@ -1,4 +1,4 @@
-"""Live items that reach no server: the pure computation, and the engine's check
+"""Live items that reach no server: the pure computation, and the watch's check
 against a real SQLite store and the PayNow fake (answers skipped as unchanged,
 a restart, a reload)."""
 
@@ -16,10 +16,9 @@ from typing import Any
 import pytest
 
 from daemon.config import Settings, load_settings
-from daemon.engine import Engine
-from daemon.paynow import PayNowClient, make_session
-from daemon.state import LiveItems, SeenItem
-from daemon.state_sqlite import SqliteStore
+from daemon.paynow import StorefrontClient, make_session
+from daemon.state import CustomerChange, CustomerRecord, LinkSync, LiveItems, SeenItem
+from daemon.state.sqlite import SqliteStore
 from daemon.undelivered import (
     Unmapped,
     Unroutable,
@@ -28,6 +27,7 @@ from daemon.undelivered import (
     find_undelivered,
     id_fields,
 )
+from daemon.wiring import Core
 from tests.fakes.paynow_api import FakePayNow
 
 CONFIG = """
@@ -152,21 +152,21 @@ def test_a_hostile_slug_stays_on_one_line() -> None:
     assert line.startswith("product vip\\u000aop mallory: 1 live item (1 customer), but the")
 
 
-# --- the engine's check, on a real store --------------------------------------------
+# --- the watch's check, on a real store ---------------------------------------------
 
 
 class CountingStore(SqliteStore):
     live_reads = 0
 
-    async def live_items(self, id_fields: Sequence[str]) -> list[LiveItems]:
+    async def live_item_counts(self, id_fields: Sequence[str]) -> list[LiveItems]:
         self.live_reads += 1
-        return await super().live_items(id_fields)
+        return await super().live_item_counts(id_fields)
 
 
 def test_the_check_sees_unchanged_answers_and_restarts_and_reads_only_after_a_change(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="daemon.engine")
+    caplog.set_level(logging.WARNING, logger="daemon.undelivered")
 
     def warnings() -> list[str]:
         return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -181,38 +181,39 @@ def test_the_check_sees_unchanged_answers_and_restarts_and_reads_only_after_a_ch
             settings = settings_for(tmp_path, url=fake.url, tokens=tokens)
             store = CountingStore(tmp_path / "state.sqlite3")
 
-            def engine() -> Engine:
-                client = PayNowClient(session, fake.url, requests_per_second=0)
-                return Engine(settings, store, client, cache_customers=True)
+            def started() -> tuple[Core, Any]:
+                client = StorefrontClient(session, fake.url, requests_per_second=0)
+                core = Core(settings, store)
+                return core, core.token_source(client, cache_customers=True)
 
-            first = engine()
+            first, source = started()
             for index, link in enumerate(settings.customers):
-                assert await first.poll(index, link)
-            found = await first.check_undelivered(only_if_changed=True)
+                assert await source.poll(index, link)
+            found = await first.undelivered.check(first.applier.commits)
             assert [u.product for u in found.unmapped] == ["gem"]
             assert [(u.product, u.label) for u in found.unroutable] == [("vip", "bob")]
             assert len(warnings()) == 2 and store.live_reads == 1
 
             # Polls with the same answers store nothing: no need to read again.
             for index, link in enumerate(settings.customers):
-                assert await first.poll(index, link)
-            assert await first.check_undelivered(only_if_changed=True) == found
+                assert await source.poll(index, link)
+            assert await first.undelivered.check(first.applier.commits) == found
             assert store.live_reads == 1
             # A change is read, and warned only where it is new.
             fake.add_item(tokens[0], product="gem")
-            assert await first.poll(0, settings.customers[0])
-            again = await first.check_undelivered(only_if_changed=True)
+            assert await source.poll(0, settings.customers[0])
+            again = await first.undelivered.check(first.applier.commits)
             assert [u.items for u in again.unmapped] == [2]
             assert store.live_reads == 2 and len(warnings()) == 2
             # A reload checks and warns afresh.
             first.use_settings(settings)
-            await first.check_undelivered(only_if_changed=True)
+            await first.undelivered.check(first.applier.commits)
             assert len(warnings()) == 4
 
             # A restart: the stored digests stand in for the answers, the check does not care.
             caplog.clear()
-            second = engine()
-            assert await second.check_undelivered(only_if_changed=True) == again
+            second, _ = started()
+            assert await second.undelivered.check(second.applier.commits) == again
             assert len(warnings()) == 2
             await store.close()
 
@@ -224,20 +225,26 @@ def test_many_customers_lacking_an_id_are_warned_in_a_few_lines(
 ) -> None:
     labels = [f"c{i:02}" for i in range(13)]
     settings = settings_for(tmp_path, tokens=[f"t{i}" for i in range(13)], labels=labels)
-    caplog.set_level(logging.WARNING, logger="daemon.engine")
+    caplog.set_level(logging.WARNING, logger="daemon.undelivered")
 
     async def main() -> None:
         store = SqliteStore(tmp_path / "state.sqlite3")
         for i, label in enumerate(labels):
-            await store.commit_pass(
-                label, str(1000 + i), None, [SeenItem(f"{i}", "vip", "active")], {}, [], NOW,
-                json.dumps({"id": str(1000 + i), "minecraft_uuid": None}),
-            )  # fmt: skip
-        async with make_session() as session:
-            engine = Engine(settings, store, PayNowClient(session, "http://127.0.0.1:9"))
-            found = await engine.check_undelivered()
-            assert len(found.unroutable) == 13
-            await engine.check_undelivered()  # nothing new: nothing logged
+            customer_id = str(1000 + i)
+            raw = json.dumps({"id": customer_id, "minecraft_uuid": None})
+            async with store.customer(customer_id) as txn:
+                await txn.commit(
+                    CustomerChange(
+                        NOW,
+                        CustomerRecord(None, raw),
+                        [SeenItem(f"{i}", "vip", "active")],
+                        link=LinkSync(label, None),
+                    )
+                )
+        core = Core(settings, store)
+        found = await core.undelivered.check()
+        assert len(found.unroutable) == 13
+        await core.undelivered.check()  # nothing new: nothing logged
         await store.close()
 
     asyncio.run(main())

@@ -1,48 +1,46 @@
-"""`make demo`: real `perksync --sync-now` passes against bundled loopback fakes.
+"""`make demo`: the README's "Selling ranks, kits and keys" example, run for real.
 
-Starts a fake PayNow Storefront API with three customers, a fake vanilla
-Minecraft server and a fake SRCDS server, writes a config.yaml for them into a
-temporary folder, runs the real CLI three times with purchases, an expiry and a
-chargeback in between, and prints what each game server received.
+Starts a fake PayNow Storefront API and a fake vanilla Minecraft server,
+writes a config.yaml with the README example's `products` for them into a
+temporary folder, and runs the real CLI: passes with purchases, an expiry
+and a chargeback in between, then a map wipe, `perksync resend` and
+`perksync journal`; it prints what the game server received each time.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from tests.fakes.world import World
+import yaml
 
-PRODUCTS: dict[str, Any] = {
-    "vip": {
-        "servers": ["survival"],
-        "on_active": [
-            "lp user {customer.minecraft_uuid} parent add vip",
-            "say {customer.minecraft.name} is now a VIP!",
-        ],
-        "on_expire": ["lp user {customer.minecraft_uuid} parent remove vip"],
-        "on_revoke": ["lp user {customer.minecraft_uuid} parent remove vip"],
-    },
-    "warden": {
-        "servers": ["jailbreak"],
-        "on_active": ['sm_addvip "{customer.steam_id2}" warden'],
-        "on_expire": ['sm_removevip "{customer.steam_id2}"'],
-        "on_revoke": [
-            'sm_removevip "{customer.steam_id2}"',
-            'sm_say "{customer.steam.name} lost warden ({item.revoke_reason})"',
-        ],
-    },
-    "crate-key": {"on_active": ["crate give {customer.name} vote 1"]},
-}
+from tests.fakes.world import REPO, World
+
+EXAMPLE_HEADING = "## Selling ranks, kits and keys"
 
 
-def show_pass(world: World, title: str, seen: dict[str, int]) -> None:
+def readme_example(readme: Path = REPO / "README.md") -> dict[str, Any]:
+    """The first YAML block of the README's example section, parsed."""
+    text = readme.read_text(encoding="utf-8")
+    section = text[text.index(EXAMPLE_HEADING) :]
+    block = re.search(r"^```yaml\n(.*?)^```$", section, flags=re.MULTILINE | re.DOTALL)
+    if block is None:
+        raise ValueError(f"no YAML block under {EXAMPLE_HEADING!r} in {readme}")
+    example = yaml.safe_load(block.group(1))
+    assert isinstance(example, dict)
+    return example
+
+
+def show(world: World, title: str, seen: dict[str, int], *args: str) -> None:
     print(f"\n=== {title}", flush=True)
-    result = world.run_cli("--sync-now")
+    result = world.run_cli(*args)
+    for line in result.stdout.splitlines():
+        print("   ", line)
     for line in result.stderr.splitlines():
-        if " delivered " in line or "pass done" in line or "ERROR" in line or "WARNING" in line:
+        if " delivered " in line or "done" in line or "resend" in line or "ERROR" in line:
             print("   log:", line.split(" ", 2)[-1])
     print(f"   exit status: {result.returncode}")
     for server in world.rcon:
@@ -54,32 +52,45 @@ def show_pass(world: World, title: str, seen: dict[str, int]) -> None:
 
 
 def main() -> int:
-    with tempfile.TemporaryDirectory(prefix="perksync-demo-") as folder:
-        path = Path(folder)
-        with World(path, {"survival": "minecraft", "jailbreak": "source"}) as world:
-            steve_token, _ = world.add_customer(platform="minecraft", name="Steve")
-            gordon_token, _ = world.add_customer(platform="steam", name="Gordon")
-            alex_token, _ = world.add_customer(platform="both", name="Alex")
-            steve_vip = world.add_item(steve_token, "vip")
-            gordon_warden = world.add_item(gordon_token, "warden")
-            world.add_item(alex_token, "crate-key")
-            world.add_item(alex_token, "warden", state="usable")
-            config = world.config(PRODUCTS)
-            print(f"fake PayNow API: {world.paynow.url}")
-            for name, server in world.rcon.items():
-                print(f"fake {world.platforms[name]} server {name!r}: 127.0.0.1:{server.port}")
-            print(f"config: {config}\n")
-            print(config.read_text())
-            seen = dict.fromkeys(world.rcon, 0)
+    example = readme_example()
+    servers = {name: spec["platform"] for name, spec in example["servers"].items()}
+    with (
+        tempfile.TemporaryDirectory(prefix="perksync-demo-") as folder,
+        World(Path(folder), servers) as world,
+    ):
+        alice_token, _ = world.add_customer(platform="minecraft", name="Alice")
+        bob_token, _ = world.add_customer(platform="minecraft", name="Bob")
+        carol_token, _ = world.add_customer(platform="minecraft", name="Carol")
+        alice_monthly = world.add_item(alice_token, "vip-monthly")
+        bob_vip = world.add_item(bob_token, "vip-monthly")
+        world.add_item(carol_token, "starter-kit")
+        world.add_item(carol_token, "vote-key")
+        config = world.config(example["products"])
+        print(f"fake PayNow API: {world.paynow.url}")
+        for name, server in world.rcon.items():
+            print(f"fake {world.platforms[name]} server {name!r}: 127.0.0.1:{server.port}")
+        print(f"config: {config}\n")
+        print(config.read_text())
+        seen = dict.fromkeys(world.rcon, 0)
 
-            show_pass(world, "pass 1: three customers, first sight", seen)
-            show_pass(world, "pass 2: nothing changed, nothing is sent again", seen)
-            world.set_state(steve_token, steve_vip, "used")
-            world.set_state(gordon_token, gordon_warden, "revoked", "chargeback")
-            show_pass(world, "pass 3: Steve's VIP expired, Gordon charged back", seen)
-            status = world.run_cli("status")
-            print("\n=== perksync status")
-            print(status.stdout)
+        show(world, "pass 1: Alice and Bob buy VIP monthly, Carol a kit and a key", seen,
+             "--sync-now")  # fmt: skip
+        world.add_item(alice_token, "vip-yearly")
+        show(world, "pass 2: Alice also buys VIP yearly (she holds the rank already)", seen,
+             "--sync-now")  # fmt: skip
+        world.set_state(alice_token, alice_monthly, "used")
+        world.set_state(bob_token, bob_vip, "revoked", "chargeback")
+        show(world, "pass 3: Alice's monthly expires (the yearly keeps the rank); Bob charges "
+             "back", seen, "--sync-now")  # fmt: skip
+        for server in world.rcon.values():
+            world.sync(server.commands.clear)
+        seen = dict.fromkeys(world.rcon, 0)
+        show(world, "a map wipe: perksync resend --dry-run (nothing changes)", seen,
+             "resend", "--server", "survival", "--dry-run")  # fmt: skip
+        show(world, "perksync resend (it only journals)", seen, "resend", "--server", "survival")
+        show(world, "pass 4: the resend is delivered", seen, "--sync-now")
+        show(world, "perksync journal --limit 12", seen, "journal", "--limit", "12")
+        show(world, "perksync status", seen, "status")
     return 0
 
 

@@ -23,7 +23,7 @@ Usage::
         customer = fake.add_customer(token, items=3)
         fake.set_state(token, fake.items(token)[0]["id"], "revoked", "refund")
         fake.fault(token, "status", status=503, times=2, path="items", page=2)
-        ... PayNowClient(session, fake.url) ...
+        ... StorefrontClient(session, fake.url) ...
         assert fake.count(path="items", token=token) == 4
 
 Faults (see `FAULT_KINDS`) are queued per token (`token=None`: any request) and

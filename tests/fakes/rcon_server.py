@@ -16,7 +16,23 @@ Usage::
     await server.stop()
 
 Replies: ``server.reply`` is a callable ``str -> str`` (default: echo the
-command back). Faults, switchable at any time (plain attributes):
+command back). The game's own answers come first:
+
+* ``server.players`` (name → id: a UUID on Minecraft, a SteamID64 on SRCDS)
+  are the players online. Minecraft answers ``list uuids`` and
+  ``minecraft:list uuids`` as vanilla does (Paper runs vanilla's command);
+  SRCDS answers ``status`` in the layout of ``server.game``: ``"tf2"``
+  (SteamID3), ``"css"`` and ``"gmod"`` (``STEAM_0``), ``"csgo"`` (``STEAM_1``,
+  userid and slot). ``server.list_reads`` counts these answers.
+* ``server.known_commands`` (first words; None: every command is known): a
+  command outside it gets the game's unknown-command reply: vanilla's
+  ``Unknown or incomplete command, see below for error<command><--[HERE]``
+  (RCON joins vanilla's two messages without a newline), Paper's (``game``
+  ``"paper"``) Spigot line ``Unknown command. Type "/help" for help.`` plus
+  the newline CraftBukkit adds to each message, SRCDS's
+  ``Unknown command "<word>"``.
+
+Faults, switchable at any time (plain attributes):
 
 * ``stall``: read everything, answer nothing, run nothing (a hung server);
 * ``stall_after_execute``: run (and record) a command, never answer;
@@ -87,6 +103,11 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, Literal, NamedTuple
 
 Profile = Literal["minecraft", "srcds"]
+Game = Literal["vanilla", "paper", "tf2", "css", "gmod", "csgo"]
+GAMES: dict[str, tuple[str, ...]] = {
+    "minecraft": ("vanilla", "paper"),
+    "srcds": ("tf2", "css", "gmod", "csgo"),
+}
 
 AUTH = 3
 EXECCOMMAND = 2
@@ -147,6 +168,69 @@ def java_utf8_chunks(text: str, units: int = MC_CHUNK_UNITS) -> list[bytes]:
         # Java's String.getBytes(UTF_8) writes '?' for an unpaired surrogate.
         out.append(piece.encode("utf-8", "replace"))
     return out
+
+
+def minecraft_list(players: dict[str, str], max_players: int) -> str:
+    """Vanilla's `list uuids`: commands.list.players around commands.list.nameAndId."""
+    named = ", ".join(f"{name} ({uuid})" for name, uuid in players.items())
+    return f"There are {len(players)} of a max of {max_players} players online: {named}"
+
+
+STEAM64_BASE = 76561197960265728
+
+_STATUS_HEAD = {
+    "tf2": (
+        "hostname: perksync test\nversion : 8604597/24 8604597 secure\n"
+        "udp/ip  : 127.0.0.1:27015  (public ip: 127.0.0.1)\n"
+        "steamid : [G:1:1234567] (85568392921274567)\n"
+        "account : not logged in  (No account specified)\n"
+        "map     : ctf_2fort at: 0 x, 0 y, 0 z\ntags    : ctf\n"
+        "players : {n} humans, 0 bots ({max} max)\nedicts  : 1024 used of 2048 max\n"
+        "# userid name                uniqueid            connected ping loss state  adr\n"
+    ),
+    "css": (
+        "hostname: perksync test\nversion : 7968474/24 7968474 secure\n"
+        "udp/ip  : 127.0.0.1:27015  (public ip: 127.0.0.1)\n"
+        "account : not logged in  (No account specified)\n"
+        "map     : de_dust2 at: 0 x, 0 y, 0 z\ntags    : \n"
+        "players : {n} humans, 0 bots ({max}/0 max) (not hibernating)\n\n"
+        "# userid name uniqueid connected ping loss state adr\n"
+    ),
+    "gmod": (
+        "hostname: perksync test\nversion : 2023.06.28/24 9084 secure\n"
+        "udp/ip  : 127.0.0.1:27015  (public ip: 127.0.0.1)\n"
+        "map     : gm_construct at: 0 x, 0 y, 0 z\nplayers : {n} ({max} max)\n\n"
+        "# userid name                uniqueid            connected ping loss state  adr\n"
+    ),
+    "csgo": (
+        "hostname: perksync test\nversion : 1.38.2.2 secure\nos      :  Linux\n"
+        "type    :  community dedicated\nmap     : de_dust2\n"
+        "players : {n} humans, 0 bots ({max}/0 max) (not hibernating)\n\n"
+        "# userid name uniqueid connected ping loss state rate adr\n"
+    ),
+}
+
+
+def srcds_status(game: str, players: dict[str, str], max_players: int) -> str:
+    """`status` as the game prints it, one line per player (ids from SteamID64s)."""
+    lines = [_STATUS_HEAD[game].format(n=len(players), max=max_players)]
+    for userid, (name, steam64) in enumerate(players.items(), start=2):
+        account = int(steam64) - STEAM64_BASE
+        y, z = account & 1, account >> 1
+        if game == "tf2":
+            lines.append(f'#    {userid:3d} "{name}"  [U:1:{account}]  00:42  54  0 active\n')
+        elif game == "csgo":
+            lines.append(
+                f'# {userid} {userid - 1} "{name}" STEAM_1:{y}:{z} 00:21 31 0 active 196608 '
+                f"127.0.0.1:27005\n"
+            )
+        else:
+            lines.append(
+                f'#  {userid:5d} "{name}"  STEAM_0:{y}:{z}  05:11  40  0 active 127.0.0.1:27005\n'
+            )
+    if game == "csgo":
+        lines.append("#end\n")
+    return "".join(lines)
 
 
 def unused_port(host: str = "127.0.0.1") -> int:
@@ -215,7 +299,7 @@ class _Connection:
             return False
         if server._take("wrong_reply_id"):
             request_id += 1
-        data = reply_packets(request_id, server.reply(command))
+        data = reply_packets(request_id, server.answer(command))
         held, self.held = self.held, b""
         if server._take("early_marker_answer"):
             first = 4 + int.from_bytes(data[:4], "little", signed=True)
@@ -411,10 +495,18 @@ class FakeRconServer:
         *,
         reply: Callable[[str], str] = echo,
         latency: float = 0.0,
+        game: Game | None = None,
     ) -> None:
         if profile not in ("minecraft", "srcds"):
             raise ValueError(f"unknown profile {profile!r}")
         self.profile: Profile = profile
+        self.game: Game = game or ("vanilla" if profile == "minecraft" else "tf2")
+        if self.game not in GAMES[profile]:
+            raise ValueError(f"unknown {profile} game {self.game!r}; one of {GAMES[profile]}")
+        self.players: dict[str, str] = {}
+        self.max_players = 20
+        self.known_commands: frozenset[str] | None = None
+        self.list_reads = 0
         self.password = password
         self.host = host
         self._port = port
@@ -521,6 +613,30 @@ class FakeRconServer:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
+
+    # -- the game's answers ---------------------------------------------------
+
+    def answer(self, command: str) -> str:
+        """What the game prints for a command (see the module docstring)."""
+        word = command.split(" ", 1)[0]
+        if self.profile == "minecraft":
+            if command in ("list uuids", "minecraft:list uuids"):
+                self.list_reads += 1
+                return minecraft_list(self.players, self.max_players)
+            known = self.known_commands is None or word.removeprefix("minecraft:") in (
+                self.known_commands
+            )
+            if known:
+                return self.reply(command)
+            if self.game == "paper":
+                return 'Unknown command. Type "/help" for help.\n'
+            return f"Unknown or incomplete command, see below for error{command}<--[HERE]"
+        if command == "status":
+            self.list_reads += 1
+            return srcds_status(self.game, self.players, self.max_players)
+        if self.known_commands is None or word in self.known_commands:
+            return self.reply(command)
+        return f'Unknown command "{word}"\n'
 
     # -- helpers for tests ---------------------------------------------------
 

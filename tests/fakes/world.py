@@ -1,6 +1,12 @@
 """A loopback world for end-to-end runs: the PayNow fake and RCON fakes on a
 background event loop, plus a config.yaml pointing at them.
 
+With `store=True` the Management fake (`FakeStore`, store mode) runs beside
+the Storefront one: `config()` then writes a store-mode config (its API key
+comes from $PAYNOW_API_KEY, which `run_cli` and `start_service` set), or a
+token-mode one with `mode="token"` for the customers linked by
+`link_by_token`, so one state database can be switched between the modes.
+
 The CLI under test runs as a real subprocess (`python -m daemon`), so the fakes
 live in their own thread; tests (and the demo) change the world between passes
 with plain method calls.
@@ -21,23 +27,29 @@ from typing import Any, TypeVar
 import yaml
 
 from tests.fakes.paynow_api import FakePayNow
+from tests.fakes.paynow_store import FakeStore
 from tests.fakes.rcon_server import FakeRconServer
 
 REPO = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 
 RCON_PASSWORD = "rcon-pw-SECRET"
+API_KEY_ENV = "PAYNOW_API_KEY"
+WEBHOOK_SECRET_ENV = "PAYNOW_WEBHOOK_SECRET"
 
 
 class World:
     """PayNow + game servers on loopback. Use as a context manager."""
 
-    def __init__(self, folder: Path, servers: Mapping[str, str]) -> None:
-        """`servers`: name → platform ("minecraft" or "source")."""
+    def __init__(self, folder: Path, servers: Mapping[str, str], *, store: bool = False) -> None:
+        """`servers`: name → platform ("minecraft" or "source"); `store`: run
+        the Management fake too (store mode)."""
         self.folder = folder
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.paynow = FakePayNow()
+        self.store = FakeStore() if store else None
+        self.webhook_secret: str | None = None  # store mode: set by config(webhooks=True)
         self.platforms = dict(servers)
         self.rcon = {
             name: FakeRconServer(
@@ -50,6 +62,8 @@ class World:
     def __enter__(self) -> World:
         self._thread.start()
         self.call(self.paynow.start())
+        if self.store is not None:
+            self.call(self.store.start())
         for server in self.rcon.values():
             self.call(server.start())
         return self
@@ -59,6 +73,8 @@ class World:
             for server in self.rcon.values():
                 self.call(server.stop())
             self.call(self.paynow.stop())
+            if self.store is not None:
+                self.call(self.store.stop())
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(5)
@@ -100,6 +116,37 @@ class World:
     def set_state(self, token: str, item_id: str, state: str, reason: str | None = None) -> None:
         self.sync(self.paynow.set_state, token, item_id, state, reason)
 
+    # --- store mode's content ------------------------------------------------------
+
+    @property
+    def management(self) -> FakeStore:
+        if self.store is None:
+            raise RuntimeError("this world has no store mode: World(..., store=True)")
+        return self.store
+
+    def store_customer(self, platform: str = "minecraft", **kwargs: Any) -> dict[str, Any]:
+        """A new customer of the store (see `FakeStore.add_customer`)."""
+        return self.sync(self.management.add_customer, platform, **kwargs)
+
+    def store_item(self, customer_id: str, product: str = "vip", **kwargs: Any) -> str:
+        """A new item of the store (see `FakeStore.add_item`); its id."""
+        item = self.sync(self.management.add_item, customer_id, product=product, **kwargs)
+        return str(item["id"])
+
+    def link_by_token(self, customer_id: str) -> str:
+        """Link a store customer in token mode: its items, as the Storefront
+        shows them now, behind a new token (listed in a token-mode config)."""
+        token = FakePayNow.new_token()
+
+        def link() -> None:
+            store = self.management
+            customer = dict(store.customer(customer_id))
+            self.paynow.add_customer(token, customer, store.storefront_items(customer_id))
+
+        self.sync(link)
+        self.tokens.append(token)
+        return token
+
     def received(self, server: str) -> list[str]:
         return self.sync(lambda: list(self.rcon[server].commands))
 
@@ -111,8 +158,15 @@ class World:
         *,
         extra: Mapping[str, Any] | None = None,
         servers: Sequence[str] | None = None,
+        mode: str | None = None,
+        webhooks: bool = False,
     ) -> Path:
-        """Write config.yaml for the current customers; return its path."""
+        """Write config.yaml for the current customers; return its path.
+
+        `mode`: "token" (the linked tokens) or "store" (the Management fake's
+        store; the default when the world has one). `webhooks` (store mode):
+        a webhook secret from the environment (`webhook_secret`)."""
+        mode = mode or ("store" if self.store is not None else "token")
         secrets = self.folder / "secrets"
         secrets.mkdir(exist_ok=True)
         customers = []
@@ -121,8 +175,17 @@ class World:
             path.write_text(token + "\n")
             customers.append({"token_file": f"secrets/token{index}"})
         (secrets / "rcon").write_text(RCON_PASSWORD)
+        paynow: dict[str, Any] = {"api_url": self.paynow.url, "timeout_seconds": 2}
+        if mode == "store":
+            paynow = {
+                "api_url": self.management.url, "timeout_seconds": 2,
+                "store_id": self.management.store_id, "api_key_env": API_KEY_ENV,
+            }  # fmt: skip
+            if webhooks:
+                self.webhook_secret = self.webhook_secret or "whsec-" + FakePayNow.new_token()
+                paynow["webhook_secret_env"] = WEBHOOK_SECRET_ENV
         data: dict[str, Any] = {
-            "paynow": {"api_url": self.paynow.url, "timeout_seconds": 2},
+            "paynow": paynow,
             "sync": {"state_db": "state.sqlite3"},
             "customers": customers,
             "servers": {
@@ -137,6 +200,8 @@ class World:
             },
             "products": dict(products),
         }
+        if mode == "store":
+            del data["customers"]  # every customer of the store is linked
         for key, value in (extra or {}).items():
             data.setdefault(key, {}).update(value)
         path = self.folder / "config.yaml"
@@ -151,6 +216,10 @@ class World:
         """This process's environment without PERKSYNC_* overrides, plus `env`."""
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("PERKSYNC_")}
         full_env["PYTHONPATH"] = str(REPO)
+        if self.store is not None:
+            full_env[API_KEY_ENV] = self.store.api_key
+        if self.webhook_secret is not None:
+            full_env[WEBHOOK_SECRET_ENV] = self.webhook_secret
         full_env.update(env or {})
         return full_env
 

@@ -14,6 +14,13 @@ fails with `StoreError`. The calls are synchronous inside the async methods
 transaction never spans an `await`; one `SqliteStore` belongs to one event
 loop.
 
+A customer block (`SqliteStore.customer`) holds an asyncio lock of that
+customer for this object, and reads the customer's `version` with `known`.
+Its commit is one `BEGIN IMMEDIATE` transaction whose first statement is the
+compare-and-set on that version; another process that committed for the
+customer in between has moved it, and the commit raises `CustomerChanged`
+before writing anything else.
+
 A new file is built whole under a temporary name in the same folder and
 linked into place, so the path never holds a half-made database: a file found
 there empty was emptied (a restore gone wrong, a full disk, a careless `>`),
@@ -40,13 +47,15 @@ with the `sqlite3` shell.
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import logging
 import os
 import pwd
 import sqlite3
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,18 +63,28 @@ from typing import Any, Final
 
 from daemon.diff import Mark, MarkKey, Phase
 from daemon.state import (
-    CustomerStatus,
+    REPLY_LIMIT,
+    UNFINISHED,
+    CustomerChange,
+    CustomerTxn,
     DueExpiry,
+    GrantedItem,
     JournalEntry,
     JournalRow,
     JournalStatus,
     KnownCustomer,
+    LinkStatus,
+    LiveBaseline,
+    LiveItem,
     LiveItems,
     SeenItem,
     ServerCounts,
+    StoredItem,
     StoreError,
     StoreWriteError,
+    Totals,
 )
+from daemon.state.blocks import Block, CustomerLocks
 
 log = logging.getLogger(__name__)
 
@@ -228,15 +247,132 @@ def _v4(conn: sqlite3.Connection) -> None:
     )
 
 
+@migration("customers of their own, when each item was read, named values, webhook event ids")
+def _v5(conn: sqlite3.Connection) -> None:
+    now = _ts(datetime.now(UTC))
+    _run(
+        conn,
+        [
+            # One row per customer ever stored, whatever linked it (a token, the
+            # store's API key). `version` grows with every commit for the
+            # customer: the compare-and-set that keeps two processes from
+            # committing on the same stale read.
+            """CREATE TABLE customers (
+                customer_id TEXT PRIMARY KEY,
+                name        TEXT,
+                raw         TEXT,
+                digest      BLOB,
+                version     INTEGER NOT NULL CHECK (version >= 1),
+                updated_at  TEXT NOT NULL
+            ) STRICT, WITHOUT ROWID""",
+            "ALTER TABLE items ADD COLUMN read_at TEXT",
+            """CREATE TABLE meta (
+                key   TEXT PRIMARY KEY,
+                value TEXT NOT NULL
+            ) STRICT, WITHOUT ROWID""",
+            """CREATE TABLE webhook_events (
+                event_id    TEXT PRIMARY KEY,
+                received_at TEXT NOT NULL
+            ) STRICT, WITHOUT ROWID""",
+            "CREATE INDEX webhook_events_received ON webhook_events (received_at)",
+        ],
+    )
+    conn.execute(_CUSTOMERS_FROM_LINKS, (now,))
+    conn.execute(_CUSTOMERS_FROM_ITEMS, (now,))
+    # The customer's JSON and name now live in customers only.
+    _run(conn, ["ALTER TABLE links DROP COLUMN customer_raw", "ALTER TABLE links DROP COLUMN name"])
+
+
+# Per customer, the JSON and name of its link that has JSON and synced last.
+_CUSTOMERS_FROM_LINKS = """
+INSERT INTO customers (customer_id, name, raw, version, updated_at)
+SELECT customer_id, name, customer_raw, 1, coalesce(last_synced_at, ?1) FROM (
+    SELECT customer_id, name, customer_raw, last_synced_at, row_number() OVER (
+        PARTITION BY customer_id ORDER BY customer_raw IS NULL, last_synced_at DESC
+    ) AS n
+    FROM links WHERE customer_id IS NOT NULL
+) WHERE n = 1
+"""
+
+# Customers with items but no link (none are expected): a row without JSON.
+_CUSTOMERS_FROM_ITEMS = """
+INSERT INTO customers (customer_id, version, updated_at)
+SELECT DISTINCT customer_id, 1, ?1 FROM items WHERE true
+ON CONFLICT (customer_id) DO NOTHING
+"""
+
+
+@migration("shared perks on marks; waiting, rejected, kept and cancelled rows, replies, resends")
+def _v6(conn: sqlite3.Connection) -> None:
+    _run(
+        conn,
+        [
+            "ALTER TABLE marks ADD COLUMN perk TEXT",
+            # SQLite cannot change a CHECK or UNIQUE constraint in place: rebuild
+            # the journal, keeping its ids and its AUTOINCREMENT sequence.
+            """CREATE TABLE journal_v6 (
+                id            INTEGER PRIMARY KEY AUTOINCREMENT,
+                customer_id   TEXT NOT NULL,
+                item_id       TEXT NOT NULL,
+                product       TEXT NOT NULL,
+                server        TEXT NOT NULL,
+                event         TEXT NOT NULL,
+                cycle         INTEGER NOT NULL CHECK (cycle >= 1),
+                command_index INTEGER NOT NULL CHECK (command_index >= 0),
+                resend        INTEGER NOT NULL DEFAULT 0 CHECK (resend >= 0),
+                command       TEXT NOT NULL,
+                status        TEXT NOT NULL CHECK (status IN (
+                                  'pending', 'waiting', 'delivered', 'failed', 'skipped',
+                                  'rejected', 'kept', 'cancelled')),
+                reason        TEXT,
+                online        INTEGER NOT NULL DEFAULT 0 CHECK (online IN (0, 1)),
+                not_before    TEXT,
+                reply         TEXT,
+                attempts      INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+                created_at    TEXT NOT NULL,
+                finished_at   TEXT,
+                UNIQUE (item_id, server, cycle, event, command_index, resend)
+            ) STRICT""",
+            """INSERT INTO journal_v6 (id, customer_id, item_id, product, server, event, cycle,
+                                       command_index, command, status, reason, attempts,
+                                       created_at, finished_at)
+               SELECT id, customer_id, item_id, product, server, event, cycle, command_index,
+                      command, status, reason, attempts, created_at, finished_at
+               FROM journal""",
+            """INSERT INTO sqlite_sequence (name, seq)
+               SELECT 'journal_v6', seq FROM sqlite_sequence WHERE name = 'journal'
+               AND NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'journal_v6')""",
+            """UPDATE sqlite_sequence
+               SET seq = max(seq, (SELECT seq FROM sqlite_sequence WHERE name = 'journal'))
+               WHERE name = 'journal_v6'""",
+            "DROP TABLE journal",
+            "ALTER TABLE journal_v6 RENAME TO journal",
+            "CREATE INDEX journal_server_status ON journal (server, status)",
+            # Each server's unfinished rows in id order (delivery), and each
+            # customer's (its open grants): short however long the journal grows.
+            "CREATE INDEX journal_unfinished ON journal (server)"
+            " WHERE status IN ('pending', 'waiting')",
+            "CREATE INDEX journal_open ON journal (customer_id)"
+            " WHERE status IN ('pending', 'waiting')",
+            # Retention: finished rows by when they finished.
+            "CREATE INDEX journal_finished ON journal (finished_at) WHERE finished_at IS NOT NULL",
+        ],
+    )
+
+
 # --- times -------------------------------------------------------------------
 
 
+# Cached both ways: the items of one answer share its read time and often an
+# expiry, and a pass converts tens of thousands of them.
+@functools.lru_cache(maxsize=4096)
 def _ts(value: datetime) -> str:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"naive datetime {value.isoformat()}: the store needs aware times")
     return value.astimezone(UTC).isoformat(timespec="microseconds")
 
 
+@functools.lru_cache(maxsize=4096)
 def _dt(text: str) -> datetime:
     return datetime.fromisoformat(text).astimezone(UTC)
 
@@ -247,18 +383,101 @@ def _dt_or_none(text: str | None) -> datetime | None:
 
 # --- statements (module constants, so sqlite3's statement cache reuses them) ---
 
+# The customer's row with its items and their marks, in one statement (one
+# snapshot: a commit by another process lands wholly before or after it).
+# Every customer with items has a row (commits and the migration make it).
+_KNOWN = """
+SELECT c.version, c.raw, c.digest,
+       i.item_id, i.product, i.state, i.expires_at, i.read_at, i.raw,
+       m.server, m.phase, m.cycle, m.perk
+FROM customers AS c
+LEFT JOIN items AS i ON i.customer_id = c.customer_id
+LEFT JOIN marks AS m ON m.item_id = i.item_id
+WHERE c.customer_id = ?
+"""
+
+# The customer's (item, server) with an on_active row still pending or
+# waiting, through the index of unfinished rows per customer. Read after
+# `_KNOWN`: a commit in between moved the version, and the block's commit
+# then fails its compare-and-set; rows finished in between are left as they
+# are by a cancel.
+_OPEN_GRANTS = """
+SELECT DISTINCT item_id, server FROM journal INDEXED BY journal_open
+WHERE customer_id = ? AND status IN ('pending', 'waiting') AND event = 'on_active'
+"""
+
+# A take-back cancels its item's grants that wait (a plain pending one is
+# sent first); an operator cancels rows.
+_CANCEL_GRANT = """
+UPDATE journal SET status = 'cancelled', finished_at = ?
+WHERE customer_id = ? AND item_id = ? AND server = ? AND event = 'on_active'
+  AND (status = 'waiting'
+       OR (status = 'pending' AND (online = 1 OR not_before IS NOT NULL)))
+"""
+
+_CANCEL_ROW = """
+UPDATE journal SET status = 'cancelled', finished_at = ?
+WHERE id = ? AND customer_id = ? AND status IN ('pending', 'waiting')
+"""
+
+# The compare-and-set that opens every commit: each changes one row or none.
+# A new customer (version 0 when read): insert at version 1, unless another
+# process inserted it first.
+_INSERT_CUSTOMER = """
+INSERT INTO customers (customer_id, name, raw, digest, version, updated_at)
+VALUES (?, ?, ?, ?, 1, ?)
+ON CONFLICT (customer_id) DO NOTHING
+"""
+
+_BUMP_CUSTOMER = """
+UPDATE customers SET version = version + 1, updated_at = ?
+WHERE customer_id = ? AND version = ?
+"""
+
+_REPLACE_CUSTOMER = """
+UPDATE customers SET version = version + 1, updated_at = ?, name = ?, raw = ?, digest = ?
+WHERE customer_id = ? AND version = ?
+"""
+
+# Items of a commit that another customer holds (json_each: any number of ids
+# in one parameter).
+_ITEMS_OF_OTHERS = """
+SELECT item_id, customer_id FROM items
+WHERE item_id IN (SELECT value FROM json_each(?)) AND customer_id != ?
+"""
+
+# The customer an item is taken from has changed too.
+_BUMP_VERSION = "UPDATE customers SET version = version + 1 WHERE customer_id = ?"
+
+_UPSERT_ITEM = """
+INSERT INTO items (item_id, customer_id, product, state, first_seen_at, last_seen_at,
+                   expires_at, raw, read_at)
+VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7, ?8)
+ON CONFLICT (item_id) DO UPDATE SET
+    customer_id = excluded.customer_id,
+    product = excluded.product,
+    state = excluded.state,
+    last_seen_at = excluded.last_seen_at,
+    expires_at = excluded.expires_at,
+    raw = coalesce(excluded.raw, items.raw),
+    read_at = excluded.read_at
+"""
+
 _UPSERT_LINK = """
-INSERT INTO links (label, customer_id, name, last_synced_at, last_error, last_error_at,
-                   customer_raw, digest)
-VALUES (?, ?, ?, ?, NULL, NULL, ?, ?)
+INSERT INTO links (label, customer_id, last_synced_at, last_error, last_error_at, digest)
+VALUES (?, ?, ?, NULL, NULL, ?)
 ON CONFLICT (label) DO UPDATE SET
     customer_id = excluded.customer_id,
-    name = excluded.name,
     last_synced_at = excluded.last_synced_at,
-    customer_raw = coalesce(excluded.customer_raw, links.customer_raw),
     digest = excluded.digest,
     last_error = NULL,
     last_error_at = NULL
+"""
+
+# A commit without a link sync: the customer's marks no longer follow from
+# the answers its links' digests stand for.
+_FORGET_DIGESTS = """
+UPDATE links SET digest = NULL WHERE customer_id = ? AND digest IS NOT NULL
 """
 
 _LINK_ERROR = """
@@ -268,105 +487,155 @@ ON CONFLICT (label) DO UPDATE SET
     last_error_at = excluded.last_error_at
 """
 
-_UPSERT_ITEM = """
-INSERT INTO items (item_id, customer_id, product, state, first_seen_at, last_seen_at,
-                   expires_at, raw)
-VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7)
-ON CONFLICT (item_id) DO UPDATE SET
-    customer_id = excluded.customer_id,
-    product = excluded.product,
-    state = excluded.state,
-    last_seen_at = excluded.last_seen_at,
-    expires_at = excluded.expires_at,
-    raw = coalesce(excluded.raw, items.raw)
+_RECORD_UNCHANGED = """
+UPDATE links SET last_synced_at = ?, last_error = NULL, last_error_at = NULL WHERE label = ?
+"""
+
+_LINKS = """
+SELECT l.label, l.customer_id, c.name, l.last_synced_at, l.last_error, l.last_error_at
+FROM links AS l LEFT JOIN customers AS c ON c.customer_id = l.customer_id
+ORDER BY l.label
 """
 
 # CROSS JOIN fixes the join order (SQLite never reorders it): the few items
-# due, through items_expiry, then their marks and links. Left to itself the
-# planner may scan every link and its items on each sweep.
+# due, through items_expiry, then their marks and customers. Left to itself
+# the planner may scan every customer and its items on each sweep.
 _DUE_EXPIRIES = """
-SELECT l.label, l.customer_raw, i.raw, m.server, m.cycle, i.expires_at
+SELECT i.customer_id, i.item_id, m.server, m.cycle, i.expires_at, c.raw, i.raw
 FROM items AS i
 CROSS JOIN marks AS m ON m.item_id = i.item_id AND m.phase = 'granted'
-CROSS JOIN links AS l ON l.customer_id = i.customer_id
+CROSS JOIN customers AS c ON c.customer_id = i.customer_id
 WHERE i.expires_at IS NOT NULL AND i.expires_at <= ?
-  AND i.state = 'active'  -- a `renewed` item keeps its perk (SPEC §7)
-  AND i.raw IS NOT NULL AND l.customer_raw IS NOT NULL
+  AND i.state = 'active'  -- a `renewed` item keeps its perk
+  AND i.raw IS NOT NULL AND c.raw IS NOT NULL
 ORDER BY i.expires_at, i.item_id, m.server
 """
 
 _UPSERT_MARK = """
-INSERT INTO marks (item_id, server, phase, cycle) VALUES (?, ?, ?, ?)
-ON CONFLICT (item_id, server) DO UPDATE SET phase = excluded.phase, cycle = excluded.cycle
+INSERT INTO marks (item_id, server, phase, cycle, perk) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (item_id, server) DO UPDATE SET
+    phase = excluded.phase, cycle = excluded.cycle, perk = excluded.perk
 """
 
 # ON CONFLICT on the unique key only (not INSERT OR IGNORE, which would also
 # silently drop a row that breaks a CHECK constraint).
 _INSERT_ENTRY = """
 INSERT INTO journal (customer_id, item_id, product, server, event, cycle, command_index,
-                     command, status, reason, attempts, created_at, finished_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)
-ON CONFLICT (item_id, server, cycle, event, command_index) DO NOTHING
+                     command, status, reason, attempts, created_at, finished_at,
+                     online, not_before, resend)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?)
+ON CONFLICT (item_id, server, cycle, event, command_index, resend) DO NOTHING
 """
 
-_KNOWN = """
-SELECT i.item_id, i.state, i.expires_at, m.server, m.phase, m.cycle
-FROM items AS i LEFT JOIN marks AS m ON m.item_id = i.item_id
-WHERE i.customer_id = ?
+# Live items are read through items_live: used and revoked items, which pile
+# up over the years, are not even in it.
+_LIVE_ITEMS = """
+SELECT item_id, customer_id, state, expires_at FROM items INDEXED BY items_live
+WHERE state IN ('active', 'renewed')
 """
 
-_TOUCH_LINK = """
-INSERT INTO links (label, customer_id, name, last_synced_at, last_error, last_error_at, digest,
-                   customer_raw)
-VALUES (?, ?, ?, ?, NULL, NULL, ?, ?)
-ON CONFLICT (label) DO UPDATE SET
-    customer_id = excluded.customer_id,
-    name = excluded.name,
-    last_synced_at = excluded.last_synced_at,
-    digest = excluded.digest,
-    customer_raw = coalesce(excluded.customer_raw, links.customer_raw),
-    last_error = NULL,
-    last_error_at = NULL
-"""
+_CUSTOMER_DIGESTS = "SELECT customer_id, digest FROM customers WHERE digest IS NOT NULL"
 
-_TOUCH_UNCHANGED = """
-UPDATE links SET last_synced_at = ?, last_error = NULL, last_error_at = NULL WHERE label = ?
-"""
-
-_FORGET_DIGEST = """
-UPDATE links SET digest = NULL
-WHERE customer_id = (SELECT customer_id FROM items WHERE item_id = ?) AND digest IS NOT NULL
+_TOTALS = """
+SELECT (SELECT count(*) FROM customers),
+       (SELECT count(*) FROM items INDEXED BY items_live WHERE state IN ('active', 'renewed'))
 """
 
 # Two scans (joined in Python), each cheaper than their join in SQL: the live
-# items through items_live, in its order, and the links.
+# items through items_live, in its order, and the customers.
 _LIVE_PRODUCTS = """
 SELECT customer_id, product, count(*) FROM items INDEXED BY items_live
 WHERE state IN ('active', 'renewed')
 GROUP BY customer_id, product
 """
 
+_LINKED = "SELECT customer_id, label FROM links WHERE customer_id IS NOT NULL"
 
-def _links_with_ids_sql(count: int) -> str:
+
+def _customers_with_ids_sql(count: int) -> str:
     # One column per asked field: set unless missing, JSON null, "" or false/0
     # (as a Python truth test of the value would judge it). A customer JSON
     # that is missing or not JSON (a hand-edited file) leaves its ids unknown.
-    field = ", coalesce(json_extract(customer_raw, ?), '') NOT IN ('', 0)"
+    field = ", coalesce(json_extract(raw, ?), '') NOT IN ('', 0)"
     return (
-        f"SELECT label, customer_id, name, valid{field * count} FROM ("
-        " SELECT label, customer_id, name, json_valid(customer_raw) AS valid,"
-        "  CASE WHEN json_valid(customer_raw) THEN customer_raw ELSE '{}' END AS customer_raw"
-        " FROM links WHERE customer_id IS NOT NULL"
-        ") ORDER BY label"
+        f"SELECT customer_id, name, valid{field * count} FROM ("
+        " SELECT customer_id, name, json_valid(raw) AS valid,"
+        "  CASE WHEN json_valid(raw) THEN raw ELSE '{}' END AS raw"
+        " FROM customers"
+        ")"
     )
 
 
-_ROW_COLUMNS = """id, customer_id, item_id, product, server, event, cycle, command_index,
-    command, status, reason, attempts, created_at, finished_at"""
+_SET_META = """
+INSERT INTO meta (key, value) VALUES (?, ?)
+ON CONFLICT (key) DO UPDATE SET value = excluded.value
+"""
 
-_PENDING = f"""
-SELECT {_ROW_COLUMNS} FROM journal
-WHERE server = ? AND status = 'pending' AND id > ?
+_FORGET_WEBHOOKS = "DELETE FROM webhook_events WHERE received_at < ?"
+
+_REMEMBER_WEBHOOK = """
+INSERT INTO webhook_events (event_id, received_at) VALUES (?, ?)
+ON CONFLICT (event_id) DO NOTHING
+"""
+
+_ROW_COLUMNS = """id, customer_id, item_id, product, server, event, cycle, command_index,
+    command, status, reason, attempts, created_at, finished_at, online, not_before, reply,
+    resend"""
+
+# A row's first outcome stands: only pending and waiting rows change. An
+# attempt makes a waiting row pending again (its reason no longer holds).
+_MARK_ATTEMPT = """
+UPDATE journal SET attempts = attempts + 1, status = 'pending', reason = NULL
+WHERE id = ? AND status IN ('pending', 'waiting')
+"""
+
+_MARK_WAITING = """
+UPDATE journal SET status = 'waiting', reason = ?
+WHERE id = ? AND status IN ('pending', 'waiting')
+"""
+
+_MARK_DELIVERED = """
+UPDATE journal SET status = 'delivered', finished_at = ?, reply = ?, reason = NULL
+WHERE id = ? AND status IN ('pending', 'waiting')
+"""
+
+_MARK_REJECTED = """
+UPDATE journal SET status = 'rejected', reply = ?, reason = ?, finished_at = ?
+WHERE id = ? AND status IN ('pending', 'waiting')
+"""
+
+_MARK_FAILED = """
+UPDATE journal SET status = 'failed', reason = ?, finished_at = ?
+WHERE id = ? AND status IN ('pending', 'waiting')
+"""
+
+# Items granted on a server, oldest item first (PayNow's ids grow), and
+# whether an on_active row of theirs there is still unfinished (among the
+# customer's few unfinished rows, through journal_open).
+_GRANTED = """
+SELECT i.customer_id, m.item_id, i.product, m.server, m.cycle, m.perk,
+       EXISTS (SELECT 1 FROM journal AS j INDEXED BY journal_open
+               WHERE j.customer_id = i.customer_id AND j.status IN ('pending', 'waiting')
+                 AND j.item_id = m.item_id AND j.server = m.server AND j.event = 'on_active')
+FROM marks AS m JOIN items AS i ON i.item_id = m.item_id
+WHERE m.server = ? AND m.phase = 'granted'
+ORDER BY i.customer_id, length(m.item_id), m.item_id
+"""
+
+# Retention: the oldest finished rows first, through journal_finished, a
+# batch at a time (one short transaction each).
+_PRUNE = """
+DELETE FROM journal WHERE id IN (
+    SELECT id FROM journal INDEXED BY journal_finished
+    WHERE finished_at IS NOT NULL AND finished_at < ?
+      AND status NOT IN ('pending', 'waiting')
+    ORDER BY finished_at, id LIMIT ?
+)
+"""
+
+_UNFINISHED = f"""
+SELECT {_ROW_COLUMNS} FROM journal INDEXED BY journal_unfinished
+WHERE server = ? AND status IN ('pending', 'waiting') AND id > ?
 ORDER BY id LIMIT ?
 """
 
@@ -414,6 +683,10 @@ def _why_unwritable(path: Path) -> str:
     return ""
 
 
+def _cut(reply: str | None) -> str | None:
+    return None if reply is None else reply[:REPLY_LIMIT]
+
+
 def _journal_row(r: Sequence[Any]) -> JournalRow:
     return JournalRow(
         id=r[0],
@@ -430,6 +703,10 @@ def _journal_row(r: Sequence[Any]) -> JournalRow:
         attempts=r[11],
         created_at=_dt(r[12]),
         finished_at=_dt_or_none(r[13]),
+        online=bool(r[14]),
+        not_before=_dt_or_none(r[15]),
+        reply=r[16],
+        resend=r[17],
     )
 
 
@@ -475,6 +752,7 @@ class SqliteStore:
                 raise StoreError(f"cannot open the state database {self.path}: {e}") from e
             raise
         self._conn: sqlite3.Connection | None = conn
+        self._locks = CustomerLocks()
         if created:
             log.log(
                 logging.DEBUG if throwaway else logging.INFO,
@@ -670,62 +948,41 @@ class SqliteStore:
             self._conn.close()
             self._conn = None
 
-    async def known(self, customer_id: str) -> KnownCustomer:
-        states: dict[str, tuple[str, datetime | None]] = {}
+    @contextlib.asynccontextmanager
+    async def customer(self, customer_id: str) -> AsyncIterator[CustomerTxn]:
+        async with self._locks.hold(customer_id):
+            known, version = self._read_known(customer_id)
+            block = Block(customer_id, known, version, f"state database {self.path}", self._commit)
+            try:
+                yield block
+            finally:
+                block.end()
+
+    def _read_known(self, customer_id: str) -> tuple[KnownCustomer, int]:
+        """What the store knows of the customer, and its version (0: no row yet)."""
+        version, raw, digest = 0, None, None
+        items: dict[str, StoredItem] = {}
         marks: dict[MarkKey, Mark] = {}
         with self._errors(f"read customer {customer_id}") as conn:
-            for item_id, state, expires_at, server, phase, cycle in conn.execute(
-                _KNOWN, (customer_id,)
-            ):
-                if item_id not in states:
-                    states[item_id] = (state, _dt_or_none(expires_at))
+            for row in conn.execute(_KNOWN, (customer_id,)):
+                version, raw, digest, item_id, product, state, expires_at, read_at = row[:8]
+                item_raw, server, phase, cycle, perk = row[8:]
+                if item_id is not None and item_id not in items:
+                    items[item_id] = StoredItem(
+                        product, state, _dt_or_none(expires_at), _dt_or_none(read_at), item_raw
+                    )
                 if server is not None:
-                    marks[(item_id, server)] = Mark(Phase(phase), cycle)
-        return KnownCustomer(items=frozenset(states), marks=marks, states=states)
-
-    async def touch(
-        self,
-        label: str,
-        customer_id: str,
-        customer_name: str | None,
-        synced_at: datetime,
-        digest: bytes | None = None,
-        customer_raw: str | None = None,
-    ) -> None:
-        with self._errors(
-            f"record the pass of {label} (customer {customer_id})", write=True
-        ) as conn:
-            conn.execute(
-                _TOUCH_LINK,
-                (label, customer_id, customer_name, _ts(synced_at), digest, customer_raw),
+                    marks[(item_id, server)] = Mark(Phase(phase), cycle, perk)
+            open_grants = frozenset(
+                (item_id, server) for item_id, server in conn.execute(_OPEN_GRANTS, (customer_id,))
             )
+        return KnownCustomer(items, marks, raw, digest, open_grants), version
 
-    async def digests(self) -> dict[str, bytes]:
-        with self._errors("read the links' digests") as conn:
-            return dict(
-                conn.execute("SELECT label, digest FROM links WHERE digest IS NOT NULL").fetchall()
-            )
-
-    async def touch_unchanged(self, synced: Mapping[str, datetime]) -> None:
-        if not synced:
-            return
-        rows = [(_ts(at), label) for label, at in synced.items()]
-        with self._transaction(f"record the sync of {len(rows)} unchanged customers") as conn:
-            conn.executemany(_TOUCH_UNCHANGED, rows)
-
-    async def commit_pass(
-        self,
-        label: str,
-        customer_id: str,
-        customer_name: str | None,
-        seen: Sequence[SeenItem],
-        marks: Mapping[MarkKey, Mark],
-        entries: Sequence[JournalEntry],
-        synced_at: datetime,
-        customer_raw: str | None = None,
-        digest: bytes | None = None,
-    ) -> list[int]:
-        at = _ts(synced_at)
+    async def _commit(self, block: Block, change: CustomerChange) -> list[int]:
+        # No await inside: the transaction runs whole within one call.
+        customer_id = block.customer_id
+        block.check_marks(change)
+        at = _ts(change.at)
         item_rows = [
             (
                 s.item_id,
@@ -735,32 +992,78 @@ class SqliteStore:
                 at,
                 None if s.expires_at is None else _ts(s.expires_at),
                 s.raw,
+                None if s.read_at is None else _ts(s.read_at),
             )
-            for s in seen
+            for s in change.seen
         ]
-        with self._transaction(f"store the pass of {label} (customer {customer_id})") as conn:
-            conn.execute(
-                _UPSERT_LINK, (label, customer_id, customer_name, at, customer_raw, digest)
-            )
+        with self._transaction(f"store customer {customer_id}") as conn:
+            if not self._compare_and_set(conn, block, change, at):
+                raise block.changed()
+            moved = self._take_items(conn, block, change.seen)
             if item_rows:
                 conn.executemany(_UPSERT_ITEM, item_rows)
-            return self._journal(conn, marks, entries, at)
+            if change.link is None:
+                conn.execute(_FORGET_DIGESTS, (customer_id,))
+            else:
+                conn.execute(_UPSERT_LINK, (change.link.label, customer_id, at, change.link.digest))
+            # Before the entries: a change's own new rows are never cancelled by it.
+            self._cancel(conn, customer_id, change, at)
+            new_ids = self._journal(conn, change.marks, change.entries, at)
+        for item_id, owner in moved:
+            log.warning(
+                "state database %s: item %s moves from customer %s to customer %s",
+                self.path,
+                item_id,
+                owner,
+                customer_id,
+            )
+        return new_ids
 
-    async def due_expiries(self, cutoff: datetime) -> list[DueExpiry]:
-        with self._errors("read the items due to expire") as conn:
-            return [
-                DueExpiry(label, customer_raw, item_raw, server, cycle, _dt(expires_at))
-                for label, customer_raw, item_raw, server, cycle, expires_at in conn.execute(
-                    _DUE_EXPIRIES, (_ts(cutoff),)
-                )
-            ]
+    @staticmethod
+    def _compare_and_set(
+        conn: sqlite3.Connection, block: Block, change: CustomerChange, at: str
+    ) -> bool:
+        """Move the customer's version on from the one read with `known` (and
+        store its row when given); False if another process moved it first."""
+        record = change.customer
+        if block.version == 0:
+            params: tuple[Any, ...] = (block.customer_id, None, None, None, at)
+            if record is not None:
+                params = (block.customer_id, record.name, record.raw, record.digest, at)
+            return conn.execute(_INSERT_CUSTOMER, params).rowcount == 1
+        if record is None:
+            params = (at, block.customer_id, block.version)
+            return conn.execute(_BUMP_CUSTOMER, params).rowcount == 1
+        params = (at, record.name, record.raw, record.digest, block.customer_id, block.version)
+        return conn.execute(_REPLACE_CUSTOMER, params).rowcount == 1
 
-    async def commit_expiry(
-        self, marks: Mapping[MarkKey, Mark], entries: Sequence[JournalEntry], at: datetime
-    ) -> list[int]:
-        with self._transaction("store local expiries") as conn:
-            conn.executemany(_FORGET_DIGEST, [(i,) for i in dict.fromkeys(i for i, _ in marks)])
-            return self._journal(conn, marks, entries, _ts(at))
+    @staticmethod
+    def _take_items(
+        conn: sqlite3.Connection, block: Block, seen: Sequence[SeenItem]
+    ) -> list[tuple[str, str]]:
+        """Items of the commit stored under another customer move to this one
+        (the caller warns); the customers they leave have changed too. The
+        (item, customer left) pairs."""
+        new = [s.item_id for s in seen if s.item_id not in block.known.items]
+        if not new:
+            return []
+        moved = conn.execute(_ITEMS_OF_OTHERS, (json.dumps(new), block.customer_id)).fetchall()
+        for owner in sorted({owner for _, owner in moved}):
+            conn.execute(_BUMP_VERSION, (owner,))
+            conn.execute(_FORGET_DIGESTS, (owner,))
+        return [(item_id, owner) for item_id, owner in moved]
+
+    @staticmethod
+    def _cancel(
+        conn: sqlite3.Connection, customer_id: str, change: CustomerChange, at: str
+    ) -> None:
+        if change.cancel_grants:
+            conn.executemany(
+                _CANCEL_GRANT,
+                [(at, customer_id, item_id, server) for item_id, server in change.cancel_grants],
+            )
+        if change.cancel_rows:
+            conn.executemany(_CANCEL_ROW, [(at, row, customer_id) for row in change.cancel_rows])
 
     @staticmethod
     def _journal(
@@ -771,7 +1074,7 @@ class SqliteStore:
     ) -> list[int]:
         """Store marks and journal entries inside the caller's transaction."""
         mark_rows = [
-            (item_id, server, str(mark.phase), mark.cycle)
+            (item_id, server, str(mark.phase), mark.cycle, mark.perk)
             for (item_id, server), mark in marks.items()
         ]
         entry_rows = [
@@ -787,7 +1090,10 @@ class SqliteStore:
                 str(e.status),
                 e.reason,
                 at,
-                None if e.status == JournalStatus.PENDING else at,
+                None if e.status in UNFINISHED else at,
+                int(e.online),
+                None if e.not_before is None else _ts(e.not_before),
+                e.resend,
             )
             for e in entries
         ]
@@ -803,41 +1109,162 @@ class SqliteStore:
             r[0] for r in conn.execute("SELECT id FROM journal WHERE id > ? ORDER BY id", (last,))
         ]
 
-    async def record_error(self, label: str, error: str, at: datetime) -> None:
+    # --- token mode: the configured links ---------------------------------------
+
+    async def link_digests(self) -> dict[str, bytes]:
+        with self._errors("read the links' digests") as conn:
+            return dict(
+                conn.execute("SELECT label, digest FROM links WHERE digest IS NOT NULL").fetchall()
+            )
+
+    async def record_unchanged(self, synced: Mapping[str, datetime]) -> None:
+        if not synced:
+            return
+        rows = [(_ts(at), label) for label, at in synced.items()]
+        with self._transaction(f"record the sync of {len(rows)} unchanged links") as conn:
+            conn.executemany(_RECORD_UNCHANGED, rows)
+
+    async def record_link_error(self, label: str, error: str, at: datetime) -> None:
         with self._errors(f"record the error of {label}", write=True) as conn:
             conn.execute(_LINK_ERROR, (label, error, _ts(at)))
 
-    async def pending(self, server: str, after_id: int = 0, limit: int = 500) -> list[JournalRow]:
+    async def links(self) -> list[LinkStatus]:
+        with self._errors("read the links") as conn:
+            return [
+                LinkStatus(
+                    label=label,
+                    customer_id=customer_id,
+                    name=name,
+                    last_synced_at=_dt_or_none(synced),
+                    last_error=error,
+                    last_error_at=_dt_or_none(error_at),
+                )
+                for label, customer_id, name, synced, error, error_at in conn.execute(_LINKS)
+            ]
+
+    # --- local expiry -----------------------------------------------------------
+
+    async def due_expiries(self, cutoff: datetime) -> list[DueExpiry]:
+        with self._errors("read the items due to expire") as conn:
+            return [
+                DueExpiry(customer_id, item_id, server, cycle, _dt(expires_at), c_raw, i_raw)
+                for customer_id, item_id, server, cycle, expires_at, c_raw, i_raw in conn.execute(
+                    _DUE_EXPIRIES, (_ts(cutoff),)
+                )
+            ]
+
+    # --- store mode ---------------------------------------------------------------
+
+    async def live_baseline(self) -> LiveBaseline:
+        with self._errors("read the live items") as conn:
+            items = {
+                item_id: LiveItem(customer_id, state, _dt_or_none(expires_at))
+                for item_id, customer_id, state, expires_at in conn.execute(_LIVE_ITEMS)
+            }
+            customers = dict(conn.execute(_CUSTOMER_DIGESTS).fetchall())
+        return LiveBaseline(items, customers)
+
+    async def get_meta(self, key: str) -> str | None:
+        with self._errors(f"read the value {key}") as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    async def set_meta(self, values: Mapping[str, str]) -> None:
+        if not values:
+            return
+        with self._transaction(f"store the values {', '.join(values)}") as conn:
+            conn.executemany(_SET_META, values.items())
+
+    async def remember_webhook(self, event_id: str, at: datetime, forget_before: datetime) -> bool:
+        params = (event_id, _ts(at))
+        before = _ts(forget_before)
+        with self._transaction(f"remember webhook event {event_id}") as conn:
+            conn.execute(_FORGET_WEBHOOKS, (before,))
+            remembered: bool = conn.execute(_REMEMBER_WEBHOOK, params).rowcount == 1
+        return remembered
+
+    # --- delivery -------------------------------------------------------------------
+
+    async def unfinished(
+        self, server: str, after_id: int = 0, limit: int = 500
+    ) -> list[JournalRow]:
         if limit < 1:
             raise ValueError(f"limit must be at least 1, not {limit}")
         with self._errors(f"read the pending commands of {server}") as conn:
-            return [_journal_row(r) for r in conn.execute(_PENDING, (server, after_id, limit))]
+            return [_journal_row(r) for r in conn.execute(_UNFINISHED, (server, after_id, limit))]
 
     async def mark_attempt(self, row_id: int) -> None:
-        self._finish(
-            row_id,
-            "UPDATE journal SET attempts = attempts + 1 WHERE id = ? AND status = 'pending'",
-            (row_id,),
-            f"count an attempt of journal row {row_id}",
-        )
+        self._finish(row_id, _MARK_ATTEMPT, (row_id,), f"count an attempt of journal row {row_id}")
 
-    async def mark_delivered(self, row_id: int, at: datetime) -> None:
-        self._finish(
-            row_id,
-            "UPDATE journal SET status = 'delivered', finished_at = ? "
-            "WHERE id = ? AND status = 'pending'",
-            (_ts(at), row_id),
-            f"mark journal row {row_id} delivered",
-        )
+    async def mark_waiting(self, row_id: int, reason: str) -> None:
+        self._finish(row_id, _MARK_WAITING, (reason, row_id), f"mark journal row {row_id} waiting")
+
+    async def mark_delivered(self, row_id: int, at: datetime, reply: str | None = None) -> None:
+        params = (_ts(at), _cut(reply), row_id)
+        self._finish(row_id, _MARK_DELIVERED, params, f"mark journal row {row_id} delivered")
+
+    async def mark_rejected(self, row_id: int, reply: str, reason: str, at: datetime) -> None:
+        params = (_cut(reply), reason, _ts(at), row_id)
+        self._finish(row_id, _MARK_REJECTED, params, f"mark journal row {row_id} rejected")
 
     async def mark_failed(self, row_id: int, reason: str, at: datetime) -> None:
-        self._finish(
-            row_id,
-            "UPDATE journal SET status = 'failed', reason = ?, finished_at = ? "
-            "WHERE id = ? AND status = 'pending'",
-            (reason, _ts(at), row_id),
-            f"mark journal row {row_id} failed",
-        )
+        params = (reason, _ts(at), row_id)
+        self._finish(row_id, _MARK_FAILED, params, f"mark journal row {row_id} failed")
+
+    async def prune_journal(self, finished_before: datetime, limit: int) -> int:
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        params = (_ts(finished_before), limit)
+        with self._transaction("prune the journal") as conn:
+            pruned: int = conn.execute(_PRUNE, params).rowcount
+        return pruned
+
+    # --- reading, for status and reports ------------------------------------------------
+
+    async def journal(
+        self,
+        *,
+        server: str | None = None,
+        customer_id: str | None = None,
+        statuses: Sequence[JournalStatus] = (),
+        row_ids: Sequence[int] = (),
+        item_ids: Sequence[str] = (),
+        limit: int | None = 100,
+    ) -> list[JournalRow]:
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        where: list[str] = []
+        params: list[Any] = []
+        for column, value in (("server", server), ("customer_id", customer_id)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        for column, values in (
+            ("status", [str(s) for s in statuses]),
+            ("id", list(row_ids)),
+            ("item_id", list(item_ids)),
+        ):
+            if values:
+                where.append(f"{column} IN (SELECT value FROM json_each(?))")
+                params.append(json.dumps(values))
+        sql = f"SELECT {_ROW_COLUMNS} FROM journal"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        with self._errors("read the journal") as conn:
+            return [_journal_row(r) for r in conn.execute(sql, params)]
+
+    async def granted(self, server: str) -> list[GrantedItem]:
+        with self._errors(f"read the items granted on {server}") as conn:
+            return [
+                GrantedItem(customer_id, item_id, product, server_, cycle, perk, bool(open_))
+                for customer_id, item_id, product, server_, cycle, perk, open_ in conn.execute(
+                    _GRANTED, (server,)
+                )
+            ]
 
     async def rows(self, server: str | None = None) -> list[JournalRow]:
         with self._errors("read the journal") as conn:
@@ -849,42 +1276,35 @@ class SqliteStore:
                 )
             return [_journal_row(r) for r in cursor]
 
-    async def customers(self) -> list[CustomerStatus]:
-        with self._errors("read the links") as conn:
-            return [
-                CustomerStatus(
-                    label=label,
-                    customer_id=customer_id,
-                    name=name,
-                    last_synced_at=_dt_or_none(synced),
-                    last_error=error,
-                    last_error_at=_dt_or_none(error_at),
-                )
-                for label, customer_id, name, synced, error, error_at in conn.execute(
-                    "SELECT label, customer_id, name, last_synced_at, last_error, last_error_at "
-                    "FROM links ORDER BY label"
-                )
-            ]
-
-    async def live_items(self, id_fields: Sequence[str]) -> list[LiveItems]:
+    async def live_item_counts(self, id_fields: Sequence[str]) -> list[LiveItems]:
         fields = list(dict.fromkeys(id_fields))
         paths = [f'$."{name}"' for name in fields]
         products: dict[str, list[tuple[str, int]]] = {}
+        labels: dict[str, list[str | None]] = {}
         with self._errors("read the live items") as conn:
             for customer_id, product, count in conn.execute(_LIVE_PRODUCTS):
                 products.setdefault(customer_id, []).append((product, count))
-            links = conn.execute(_links_with_ids_sql(len(paths)), paths).fetchall()
+            for customer_id, label in conn.execute(_LINKED):
+                labels.setdefault(customer_id, []).append(label)
+            customers = conn.execute(_customers_with_ids_sql(len(paths)), paths).fetchall()
         live = []
-        for label, customer_id, name, valid, *flags in links:
+        for customer_id, name, valid, *flags in customers:
             held = products.get(customer_id)
             if not held:
                 continue
             ids = frozenset(f for f, has in zip(fields, flags, strict=True) if has)
-            for product, count in sorted(held):
-                live.append(
-                    LiveItems(label, customer_id, name, product, count, ids if valid else None)
-                )
+            for label in labels.get(customer_id) or [None]:
+                live += [
+                    LiveItems(label, customer_id, name, product, n, ids if valid else None)
+                    for product, n in held
+                ]
+        live.sort(key=lambda r: (r.label is None, r.label or "", r.customer_id, r.product))
         return live
+
+    async def totals(self) -> Totals:
+        with self._errors("count the customers and live items") as conn:
+            customers, live = conn.execute(_TOTALS).fetchone()
+        return Totals(customers=customers, live_items=live)
 
     async def pending_counts(self) -> dict[str, int]:
         with self._errors("count the pending commands") as conn:
@@ -902,12 +1322,5 @@ class SqliteStore:
             ):
                 counts.setdefault(server, {})[status] = n
         return [
-            ServerCounts(
-                server=server,
-                pending=by_status.get(JournalStatus.PENDING, 0),
-                failed=by_status.get(JournalStatus.FAILED, 0),
-                skipped=by_status.get(JournalStatus.SKIPPED, 0),
-                delivered=by_status.get(JournalStatus.DELIVERED, 0),
-            )
-            for server, by_status in sorted(counts.items())
+            ServerCounts.tally(server, by_status) for server, by_status in sorted(counts.items())
         ]

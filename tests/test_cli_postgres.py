@@ -1,0 +1,214 @@
+"""The CLI with its state in PostgreSQL, as a subprocess against the loopback
+fakes and the test server (an empty schema each: tests/postgres_db.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from daemon.state import describe_postgres_url, open_store
+from daemon.state.postgres import PostgresStore
+from tests.fakes.postgres_login import FakeLoginServer
+from tests.fakes.world import RCON_PASSWORD, REPO, World
+from tests.postgres_db import empty_schema
+
+PRODUCTS: dict[str, Any] = {
+    "vip": {
+        "servers": ["survival"],
+        "on_active": ["lp user {customer.minecraft_uuid} parent add vip"],
+        "on_expire": ["lp user {customer.minecraft_uuid} parent remove vip"],
+    },
+}
+DB_PASSWORD = "pg-pw-SECRET"
+
+
+@pytest.fixture
+def url() -> Iterator[str]:
+    with empty_schema() as url:
+        yield url
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    with World(tmp_path, {"survival": "minecraft"}) as w:
+        yield w
+
+
+def run(world: World, *args: str, expect: int) -> str:
+    result = world.run_cli(*args)
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output, output
+    assert RCON_PASSWORD not in output and DB_PASSWORD not in output
+    assert result.returncode == expect, output
+    return output
+
+
+def fetch(url: str, sql: str) -> list[tuple[Any, ...]]:
+    async def read() -> list[tuple[Any, ...]]:
+        conn = await asyncpg.connect(url)
+        try:
+            return [tuple(row) for row in await conn.fetch(sql)]
+        finally:
+            await conn.close()
+
+    return asyncio.run(read())
+
+
+def journal(url: str) -> list[tuple[Any, ...]]:
+    return fetch(url, "SELECT command, status FROM journal ORDER BY id")
+
+
+def test_sync_now_and_status_keep_the_state_in_postgresql(world: World, url: str) -> None:
+    token, alice = world.add_customer(platform="minecraft", name="alice")
+    world.add_item(token, "vip")
+    world.config(PRODUCTS, extra={"sync": {"state_db": url}})
+    grant = f"lp user {alice['minecraft_uuid']} parent add vip"
+
+    run(world, "--sync-now", expect=0)
+    run(world, "--sync-now", expect=0)
+    assert world.received("survival") == [grant]  # once: the second pass knew it was sent
+    assert journal(url) == [(grant, "delivered")]
+    assert not (world.folder / "state.sqlite3").exists()
+
+    status = run(world, "status", expect=0)
+    assert f"state: {describe_postgres_url(url)}\n" in status
+    assert "survival: 0 pending, 0 failed, 0 skipped, 1 delivered" in status
+
+
+def test_a_dry_run_prints_the_commands_and_changes_nothing(world: World, url: str) -> None:
+    token, alice = world.add_customer(platform="minecraft", name="alice")
+    world.add_item(token, "vip")
+    world.config(PRODUCTS, extra={"sync": {"state_db": url}})
+    grant = f"lp user {alice['minecraft_uuid']} parent add vip"
+
+    output = run(world, "--sync-now", "--dry-run", expect=0)
+    assert grant in output
+    assert world.received("survival") == []
+    assert fetch(url, "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()") == []
+
+    run(world, "--sync-now", expect=0)
+    assert world.received("survival") == [grant]
+    output = run(world, "--sync-now", "--dry-run", expect=0)
+    assert grant not in output  # the copy holds what the database holds
+
+    world.add_item(token, "vip")  # a second item: its grant would be sent
+    before = fetch(url, "SELECT * FROM journal")
+    output = run(world, "--sync-now", "--dry-run", expect=0)
+    assert grant in output
+    assert fetch(url, "SELECT * FROM journal") == before
+    assert world.received("survival") == [grant]
+
+
+def test_operator_commands_read_and_change_the_postgresql_state(world: World, url: str) -> None:
+    token, alice = world.add_customer(platform="minecraft", name="alice")
+    world.add_item(token, "vip")
+    world.call(world.rcon["survival"].stop())  # the command stays pending
+    world.config(PRODUCTS, extra={"sync": {"state_db": url}})
+    grant = f"lp user {alice['minecraft_uuid']} parent add vip"
+
+    run(world, "--sync-now", expect=3)
+    shown = world.run_cli("journal", "--json")
+    assert shown.returncode == 0, shown.stderr
+    (row,) = json.loads(shown.stdout)
+    assert (row["command"], row["status"]) == (grant, "pending")
+    run(world, "cancel", str(row["id"]), expect=0)
+    assert journal(url) == [(grant, "cancelled")]
+
+
+def test_sync_now_stops_while_another_perksync_delivers_from_the_database(
+    world: World, url: str
+) -> None:
+    world.add_customer(platform="minecraft", name="alice")
+    world.config(PRODUCTS, extra={"sync": {"state_db": url}})
+
+    async def beside_a_holder() -> subprocess.CompletedProcess[str]:
+        holder = open_store(url)
+        assert isinstance(holder, PostgresStore)
+        try:
+            async with holder.hold_delivery_lock():
+                return await asyncio.to_thread(world.run_cli, "--sync-now")
+        finally:
+            await holder.close()
+
+    result = asyncio.run(beside_a_holder())
+    assert result.returncode == 1, result.stderr
+    assert "another perksync (perksync " in result.stderr
+    assert f"is delivering from the state database {describe_postgres_url(url)}" in result.stderr
+
+
+def test_a_password_in_the_state_url_is_a_config_error(world: World) -> None:
+    world.config(
+        PRODUCTS,
+        extra={"sync": {"state_db": f"postgresql://perksync:{DB_PASSWORD}@127.0.0.1/perksync"}},
+    )
+    output = run(world, "--check-config", expect=2)
+    assert output.strip() == (
+        "perksync: config error: sync.state_db: the URL holds a password: remove it from the "
+        "URL, and give it in sync.state_db_password_env or sync.state_db_password_file"
+    )
+
+
+def test_the_state_password_comes_from_its_file_and_is_never_printed(world: World) -> None:
+    server = FakeLoginServer(echo_password=True)
+    world.call(server.start())
+    try:
+        (world.folder / "secrets").mkdir(exist_ok=True)
+        (world.folder / "secrets" / "pg").write_text(DB_PASSWORD + "\n")
+        world.config(
+            PRODUCTS,
+            extra={"sync": {"state_db": server.url(), "state_db_password_file": "secrets/pg"}},
+        )
+        assert "OK" in run(world, "--check-config", expect=0)  # nothing contacted
+        assert server.passwords == []
+        for command in ("status", "--sync-now"):
+            output = run(world, command, expect=1)
+            assert (
+                f"state store: cannot connect to the state database {server.url()}: "
+                'password authentication failed for user "perksync" (password ***)'
+            ) in output
+    finally:
+        world.call(server.stop())
+    assert server.passwords == [DB_PASSWORD, DB_PASSWORD]
+
+
+def test_without_asyncpg_a_postgresql_state_says_what_to_install(
+    world: World, tmp_path: Path
+) -> None:
+    shadow = tmp_path / "no-asyncpg" / "asyncpg"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError(\"No module named 'asyncpg'\")\n")
+    world.config(PRODUCTS, extra={"sync": {"state_db": "postgresql://perksync@127.0.0.1/perksync"}})
+    result = world.run_cli("--check-config", env={"PYTHONPATH": f"{shadow.parent}:{REPO}"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        "perksync: config error: sync.state_db: a postgresql:// state database needs the "
+        "asyncpg driver: pip install 'perksync[postgresql]'"
+    )
+
+
+def test_check_config_contacts_no_database_and_leaves_a_busy_address_to_the_service(
+    world: World,
+) -> None:
+    """It cannot tell the running service's listener from another program's
+    without the database, so a busy http.listen is for the service's start to
+    report (as it does for SQLite when another program holds the address)."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        world.config(
+            PRODUCTS,
+            extra={
+                "sync": {"state_db": "postgresql://perksync@127.0.0.1:9/nowhere"},
+                "http": {"listen": f"127.0.0.1:{port}"},
+            },
+        )
+        assert "OK" in run(world, "--check-config", expect=0)
