@@ -409,7 +409,13 @@ class ServerWorker:
         server = await self._connected()
         if server is None:
             return False
-        await self.store.mark_attempt(row.id)
+        if not await self.store.mark_attempt(row.id):
+            # Finished since this round read it (an operator's cancel, a
+            # take-back cancelling a waiting grant): it must not be sent.
+            log.info(
+                "server %s: journal row %d was finished meanwhile; not sent", self.name, row.id
+            )
+            return True
         try:
             reply = await server.run(row.command)
         except CommandTooLong as exc:

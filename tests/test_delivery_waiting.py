@@ -661,3 +661,35 @@ async def test_the_service_delivers_when_the_player_joins_or_the_time_comes_with
 
 async def _status_is(rig: Rig, row: int, status: JournalStatus) -> bool:
     return (await rig.rows())[row].status is status
+
+
+# --- rows finished while a round holds them --------------------------------------------
+
+
+@run_async
+async def test_a_row_cancelled_after_the_round_read_it_is_not_sent(tmp_path: Path) -> None:
+    """An operator's cancel (or a take-back cancelling a waiting grant) may land
+    between the worker reading its rows and sending them: the cancelled one
+    must not go out, and the rows after it still do."""
+    fake = FakeRconServer("minecraft", PASSWORD)
+    async with rigged(tmp_path, {"survival": fake}) as rig:
+        first, doomed, last = await rig.journal(NOTCH, "survival", "say one", "say two", "say 3")
+        worker = rig.worker("survival")
+        read = rig.store.unfinished
+
+        async def read_then_cancel(*args: Any, **kwargs: Any) -> list[JournalRow]:
+            rows = await read(*args, **kwargs)
+            if any(row.id == doomed for row in rows):
+                async with rig.store.customer(NOTCH["id"]) as txn:
+                    await txn.commit(CustomerChange(rig.clock.now(), cancel_rows=[doomed]))
+            return rows
+
+        rig.store.unfinished = read_then_cancel  # type: ignore[method-assign]
+        assert await worker.deliver_available()
+        rows = await rig.rows()
+        assert [rows[i].status for i in (first, doomed, last)] == [
+            DELIVERED,
+            JournalStatus.CANCELLED,
+            DELIVERED,
+        ]
+        assert sent(fake) == ["say one", "say 3"]

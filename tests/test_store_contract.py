@@ -1529,6 +1529,23 @@ async def test_cancelled_rows_end_only_this_customers_unfinished_ones(opener: Op
     assert ids(await store.unfinished("survival")) == [bobs]
 
 
+@run_async
+async def test_an_attempt_tells_whether_the_row_may_still_be_sent(opener: Opener) -> None:
+    """A delivery worker reads rows, then records each attempt right before it
+    sends: a row cancelled in between must not go out."""
+    store = opener()
+    ids_ = await first_pass(store)
+    (waits,) = await commit(store, "100", CustomerChange(T0, entries=[waiting("1", 7)]))
+    assert await store.mark_attempt(ids_[0]) is True  # pending: send it
+    assert await store.mark_attempt(waits) is True  # waiting until now: send it
+    await commit(store, "100", CustomerChange(T1, cancel_rows=[ids_[1]]))
+    assert await store.mark_attempt(ids_[1]) is False  # cancelled meanwhile: do not
+    await store.mark_delivered(ids_[0], T1)
+    assert await store.mark_attempt(ids_[0]) is False  # its first outcome stands
+    with pytest.raises(StoreError):
+        await store.mark_attempt(999_999)
+
+
 # --- store mode --------------------------------------------------------------------------
 
 

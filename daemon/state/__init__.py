@@ -432,9 +432,11 @@ class Store(Protocol):
         """PENDING and WAITING rows for `server` with id > after_id, in id order."""
         ...
 
-    async def mark_attempt(self, row_id: int) -> None:
+    async def mark_attempt(self, row_id: int) -> bool:
         """Count one delivery attempt; called right before the command is sent.
-        The row becomes PENDING if it was WAITING.
+        The row becomes PENDING if it was WAITING. True if the row was PENDING
+        or WAITING; False if it is finished (cancelled since it was read, by an
+        operator or a take-back): then its command must not be sent.
 
         Like every `mark_*`: a row id that does not exist raises `StoreError`;
         a row that is no longer PENDING or WAITING is left as it is (its first

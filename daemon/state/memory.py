@@ -358,16 +358,18 @@ class MemoryStore:
                     break
         return rows
 
-    async def _finish(self, row_id: int, update: Callable[[JournalRow], JournalRow]) -> None:
+    async def _finish(self, row_id: int, update: Callable[[JournalRow], JournalRow]) -> bool:
         db = await self._turn()
         row = db.journal.get(row_id)
         if row is None:
             raise StoreError(f"memory store {self.url}: no journal row {row_id}")
-        if row.status in UNFINISHED:  # its first outcome stands
-            db.journal[row_id] = update(row)
+        if row.status not in UNFINISHED:  # its first outcome stands
+            return False
+        db.journal[row_id] = update(row)
+        return True
 
-    async def mark_attempt(self, row_id: int) -> None:
-        await self._finish(
+    async def mark_attempt(self, row_id: int) -> bool:
+        return await self._finish(
             row_id,
             lambda row: dataclasses.replace(
                 row, attempts=row.attempts + 1, status=JournalStatus.PENDING, reason=None

@@ -472,7 +472,8 @@ WITH changed AS (
     UPDATE journal SET {assignments}
     WHERE id = $1 AND status IN ('pending', 'waiting') RETURNING 1
 )
-SELECT EXISTS (SELECT FROM changed) OR EXISTS (SELECT FROM journal WHERE id = $1)
+SELECT EXISTS (SELECT FROM changed),
+       EXISTS (SELECT FROM changed) OR EXISTS (SELECT FROM journal WHERE id = $1)
 """
 
 
@@ -762,11 +763,13 @@ class PostgresStore:
         reason = str(e) or type(e).__name__
         return StoreError(self._scrub(f"state database {self.name}: cannot {doing}: {reason}"))
 
-    async def _finish(self, row_id: int, sql: str, params: Sequence[Any], doing: str) -> None:
+    async def _finish(self, row_id: int, sql: str, params: Sequence[Any], doing: str) -> bool:
+        """Run a row's change of status; whether it changed (it was unfinished)."""
         async with self._using(doing, write=True) as conn:
-            exists = await conn.fetchval(sql, row_id, *params)
+            changed, exists = await conn.fetchrow(sql, row_id, *params)
         if not exists:
             raise StoreError(f"state database {self.name}: no journal row {row_id}")
+        return bool(changed)
 
     # --- the Store protocol ------------------------------------------------------------
 
@@ -936,8 +939,9 @@ class PostgresStore:
             rows = await conn.fetch(_UNFINISHED, server, after_id, limit)
         return [_journal_row(r) for r in rows]
 
-    async def mark_attempt(self, row_id: int) -> None:
-        await self._finish(row_id, _MARK_ATTEMPT, (), f"count an attempt of journal row {row_id}")
+    async def mark_attempt(self, row_id: int) -> bool:
+        doing = f"count an attempt of journal row {row_id}"
+        return await self._finish(row_id, _MARK_ATTEMPT, (), doing)
 
     async def mark_waiting(self, row_id: int, reason: str) -> None:
         params = (_text(reason),)

@@ -933,13 +933,14 @@ class SqliteStore:
                         conn.execute("ROLLBACK")
                 raise
 
-    def _finish(self, row_id: int, sql: str, params: tuple[Any, ...], doing: str) -> None:
+    def _finish(self, row_id: int, sql: str, params: tuple[Any, ...], doing: str) -> bool:
+        """Run a row's change of status; whether it changed (it was unfinished)."""
         with self._errors(doing, write=True) as conn:
-            if (
-                conn.execute(sql, params).rowcount == 0
-                and not conn.execute("SELECT 1 FROM journal WHERE id = ?", (row_id,)).fetchone()
-            ):
+            if conn.execute(sql, params).rowcount:
+                return True
+            if not conn.execute("SELECT 1 FROM journal WHERE id = ?", (row_id,)).fetchone():
                 raise StoreError(f"state database {self.path}: no journal row {row_id}")
+            return False
 
     # --- the Store protocol -------------------------------------------------------
 
@@ -1193,8 +1194,9 @@ class SqliteStore:
         with self._errors(f"read the pending commands of {server}") as conn:
             return [_journal_row(r) for r in conn.execute(_UNFINISHED, (server, after_id, limit))]
 
-    async def mark_attempt(self, row_id: int) -> None:
-        self._finish(row_id, _MARK_ATTEMPT, (row_id,), f"count an attempt of journal row {row_id}")
+    async def mark_attempt(self, row_id: int) -> bool:
+        doing = f"count an attempt of journal row {row_id}"
+        return self._finish(row_id, _MARK_ATTEMPT, (row_id,), doing)
 
     async def mark_waiting(self, row_id: int, reason: str) -> None:
         self._finish(row_id, _MARK_WAITING, (reason, row_id), f"mark journal row {row_id} waiting")
