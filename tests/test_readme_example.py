@@ -19,7 +19,8 @@ def test_the_readme_example_config_validates(tmp_path: Path) -> None:
     example["customers"] = [{"token": "pnc_example"}]
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(example))
-    settings = load_settings(path, env={"SURVIVAL_RCON_PASSWORD": "pw"})
+    (tmp_path / "perksync_rcon_survival").write_text("pw")
+    settings = load_settings(path, env={"CREDENTIALS_DIRECTORY": str(tmp_path)})
     products = settings.products
     assert products["vip-monthly"].perk == products["vip-yearly"].perk == "vip"
     assert products["vote-key"].once
