@@ -1,4 +1,7 @@
-"""systemd/perksync.service: the keys the service contract depends on, and its hardening.
+"""systemd/perksync.service: the keys the service contract depends on, its hardening,
+and the secrets: the unit's one LoadCredential= line and README's hand runs
+through systemd-run find every secret the example config names (both emulated,
+as no systemd runs here: tests/fakes/systemd_run.py).
 
 systemd unit files repeat keys (LoadCredential=, SystemCallFilter=), so they are
 read with a small parser that keeps every value, not configparser.
@@ -10,7 +13,6 @@ import copy
 import os
 import re
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -21,6 +23,7 @@ import pytest
 import yaml
 
 from tests.fakes import systemd_run
+from tests.fakes.rcon_server import unused_port
 from tests.fakes.systemd_run import ROOT_VARIABLE, load_credentials
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "perksync.service"
@@ -258,13 +261,6 @@ def credential_spec(unit: dict[str, dict[str, list[str]]]) -> str:
     return spec
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def install(root: Path, data: dict[str, Any]) -> Path:
     """What README "Install" sets up, under `root` instead of /: the config
     (its state folder and listen port made the test's own) and every secret
@@ -273,7 +269,7 @@ def install(root: Path, data: dict[str, Any]) -> Path:
     if data["sync"]["state_db"].startswith("/var/lib/perksync/"):
         (root / "state").mkdir()
         data["sync"]["state_db"] = str(root / "state" / "state.sqlite3")
-    data["http"]["listen"] = f"127.0.0.1:{free_port()}"
+    data["http"]["listen"] = f"127.0.0.1:{unused_port()}"
     config = root / "etc" / "perksync" / "config.yaml"
     credentials = root / CREDENTIALS.lstrip("/")
     credentials.mkdir(parents=True, mode=0o700)
