@@ -11,7 +11,8 @@ $(BIN)/perksync: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-# Run the README's shop example (real --sync-now passes, a wipe, resend) against loopback fakes.
+# Run the README's shop example in store mode (--sync-now passes, then the service and a
+# webhook) against loopback fakes.
 demo: $(BIN)/perksync
 	$(BIN)/python -m tests.fakes.demo
 

@@ -610,6 +610,15 @@ def _name_variables(lines: list[str], origins: Mapping[str, str]) -> list[str]:
     return named
 
 
+# systemd sets it for a unit's LoadCredential=; a command run by hand outside
+# the unit lacks it.
+_CREDENTIALS_VARIABLE = "CREDENTIALS_DIRECTORY"
+_CREDENTIALS_HINT = (
+    " (systemd sets it for the service; run perksync by hand through systemd-run with "
+    'the unit\'s LoadCredential=, as README "Install" shows)'
+)
+
+
 def _read_secret(
     model: BaseModel, prefix: str, where: str, base_dir: str, env: Mapping[str, str]
 ) -> SecretStr:
@@ -624,7 +633,9 @@ def _read_secret(
         for match in _VARIABLE.finditer(file_name):
             name = match[1] or match[2]
             if not env.get(name):
-                raise ConfigError(f"{where}.{prefix}_file: {_unset_or_empty(name, env.get(name))}")
+                problem = _unset_or_empty(name, env.get(name))
+                hint = _CREDENTIALS_HINT if name == _CREDENTIALS_VARIABLE else ""
+                raise ConfigError(f"{where}.{prefix}_file: {problem}{hint}")
         # ${CREDENTIALS_DIRECTORY} is how systemd's LoadCredential= is reached.
         expanded = _VARIABLE.sub(lambda m: env[m[1] or m[2]], file_name)
         # os.path rather than pathlib: ten thousand token files load noticeably faster.

@@ -237,7 +237,9 @@ def test_empty_secret_variable_is_called_empty_not_unset(tmp_path: Path) -> None
     assert message == "servers.survival.password_env: environment variable MC_PASS is empty"
     text = GOOD.replace("token_file: tokens/b", "token_file: ${CREDENTIALS_DIRECTORY}/bob")
     message = error_of(tmp_path, text, env={**ENV, "CREDENTIALS_DIRECTORY": ""})
-    assert message == "customers[1].token_file: environment variable CREDENTIALS_DIRECTORY is empty"
+    assert message.startswith(
+        "customers[1].token_file: environment variable CREDENTIALS_DIRECTORY is empty (systemd "
+    )
 
 
 def test_config_path_precedence() -> None:
@@ -251,16 +253,16 @@ def test_format_loc() -> None:
     assert format_loc(("customers", 2, "token_env")) == "customers[2].token_env"
 
 
-def test_example_config_is_valid() -> None:
+def test_example_config_is_valid(tmp_path: Path) -> None:
     """The annotated config.yaml operators start from must load (given its secrets)."""
-    names = (
-        "PAYNOW_TOKEN_ALICE",
-        "PAYNOW_TOKEN_BOB",
-        "SURVIVAL_RCON_PASSWORD",
-        "JAILBREAK_RCON_PASSWORD",
-    )
-    env = dict.fromkeys(names, "s")
-    settings = load_settings(REPO / "config.yaml", env=env)
+    names = ("paynow_api_key", "paynow_webhook_secret", "rcon_survival", "rcon_jailbreak")
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    for name in names:
+        (credentials / f"perksync_{name}").write_text(f"{name}-secret\n")
+    settings = load_settings(REPO / "config.yaml", env={"CREDENTIALS_DIRECTORY": str(credentials)})
+    assert settings.store_mode
+    assert settings.paynow.api_key_secret.get_secret_value() == "paynow_api_key-secret"
     assert set(settings.servers) == {"survival", "jailbreak"}
     assert set(settings.products) == {"vip", "jailbreak-warden"}
     assert settings.ignored_products == frozenset({"gift-card"})
@@ -279,8 +281,19 @@ def test_credentials_directory_is_expanded(tmp_path: Path) -> None:
 def test_unset_variable_in_secret_path_is_named(tmp_path: Path) -> None:
     text = GOOD.replace("token_file: tokens/b", "token_file: ${CREDENTIALS_DIRECTORY}/bob")
     message = error_of(tmp_path, text)
-    assert (
-        message == "customers[1].token_file: environment variable CREDENTIALS_DIRECTORY is not set"
+    assert message == (
+        "customers[1].token_file: environment variable CREDENTIALS_DIRECTORY is not set (systemd "
+        "sets it for the service; run perksync by hand through systemd-run with the unit's "
+        'LoadCredential=, as README "Install" shows)'
+    )
+
+
+def test_an_unset_variable_other_than_the_credentials_folder_gets_no_systemd_hint(
+    tmp_path: Path,
+) -> None:
+    text = GOOD.replace("token_file: tokens/b", "token_file: ${TOKENS}/bob")
+    assert error_of(tmp_path, text) == (
+        "customers[1].token_file: environment variable TOKENS is not set"
     )
 
 

@@ -1,4 +1,7 @@
-"""systemd/perksync.service: the keys the service contract depends on, and its hardening.
+"""systemd/perksync.service: the keys the service contract depends on, its hardening,
+and the secrets: the unit's one LoadCredential= line and README's hand runs
+through systemd-run find every secret the example config names (both emulated,
+as no systemd runs here: tests/fakes/systemd_run.py).
 
 systemd unit files repeat keys (LoadCredential=, SystemCallFilter=), so they are
 read with a small parser that keeps every value, not configparser.
@@ -6,15 +9,22 @@ read with a small parser that keeps every value, not configparser.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+
+from tests.fakes import systemd_run
+from tests.fakes.rcon_server import unused_port
+from tests.fakes.systemd_run import ROOT_VARIABLE, load_credentials
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "perksync.service"
 
@@ -177,127 +187,268 @@ def test_systemd_analyze_security_is_ok_or_better() -> None:
     assert verdict in {"PERFECT", "SAFE", "OK"}
 
 
-# --- secrets: the unit's EnvironmentFile=, the example config and secrets.env ----------
+# --- secrets: the unit's LoadCredential=, the example config and README "Install" ------
 
 REPO = UNIT.parent.parent
-SECRETS_PATH = "/etc/perksync/secrets.env"  # where README "Install" puts secrets.env
-# The one form the README allows: systemd.exec(5) and a POSIX shell both take
-# a single-quoted value verbatim.
-ASSIGNMENT = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)='([^']*)'")
+CREDENTIALS = "/etc/perksync/credentials"  # where README "Install" puts the secrets
+IN_CREDENTIALS = "${CREDENTIALS_DIRECTORY}/"
+SECRETS = ("token", "password", "api_key", "webhook_secret", "state_db_password")
+STORE_ID = "94688451781206016"  # the example config's
+# What `perksync --check-config` says of each variant of the example config.
+CHECKED = {
+    "store": f"OK (store mode (store {STORE_ID}), 2 servers, 2 products)",
+    "token": "OK (2 customers, 2 servers, 2 products)",
+    "postgresql": f"OK (store mode (store {STORE_ID}), 2 servers, 2 products)",
+}
 
 
-def read_environment_file(text: str) -> dict[str, str]:
-    """What systemd's EnvironmentFile= makes of a file in the documented form
-    (comments start with #: systemd's other comment mark, ;, is an error to sh);
-    any other line fails the test."""
-    values = {}
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        match = ASSIGNMENT.fullmatch(line)
-        assert match, f"not NAME='value': {line!r}"
-        values[match[1]] = match[2]
-    return values
+def readme_text() -> str:
+    return (REPO / "README.md").read_text(encoding="utf-8")
 
 
-def secret_names(config: Path) -> set[str]:
-    """Every *_env name the config reads a secret from; it holds no other kind."""
-    data = yaml.safe_load(config.read_text(encoding="utf-8"))
-    entries = [*data["customers"], *data["servers"].values()]
-    assert not [e for e in entries if {"token", "token_file", "password", "password_file"} & set(e)]
-    return {e.get("token_env") or e["password_env"] for e in entries}
+def readme_secret_files() -> set[str]:
+    """The files README's shell blocks write into the credentials folder
+    (`(umask 077 && cat > NAME)`, after `cd` there, or with the folder's path)."""
+    blocks = re.findall(r"```sh\n(.*?)```", readme_text(), flags=re.DOTALL)
+    names = set()
+    for written in re.findall(r"cat > (\S+)\)", "".join(blocks)):
+        folder, _, name = written.rpartition("/")
+        assert folder in ("", CREDENTIALS), f"{written}: not in {CREDENTIALS}"
+        names.add(name)
+    return names
 
 
-def check_config(
-    tmp_path: Path, env: dict[str, str], hand_run: str | None = None
+def uncommented(text: str, indent: str, pattern: str) -> Any:
+    """The YAML of the lines of `text` commented out at `indent` that match
+    `pattern` after their `# `."""
+    found = re.finditer(rf"^{indent}# ({pattern}.*)$", text, flags=re.MULTILINE)
+    lines = [indent + match[1] for match in found]
+    assert lines, f"no commented {pattern!r} in config.yaml"
+    return yaml.safe_load("\n".join(lines))
+
+
+def example_variants() -> dict[str, dict[str, Any]]:
+    """The example config.yaml as it is (store mode), with its commented
+    customers instead of the store's key (token mode), and with its commented
+    PostgreSQL state."""
+    text = (REPO / "config.yaml").read_text(encoding="utf-8")
+    store = yaml.safe_load(text)
+    token = copy.deepcopy(store)
+    for key in ("store_id", "api_key_file", "webhook_secret_file"):
+        del token["paynow"][key]
+    token.update(uncommented(text, "", r"customers:|  ( |-) "))
+    postgresql = copy.deepcopy(store)
+    postgresql["sync"].update(uncommented(text, "  ", r"state_db(_password_file)?: "))
+    return {"store": store, "token": token, "postgresql": postgresql}
+
+
+def secret_sources(data: dict[str, Any]) -> dict[str, str]:
+    """Every secret the config names: its key path → where it is read from."""
+    found = {}
+    places = [(f"customers[{i}]", c) for i, c in enumerate(data.get("customers", []))]
+    places += [(f"servers.{n}", s) for n, s in data["servers"].items()]
+    places += [("paynow", data["paynow"]), ("sync", data["sync"])]
+    for where, section in places:
+        for secret in SECRETS:
+            for key in (f"{secret}_file", f"{secret}_env", secret):
+                if key in section:
+                    found[f"{where}.{key}"] = section[key]
+    return found
+
+
+def credential_spec(unit: dict[str, dict[str, list[str]]]) -> str:
+    [spec] = unit["Service"]["LoadCredential"]
+    return spec
+
+
+def install(root: Path, data: dict[str, Any]) -> Path:
+    """What README "Install" sets up, under `root` instead of /: the config
+    (its state folder and listen port made the test's own) and every secret
+    file README's blocks write. Returns the config's path."""
+    data = copy.deepcopy(data)
+    if data["sync"]["state_db"].startswith("/var/lib/perksync/"):
+        (root / "state").mkdir()
+        data["sync"]["state_db"] = str(root / "state" / "state.sqlite3")
+    data["http"]["listen"] = f"127.0.0.1:{unused_port()}"
+    config = root / "etc" / "perksync" / "config.yaml"
+    credentials = root / CREDENTIALS.lstrip("/")
+    credentials.mkdir(parents=True, mode=0o700)
+    config.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    for name in readme_secret_files():
+        (credentials / name).write_text(f"{name}-SECRET\n", encoding="utf-8")
+    return config
+
+
+def checked(result: subprocess.CompletedProcess[str], expected: str) -> None:
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert expected in result.stdout
+    assert "-SECRET" not in output
+
+
+def run_as_the_unit(
+    unit: dict[str, dict[str, list[str]]], root: Path, *args: str
 ) -> subprocess.CompletedProcess[str]:
-    """`perksync --check-config` on the example config.yaml as a subprocess with
-    only `env`; given `hand_run` (a shell function definition), as
-    `sh -c 'HAND_RUN; perksync_run --check-config …'`."""
-    args = ["--check-config", "--config", str(REPO / "config.yaml")]
-    command = [sys.executable, "-m", "daemon", *args]
-    if hand_run is not None:
-        command = ["sh", "-c", hand_run + '\nperksync_run "$@"', "sh", *args]
-    base = {
+    """The unit's ExecStart with `args`, given what systemd gives it: the
+    credentials its LoadCredential= line names (read under `root`) in
+    $CREDENTIALS_DIRECTORY, and no other variable of ours."""
+    folder = root / "run" / "credentials" / "perksync.service"
+    folder.mkdir(parents=True)
+    load_credentials(credential_spec(unit), folder, root)
+    program, *options = one(unit, "ExecStart").split()
+    assert program.endswith("/perksync")
+    options = [str(root / o.lstrip("/")) if o.startswith("/") else o for o in options]
+    env = {
         "PATH": os.environ["PATH"],
         "PYTHONPATH": str(REPO),
-        # The one path of the example that a test cannot have: the state folder.
-        "PERKSYNC_SYNC__STATE_DB": str(tmp_path / "state.sqlite3"),
+        "CREDENTIALS_DIRECTORY": str(folder),
     }
     return subprocess.run(
-        command, env={**base, **env}, capture_output=True, text=True, timeout=60, check=False
-    )
+        [sys.executable, "-m", "daemon", *options, *args],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
 
 
-def readme_hand_run(secrets: Path) -> str:
-    """README's `perksync_run` shell function, reading `secrets` and running this
-    checkout's perksync (not as the user perksync, whom a test does not have)."""
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    [line] = [line for line in readme.splitlines() if line.startswith("perksync_run() {")]
-    as_service_user = "runuser -u perksync -- perksync "
-    assert f". {SECRETS_PATH} " in line
-    assert as_service_user in line
-    line = line.replace(SECRETS_PATH, str(secrets))
-    return line.replace(as_service_user, f"{sys.executable} -m daemon ")
+def readme_hand_run() -> str:
+    """README's `perksync_run` shell function, running this checkout's perksync."""
+    [line] = [line for line in readme_text().splitlines() if line.startswith("perksync_run() {")]
+    assert " systemd-run " in line
+    assert "/usr/local/bin/perksync " in line
+    return line.replace("/usr/local/bin/perksync ", f"{sys.executable} -m daemon ")
 
 
-def installed_secrets(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "secrets.env"
-    path.write_text(text, encoding="utf-8")
-    path.chmod(0o600)
-    return path
+def run_by_hand(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`perksync_run ARGS` as README "Install" defines it, in `sh`, with a
+    `systemd-run` that emulates the real one (tests/fakes/systemd_run.py)
+    reading its credentials under `root`."""
+    bin_folder = root / "bin"
+    bin_folder.mkdir()
+    fake = bin_folder / "systemd-run"
+    fake.write_text(f'#!/bin/sh\nexec {sys.executable} -m tests.fakes.systemd_run "$@"\n')
+    fake.chmod(0o755)
+    env = {
+        "PATH": f"{bin_folder}:{os.environ['PATH']}",
+        "PYTHONPATH": str(REPO),
+        ROOT_VARIABLE: str(root),
+    }
+    return subprocess.run(
+        ["sh", "-c", readme_hand_run() + '\nperksync_run "$@"', "sh", *args],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
 
 
-def test_unit_loads_the_secrets_file_the_readme_installs(
+def test_unit_loads_the_credentials_folder_the_readme_installs(
     unit: dict[str, dict[str, list[str]]],
 ) -> None:
     service = unit["Service"]
-    assert "LoadCredential" not in service
-    # "-": a missing file is not a start failure of its own; perksync names what is missing.
-    assert service.get("EnvironmentFile") == [f"-{SECRETS_PATH}"]
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    assert f"install -m 0600 secrets.env {SECRETS_PATH}" in readme
+    assert credential_spec(unit) == f"perksync:{CREDENTIALS}"
+    # No secret reaches the service through its environment.
+    assert "EnvironmentFile" not in service
+    assert "Environment" not in service
+    # A missing folder fails the start (243/CREDENTIALS): no restart loop.
+    assert "243" in one(unit, "RestartPreventExitStatus").split()
+    readme = readme_text()
+    assert f"install -d -m 0700 {CREDENTIALS}" in readme
+    assert not (REPO / "secrets.env").exists()
 
 
-def test_the_units_set_up_finds_every_secret_of_the_example_config(tmp_path: Path) -> None:
-    names = secret_names(REPO / "config.yaml")
-    assert len(names) == 4
-    example = (REPO / "secrets.env").read_text(encoding="utf-8")
-    from_systemd = read_environment_file(example)
-    assert set(from_systemd) == names
-    # What systemd hands the service: the file's variables and nothing else.
-    result = check_config(tmp_path, from_systemd)
-    assert result.returncode == 0, result.stderr
-    assert "OK (2 customers, 2 servers, 2 products)" in result.stdout
-    # The same command run by hand, as README "Install" says.
-    hand_run = readme_hand_run(installed_secrets(tmp_path, example))
-    result = check_config(tmp_path, {}, hand_run)
-    assert result.returncode == 0, result.stderr
-    assert "OK (2 customers, 2 servers, 2 products)" in result.stdout
-    # Without the file, each missing secret is named: exit 2, which stops the restarts.
-    result = check_config(tmp_path, {})
-    assert result.returncode == 2
-    for name in names:
-        assert name in result.stderr
+@pytest.mark.parametrize("variant", sorted(CHECKED))
+def test_the_example_config_takes_every_secret_from_the_credentials(variant: str) -> None:
+    sources = secret_sources(example_variants()[variant])
+    assert len(sources) == (5 if variant == "postgresql" else 4), sources
+    files = readme_secret_files()
+    for where, source in sources.items():
+        assert where.endswith("_file"), f"{where}: not a credential file"
+        assert source.startswith(f"{IN_CREDENTIALS}perksync_"), f"{where}: {source}"
+        assert source.removeprefix(f"{IN_CREDENTIALS}perksync_") in files, f"{where}: {source}"
 
 
-def test_systemd_and_a_hand_run_read_the_same_values(tmp_path: Path) -> None:
-    tricky = ["a b  c", "$HOME and ${PATH}", 'say "hi" `id`', "back\\slash\\", "#;= x"]
-    text = "# comment\n\n" + "".join(f"SECRET_{i}='{value}'\n" for i, value in enumerate(tricky))
-    from_systemd = read_environment_file(text)
-    assert list(from_systemd.values()) == tricky
-    path = installed_secrets(tmp_path, text)
+@pytest.mark.parametrize("variant", sorted(CHECKED))
+def test_the_units_set_up_finds_every_secret_of_the_example_config(
+    unit: dict[str, dict[str, list[str]]], tmp_path: Path, variant: str
+) -> None:
+    install(tmp_path, example_variants()[variant])
+    checked(run_as_the_unit(unit, tmp_path, "--check-config"), CHECKED[variant])
+
+
+@pytest.mark.parametrize("variant", sorted(CHECKED))
+def test_a_hand_run_as_the_readme_says_finds_them_too(tmp_path: Path, variant: str) -> None:
+    config = install(tmp_path, example_variants()[variant])
+    checked(run_by_hand(tmp_path, "--check-config", "--config", str(config)), CHECKED[variant])
+
+
+def test_a_missing_secret_file_is_named_and_stops_the_restarts(
+    unit: dict[str, dict[str, list[str]]], tmp_path: Path
+) -> None:
+    install(tmp_path, example_variants()["store"])
+    (tmp_path / CREDENTIALS.lstrip("/") / "rcon_jailbreak").unlink()
+    result = run_as_the_unit(unit, tmp_path, "--check-config")
+    assert result.returncode == 2  # RestartPreventExitStatus=2: not restarted
+    assert "servers.jailbreak.password_file: cannot read " in result.stderr
+    assert "/perksync_rcon_jailbreak: No such file or directory" in result.stderr
+    assert "-SECRET" not in result.stdout + result.stderr
+
+
+def test_a_plain_run_by_hand_says_how_to_reach_the_credentials(tmp_path: Path) -> None:
+    config = install(tmp_path, example_variants()["store"])
     result = subprocess.run(
-        ["sh", "-c", f"set -a && . {path} && exec env"],
-        env={"PATH": os.environ["PATH"]},
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
+        [sys.executable, "-m", "daemon", "--check-config", "--config", str(config)],
+        env={"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 4  # one per secret, each naming its key
+    assert lines[0].startswith(
+        "perksync: config error: servers.survival.password_file: environment variable "
+        "CREDENTIALS_DIRECTORY is not set"
     )
-    from_shell = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
-    assert {name: from_shell.get(name) for name in from_systemd} == from_systemd
+    assert all("systemd-run" in line for line in lines)
+
+
+def test_credentials_are_named_as_systemd_names_a_folders_files(tmp_path: Path) -> None:
+    folder = tmp_path / "credentials"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("api_key", "sub/nested", ".hidden"):
+        (folder / name).write_text(name)
+    (folder / "link").symlink_to(folder / "api_key")
+    into = tmp_path / "loaded"
+    into.mkdir()
+    loaded = load_credentials(f"perksync:{folder}", into)
+    assert loaded == ["perksync_api_key", "perksync_sub_nested"]
+    assert (into / "perksync_sub_nested").read_text() == "sub/nested"
+    assert stat.S_IMODE((into / "perksync_api_key").stat().st_mode) == 0o400
+
+
+def test_the_fake_systemd_run_refuses_what_it_does_not_emulate(tmp_path: Path) -> None:
+    for argv, problem in [
+        (
+            ["--pipe", "--wait", "-p", "User=perksync", "-p", "DynamicUser=yes", "true"],
+            "DynamicUser",
+        ),
+        (["--pipe", "-p", "User=perksync", "true"], "--wait"),
+        (["--pipe", "--wait", "true"], "User="),
+        (["--pty", "--wait", "-p", "User=perksync", "true"], "--pty"),
+    ]:
+        with pytest.raises(SystemExit, match=problem):
+            systemd_run.main(argv)
+
+
+def test_systemd_analyze_verify_knows_every_key() -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (apt-get install systemd to run this)")
+    result = subprocess.run(
+        [analyze, "verify", "--man=no", str(UNIT)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    # The one thing it may miss here: perksync installed at /usr/local/bin.
+    problems = [
+        line
+        for line in (result.stdout + result.stderr).splitlines()
+        if "/usr/local/bin/perksync is not executable" not in line
+    ]
+    assert problems == []
 
 
 def test_readme_shell_blocks_are_posix_sh() -> None:
