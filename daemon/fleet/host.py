@@ -29,7 +29,14 @@ from typing import Protocol
 from daemon.clock import Clock
 from daemon.config import Settings
 from daemon.fleet.fingerprint import fingerprint, short
-from daemon.fleet.leases import ServerLease, elsewhere_line, gained_line, read_tick, role
+from daemon.fleet.leases import (
+    ServerLease,
+    elsewhere_line,
+    gained_line,
+    read_tick,
+    role,
+    roles,
+)
 from daemon.fleet.timing import LeaseTiming
 from daemon.fleet.wakeups import Wakeups
 from daemon.state import Fence, StoreError
@@ -179,7 +186,7 @@ class Fleet:
 
     async def _renew_failed_now(self, why: str) -> None:
         if not self._renew_failed:
-            held = ", ".join(role(name) for name in sorted(self.held)) or "nothing"
+            held = roles(list(self.held)) or "nothing"
             log.error(
                 "cannot renew the leases: %s; stopped %s until the state database answers",
                 why, held,
@@ -256,4 +263,4 @@ class Fleet:
         with contextlib.suppress(StoreError, OSError):
             released = await self.store.release(self.host)
             if released:
-                log.info("released %s", ", ".join(role(name) for name in released))
+                log.info("released the leases: %s", roles(released))

@@ -26,6 +26,15 @@ def role(name: str) -> str:
     return f"delivering to {name.removeprefix(SERVER_LEASE)}"
 
 
+def roles(names: list[str]) -> str:
+    """What a host holding `names` does: "polling, delivering to arena, lobby"."""
+    servers = sorted(n.removeprefix(SERVER_LEASE) for n in names if n.startswith(SERVER_LEASE))
+    parts = ["polling"] if POLL_LEASE in names else []
+    if servers:
+        parts.append(f"delivering to {', '.join(servers)}")
+    return ", ".join(parts)
+
+
 def _clock(moment: datetime | None) -> str:
     return "?" if moment is None else f"{moment.astimezone(UTC):%H:%M:%S}"
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Final, Protocol
+from typing import Final, Protocol, runtime_checkable
 
 POLL_LEASE: Final = "poll"
 SERVER_LEASE: Final = "server:"  # + the server's name
@@ -135,6 +135,7 @@ class Listening(Protocol):
     async def close(self) -> None: ...
 
 
+@runtime_checkable
 class SharedStore(Protocol):
     """The hosts' side of a shared database (see the module docstring)."""
 
