@@ -30,8 +30,9 @@ from start to stop (the state file's lock makes it the only one). A host
 whose settings the fleet no longer runs stops, and `run()` returns 2.
 
 Tests run it in-process: `handle_signals=False` leaves the process's
-signals alone, and `clock` sets the time decisions are made at (local
-expiry, health) and paces the heartbeat and a failing server's retries;
+signals alone, `clock` sets the time decisions are made at (local
+expiry, health) and paces the heartbeat, the lease ticks and a failing
+server's retries, and `hostname` names the host (as a host of several);
 APScheduler's jobs still fire on the wall clock.
 """
 
@@ -87,6 +88,7 @@ class Service:
         *,
         handle_signals: bool = True,
         clock: Clock = SYSTEM_CLOCK,
+        hostname: str | None = None,
     ) -> None:
         self.config_path = config_path
         self.settings = settings
@@ -113,7 +115,7 @@ class Service:
         # Several hosts on one PostgreSQL database: the leases that give the roles.
         self.fleet: Fleet | None = None
         if settings.state_db_postgres:
-            self.fleet = Fleet(settings, cast(SharedStore, store), self, clock)
+            self.fleet = Fleet(settings, cast(SharedStore, store), self, clock, hostname)
             self.core.wakers.elsewhere = self.fleet.wakeups.journaled
         self.fleet_task: asyncio.Task[None] | None = None
         self.exit_status = 0

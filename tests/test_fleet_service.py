@@ -1,0 +1,237 @@
+"""Several hosts on one PostgreSQL schema, in-process: `Service`s of the same
+config on one event loop, each its own host (its own store, clock and host
+name), against the loopback fakes (tests/fakes/in_process.py).
+
+The lease ticks sleep on each service's `ManualClock`: a test moves a host's
+clock to make it tick. What only separate processes show (kill -9, leases
+running out on their own, hosts in network namespaces) is in the subprocess
+tests of several hosts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import yaml
+
+from daemon.service import Service
+from daemon.state import JournalStatus
+from daemon.state.postgres import PostgresStore
+from tests.conftest import ManualClock
+from tests.fakes.in_process import LocalWorld, RunningService, in_world, until
+from tests.fakes.world import World
+from tests.postgres_db import empty_schema
+
+pytestmark = pytest.mark.timeout(120)
+
+VIP: dict[str, Any] = {"on_active": ["lp user {customer.minecraft_uuid} parent add vip {item.id}"]}
+SHARED = {"interval_seconds": 10}  # leases of 7.5 s, renewed every 1.25 s
+
+
+@pytest.fixture
+def url() -> Iterator[str]:
+    with empty_schema() as url:
+        yield url
+
+
+@pytest.fixture
+def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> LocalWorld:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    return LocalWorld(tmp_path, {"survival": "minecraft"})
+
+
+def grant(world: World, token: str, item: str) -> str:
+    uuid = world.paynow.customer(token)["minecraft_uuid"]
+    return f"lp user {uuid} parent add vip {item}"
+
+
+def fleet_of(running: RunningService) -> Any:
+    fleet = running.service.fleet
+    assert fleet is not None, "not a host of several: the state is not PostgreSQL"
+    return fleet
+
+
+def tick(clock: ManualClock, running: RunningService) -> None:
+    """Move a host's clock to its next lease tick."""
+    clock.advance(fleet_of(running).timing.renew_seconds)
+
+
+def delivers(service: Service, *servers: str) -> bool:
+    """The service delivers to these servers (none given: to no server)."""
+    return set(service.workers) == set(servers)
+
+
+async def execute(url: str, sql: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@in_world
+async def test_another_host_takes_over_polling_and_delivery_when_one_stops(
+    world: LocalWorld, url: str
+) -> None:
+    token, _ = world.add_customer(platform="minecraft")
+    first = world.add_item(token, "vip")
+    world.config({"vip": VIP}, extra={"sync": {"state_db": url, **SHARED}})
+    one_clock, two_clock = ManualClock(), ManualClock()
+    async with world.service(one_clock, hostname="web-1") as one:
+        await until(lambda: one.service.polling and delivers(one.service, "survival"))
+        await until(lambda: world.received("survival") == [grant(world, token, first)])
+        async with world.service(two_clock, hostname="web-2") as two:
+            await until(lambda: "standing by: polling held by web-1 pid" in world.service_log())
+            assert "standing by: delivering to survival held by web-1" in world.service_log()
+            assert not two.service.polling and delivers(two.service)
+
+            assert await one.stop() == 0
+            assert "released the leases: polling, delivering to survival" in world.service_log()
+            tick(two_clock, two)
+            await until(lambda: two.service.polling and delivers(two.service, "survival"))
+            log = world.service_log()
+            assert "took over polling (held by web-1 pid " in log
+            assert "took over delivering to survival (held by web-1 pid " in log
+            assert ", it stopped)" in log
+
+            second = world.add_item(token, "vip")
+            await two.poll()
+            await until(lambda: grant(world, token, second) in world.received("survival"))
+            assert world.received("survival") == [
+                grant(world, token, first),
+                grant(world, token, second),
+            ]
+
+
+@in_world
+async def test_a_host_whose_lease_ran_out_or_moved_on_sends_nothing(
+    world: LocalWorld, url: str
+) -> None:
+    token, _ = world.add_customer(platform="minecraft")
+    first = world.add_item(token, "vip")
+    world.config({"vip": VIP}, extra={"sync": {"state_db": url, **SHARED}})
+    clock = ManualClock()
+    async with world.service(clock, hostname="web-1") as one:
+        await until(lambda: world.received("survival") == [grant(world, token, first)])
+
+        async def pending_untried(item: str) -> bool:
+            rows = [r for r in await one.store.rows() if r.item_id == item]
+            return [(r.status, r.attempts) for r in rows] == [(JournalStatus.PENDING, 0)]
+
+        # As the database has it, the lease runs out now (the host was cut off
+        # from it long enough): the fence refuses the attempt.
+        await execute(url, "UPDATE leases SET expires_at = now() WHERE name = 'server:survival'")
+        second = world.add_item(token, "vip")
+        await one.poll()
+        await until(lambda: "journal row" in world.service_log() and delivers(one.service))
+        assert "the lease server:survival is no longer this host's" in world.service_log()
+        assert await pending_untried(second)
+        assert world.received("survival") == [grant(world, token, first)]
+        # Still nobody else's: the next tick renews it, and the row goes out once.
+        tick(clock, one)
+        await until(lambda: grant(world, token, second) in world.received("survival"))
+
+        # Another host took the lease over (its token moved on): nothing is sent.
+        await execute(
+            url,
+            "UPDATE leases SET holder = 'web-9:9:00', token = token + 1, "
+            "expires_at = now() + interval '1 hour' WHERE name = 'server:survival'",
+        )
+        third = world.add_item(token, "vip")
+        await one.poll()
+        await until(lambda: delivers(one.service))  # to no server
+        assert await pending_untried(third)
+        tick(clock, one)
+        await until(lambda: "standing by: delivering to survival held by" in world.service_log())
+        assert (delivers(one.service) and one.service.polling) or not delivers(one.service)
+        assert world.received("survival") == [
+            grant(world, token, first),
+            grant(world, token, second),
+        ]
+
+
+def site_configs(world: LocalWorld, url: str) -> dict[str, Path]:
+    """A config per site (eu: lobby, us: arena), the same but for `sync.site`
+    and the passwords: each host has only its own site's RCON password (the
+    other's is wrong), so a connection across sites would be refused."""
+    world.rcon["arena"].password = "arena-pw-SECRET"
+    secrets = world.folder / "secrets"
+    base = yaml.safe_load(
+        world.config({"vip": VIP}, extra={"sync": {"state_db": url, **SHARED}}).read_text()
+    )
+    (secrets / "arena").write_text("arena-pw-SECRET")
+    (secrets / "wrong").write_text("not-the-password")
+    base["servers"]["lobby"]["site"] = "eu"
+    base["servers"]["arena"]["site"] = "us"
+    paths = {}
+    for site, mine, other in (("eu", "lobby", "arena"), ("us", "arena", "lobby")):
+        data = yaml.safe_load(yaml.safe_dump(base))
+        data["sync"]["site"] = site
+        data["servers"][other]["password_file"] = "secrets/wrong"
+        data["servers"][mine]["password_file"] = (
+            "secrets/rcon" if mine == "lobby" else "secrets/arena"
+        )
+        paths[site] = world.folder / f"{site}.yaml"
+        paths[site].write_text(yaml.safe_dump(data, sort_keys=False))
+    return paths
+
+
+@pytest.fixture
+def two_sites(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> LocalWorld:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    return LocalWorld(tmp_path, {"lobby": "minecraft", "arena": "minecraft"})
+
+
+@in_world
+async def test_each_site_delivers_only_to_its_own_servers(two_sites: LocalWorld, url: str) -> None:
+    world = two_sites
+    token, _ = world.add_customer(platform="minecraft")
+    configs = site_configs(world, url)
+    async with (
+        world.service(ManualClock(), config=configs["eu"], hostname="web-eu") as eu,
+        world.service(ManualClock(), config=configs["us"], hostname="web-us") as us,
+    ):
+        await until(lambda: delivers(eu.service, "lobby") and delivers(us.service, "arena"))
+        poller, other = (eu, us) if eu.service.polling else (us, eu)
+        assert poller.service.polling and not other.service.polling
+        item = world.add_item(token, "vip")
+        await poller.poll()
+        # Journaled by the poller; the other site's host is woken by a notification.
+        for server in ("lobby", "arena"):
+            await until(lambda s=server: world.received(s) == [grant(world, token, item)])
+        store = eu.store
+        assert isinstance(store, PostgresStore)
+        holds = {h.hostname: list(h.holds) for h in await store.hosts(60)}
+        assert sorted(holds["web-eu"] + holds["web-us"]) == ["poll", "server:arena", "server:lobby"]
+        assert "server:lobby" in holds["web-eu"] and "server:arena" in holds["web-us"]
+    assert "password refused" not in world.service_log()
+    for server in world.rcon.values():  # every connection authenticated at once
+        assert server.auth_attempts == server.connections_accepted
+
+
+@in_world
+async def test_a_host_whose_settings_the_fleet_replaced_stops_with_exit_2(
+    world: LocalWorld, url: str, tmp_path: Path
+) -> None:
+    world.config({"vip": VIP}, extra={"sync": {"state_db": url, **SHARED}})
+    clock = ManualClock()
+    async with world.service(clock, hostname="web-1") as one:
+        await until(lambda: one.service.polling)
+        # Meanwhile the fleet's settings were replaced (every other host was
+        # gone for two intervals when a host with new ones started).
+        await execute(
+            url,
+            "UPDATE meta SET value = 'f00d' || repeat('0', 60) WHERE key = 'fleet.fingerprint'",
+        )
+        tick(clock, one)
+        assert await asyncio.wait_for(asyncio.shield(one.task), 15) == 2
+    log = world.service_log()
+    assert "stopped polling and delivering: the fleet's settings were replaced by web-1 pid" in log
+    assert "this host's config.yaml differs" in log
