@@ -19,13 +19,21 @@ import asyncpg
 import pytest
 import yaml
 
+from daemon.config import load_settings
+from daemon.fleet.host import Fleet
+from daemon.http_api import bound_addresses
 from daemon.service import Service
-from daemon.state import JournalStatus
+from daemon.sources.store import CURSOR, LAST_SNAPSHOT
+from daemon.state import JournalStatus, open_store
 from daemon.state.postgres import PostgresStore
 from tests.conftest import ManualClock
 from tests.fakes.in_process import LocalWorld, RunningService, in_world, until
+from tests.fakes.paynow_store import FakeStore
+from tests.fakes.rcon_server import FakeRconServer, unused_port
 from tests.fakes.world import World
 from tests.postgres_db import empty_schema
+from tests.store_rig import SURVIVAL, run_async, write_store_config
+from tests.store_rig import VIP as STORE_VIP
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -51,10 +59,13 @@ def grant(world: World, token: str, item: str) -> str:
     return f"lp user {uuid} parent add vip {item}"
 
 
-def fleet_of(running: RunningService) -> Any:
-    fleet = running.service.fleet
-    assert fleet is not None, "not a host of several: the state is not PostgreSQL"
-    return fleet
+def fleet_of(running: RunningService) -> Fleet:
+    return fleet_of_service(running.service)
+
+
+def fleet_of_service(service: Service) -> Fleet:
+    assert service.fleet is not None, "not a host of several: the state is not PostgreSQL"
+    return service.fleet
 
 
 def tick(clock: ManualClock, running: RunningService) -> None:
@@ -235,3 +246,74 @@ async def test_a_host_whose_settings_the_fleet_replaced_stops_with_exit_2(
     log = world.service_log()
     assert "stopped polling and delivering: the fleet's settings were replaced by web-1 pid" in log
     assert "this host's config.yaml differs" in log
+
+
+SECRET = "whsec-fleet-SECRET"
+
+
+def store_mode_config(
+    folder: Path, fake: FakeStore, rcon: FakeRconServer, url: str, name: str
+) -> Path:
+    """Store mode with webhooks on a port of its own; reads only at start."""
+    (folder / "api-key").write_text(fake.api_key)
+    (folder / "webhook-secret").write_text(SECRET)
+    servers = {"survival": {**SURVIVAL, "port": rcon.port, "timeout_seconds": 2}}
+    written = write_store_config(
+        folder, fake, {"vip": STORE_VIP}, servers=servers,
+        extra={
+            "paynow": {"api_key_env": None, "api_key_file": "api-key",
+                       "webhook_secret_file": "webhook-secret"},
+            "sync": {"state_db": url, "interval_seconds": 3600, "new_items_seconds": 3600},
+            "http": {"listen": f"127.0.0.1:{unused_port()}"},
+        },
+    )  # fmt: skip
+    return written.rename(folder / f"{name}.yaml")
+
+
+@run_async
+async def test_a_webhook_any_host_accepts_is_acted_on_by_the_polling_host(
+    tmp_path: Path, url: str
+) -> None:
+    fake, rcon = FakeStore(), FakeRconServer("minecraft", password=SURVIVAL["password"])
+    await fake.start()
+    await rcon.start()
+    running: list[tuple[Service, asyncio.Task[int]]] = []
+    try:
+        for name in ("web-1", "web-2"):
+            path = store_mode_config(tmp_path, fake, rcon, url, name)
+            settings = load_settings(path, env={})
+            service = Service(path, settings, open_store(url), handle_signals=False,
+                              clock=ManualClock(), hostname=name)  # fmt: skip
+            running.append((service, asyncio.create_task(service.run())))
+            # Its first tick: it holds leases, or knows who does.
+            fleet = fleet_of_service(service)
+            await until(lambda f=fleet: bool(f.held or f.seen_holders))
+        (poller, _), (other, _) = running
+        assert poller.polling and not other.polling
+        await until(lambda: _first_reads_done(poller))
+        steve = fake.add_customer(name="Steve")["id"]
+        bought = fake.add_item(steve)["id"]
+        assert other.http is not None
+        host, port = bound_addresses(other.http)[0]
+        result = await fake.send_webhook(
+            f"http://{host}:{port}/paynow/webhook", "ON_DELIVERY_ITEM_ADDED", bought, SECRET
+        )
+        assert result.status == 200
+        uuid = fake.customer(steve)["minecraft_uuid"]
+        await until(lambda: rcon.commands == [f"lp user {uuid} parent add vip {bought}"])
+        assert fake.count("customer_items", steve) == 1  # looked up once, by the poller
+        assert poller.fleet is not None and await poller.fleet.store.take_hints() == []
+    finally:
+        for service, task in running:
+            service.stop()
+            assert await asyncio.wait_for(task, 15) == 0
+            await service.store.close()
+        await rcon.stop()
+        await fake.stop()
+
+
+async def _first_reads_done(service: Service) -> bool:
+    return (
+        await service.store.get_meta(CURSOR) is not None
+        and await service.store.get_meta(LAST_SNAPSHOT) is not None
+    )
