@@ -33,6 +33,7 @@ from daemon.fleet.leases import (
     ServerLease,
     elsewhere_line,
     gained_line,
+    lease_noun,
     read_tick,
     role,
     roles,
@@ -208,7 +209,9 @@ class Fleet:
     async def _apply(self, tick: Tick, sent: float) -> None:
         outcome = read_tick(self.held, self.seen_holders, list(tick.leases))
         for name in outcome.lost:
-            log.warning("lost the lease of %s: another host holds it now", role(name))
+            log.warning(
+                "lost %s: another host holds it now; stopped %s", lease_noun(name), role(name)
+            )
             await self._stop(name)
         for lease in outcome.kept:
             self._renewed(lease.name, sent)
