@@ -117,6 +117,7 @@ class Service:
         if settings.state_db_postgres:
             self.fleet = Fleet(settings, cast(SharedStore, store), self, clock, hostname)
             self.core.wakers.elsewhere = self.fleet.wakeups.journaled
+            self.telemetry.polls_here(False)  # until the poll lease says so
         self.fleet_task: asyncio.Task[None] | None = None
         self.exit_status = 0
         self.source: TokenSource | None = None  # token mode
@@ -238,6 +239,7 @@ class Service:
 
     def start_polling(self) -> None:
         self.polling = True
+        self.telemetry.polls_here(True)
         if self.polls is not None:
             self.polls.schedule(self.settings)
         if self.store_reads is not None:
@@ -257,6 +259,7 @@ class Service:
     async def stop_polling(self) -> None:
         """Another host polls now: no more reads, sweeps or pruning here."""
         self.polling = False
+        self.telemetry.polls_here(False)
         for reads in (self.polls, self.store_reads):
             if reads is not None:
                 reads.unschedule()

@@ -86,13 +86,20 @@ async def execute(url: str, sql: str) -> None:
         await conn.close()
 
 
+def customer_with_vip(world: LocalWorld, url: str) -> tuple[str, str]:
+    """A customer holding one vip item; config.yaml on the shared state. Its
+    token, and the item's id."""
+    token, _ = world.add_customer(platform="minecraft")
+    first = world.add_item(token, "vip")
+    world.config({"vip": VIP}, extra={"sync": {"state_db": url, **SHARED}})
+    return token, first
+
+
 @in_world
 async def test_another_host_takes_over_polling_and_delivery_when_one_stops(
     world: LocalWorld, url: str
 ) -> None:
-    token, _ = world.add_customer(platform="minecraft")
-    first = world.add_item(token, "vip")
-    world.config({"vip": VIP}, extra={"sync": {"state_db": url, **SHARED}})
+    token, first = customer_with_vip(world, url)
     one_clock, two_clock = ManualClock(), ManualClock()
     async with world.service(one_clock, hostname="web-1") as one:
         await until(lambda: one.service.polling and delivers(one.service, "survival"))
@@ -124,9 +131,7 @@ async def test_another_host_takes_over_polling_and_delivery_when_one_stops(
 async def test_a_host_whose_lease_ran_out_or_moved_on_sends_nothing(
     world: LocalWorld, url: str
 ) -> None:
-    token, _ = world.add_customer(platform="minecraft")
-    first = world.add_item(token, "vip")
-    world.config({"vip": VIP}, extra={"sync": {"state_db": url, **SHARED}})
+    token, first = customer_with_vip(world, url)
     clock = ManualClock()
     async with world.service(clock, hostname="web-1") as one:
         await until(lambda: world.received("survival") == [grant(world, token, first)])
