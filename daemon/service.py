@@ -57,7 +57,7 @@ from daemon.config import ConfigError, Settings, load_settings
 from daemon.delivery import ServerRules, ServerWorker, deliver_forever, make_server_factory
 from daemon.expiry import sweep_expiries
 from daemon.fleet.fingerprint import fingerprint
-from daemon.fleet.host import Fleet
+from daemon.fleet.host import Fleet, lease_timing
 from daemon.fleet.leases import ServerLease
 from daemon.http_api import start_http, stop_http
 from daemon.metrics import PrometheusTelemetry
@@ -411,9 +411,11 @@ class Service:
             return
         if self.fleet is not None and _fleet_settings_changed(old, new):
             log.error(
-                "config reload rejected, keeping the running config: servers, products or "
-                "sync.site changed, which every host of the state database shares; stop every "
-                "host, then start them with the new config.yaml"
+                "config reload rejected, keeping the running config: servers, products, "
+                "sync.site or the leases' length (sync.interval_seconds, the servers' "
+                "timeout_seconds) changed; servers and products are the same on every host "
+                "of the state database: stop every host, then start them with the new "
+                "config.yaml (the others: restart this host)"
             )
             notify.ready()
             return
@@ -526,7 +528,13 @@ class Service:
 
 
 def _fleet_settings_changed(old: Settings, new: Settings) -> bool:
-    return old.sync.site != new.sync.site or fingerprint(old) != fingerprint(new)
+    """What a host of several cannot change while it runs: what the hosts
+    share, its site, and how long its leases last."""
+    return (
+        old.sync.site != new.sync.site
+        or fingerprint(old) != fingerprint(new)
+        or lease_timing(old) != lease_timing(new)
+    )
 
 
 def _what_runs(settings: Settings) -> str:

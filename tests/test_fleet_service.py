@@ -322,3 +322,25 @@ async def _first_reads_done(service: Service) -> bool:
         await service.store.get_meta(CURSOR) is not None
         and await service.store.get_meta(LAST_SNAPSHOT) is not None
     )
+
+
+@in_world
+async def test_a_reload_may_not_change_what_the_hosts_share(world: LocalWorld, url: str) -> None:
+    customer_with_vip(world, url)
+    async with world.service(ManualClock(), hostname="web-1") as one:
+        await until(lambda: one.service.polling)
+        kit = {"on_active": ["give {customer.name} diamond 1"]}
+        world.config({"vip": VIP, "kit": kit}, extra={"sync": {"state_db": url, **SHARED}})
+        one.service.reload()
+        assert "config reload rejected, keeping the running config: servers, products" in (
+            world.service_log()
+        )
+        assert "kit" not in one.service.settings.products
+        # What hosts may have each their own (here the PayNow timeout) reloads.
+        world.config(
+            {"vip": VIP},
+            extra={"sync": {"state_db": url, **SHARED}, "paynow": {"timeout_seconds": 3}},
+        )
+        one.service.reload()
+        assert "config reloaded" in world.service_log()
+        assert one.service.settings.paynow.timeout_seconds == 3
