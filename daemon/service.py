@@ -232,6 +232,16 @@ class Service:
             return
         await self.fleet.join()
         self.fleet_task = asyncio.create_task(self.fleet.run(self.stopping, self._refused))
+        self.fleet_task.add_done_callback(self._fleet_ended)
+
+    def _fleet_ended(self, task: asyncio.Task[None]) -> None:
+        """The lease loop ends only when stopping; if it failed, nothing renews the
+        leases any more: stop (exit 1, so that systemd starts the host again)."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("the leases are no longer renewed (%r); stopping", task.exception())
+        self.exit_status = self.exit_status or 1
+        self.stopping.set()
 
     def _refused(self, why: str) -> None:
         log.error("stopped polling and delivering: %s", why)
