@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+import yaml
 
 from daemon.config import load_settings
 from daemon.fleet.fingerprint import fingerprint
@@ -181,6 +182,33 @@ def test_a_host_with_other_settings_does_not_start_while_the_fleet_runs(
         ) in result.stderr
         assert "servers and products must be the same on every host" in result.stderr
     assert world.received("survival") == []
+
+
+def test_a_pass_of_one_site_delivers_there_and_leaves_the_other_sites_rows(
+    tmp_path: Path, url: str
+) -> None:
+    with World(tmp_path, {"lobby": "minecraft", "arena": "minecraft"}) as world:
+        token, alice = world.add_customer(platform="minecraft", name="alice")
+        world.add_item(token, "vip")
+        path = world.config(
+            {"vip": {"on_active": ["lp user {customer.minecraft_uuid} parent add vip"]}},
+            extra={"sync": {"state_db": url, "site": "eu"}},
+        )
+        data = yaml.safe_load(path.read_text())
+        data["servers"]["lobby"]["site"] = "eu"
+        data["servers"]["arena"]["site"] = "us"
+        path.write_text(yaml.safe_dump(data))
+        output = run(world, "--sync-now", expect=0)  # what is left is not this site's
+        grant = f"lp user {alice['minecraft_uuid']} parent add vip"
+        assert world.received("lobby") == [grant]
+        assert world.received("arena") == []
+        assert world.rcon["arena"].connections_accepted == 0
+        assert "1 delivered" in output and "0 pending" in output
+        assert "1 pending for other sites' hosts (arena: 1)" in output
+        assert sorted(fetch(url, "SELECT server, status FROM journal")) == [
+            ("arena", "pending"),
+            ("lobby", "delivered"),
+        ]
 
 
 def test_a_password_in_the_state_url_is_a_config_error(world: World) -> None:
