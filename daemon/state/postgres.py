@@ -54,7 +54,6 @@ import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
@@ -85,6 +84,7 @@ from daemon.state import (
 )
 from daemon.state import postgres_shared as shared_sql
 from daemon.state.blocks import Block, CustomerLocks
+from daemon.state.migrations import Migration, registrar
 from daemon.state.shared import (
     HINTS,
     JOURNAL,
@@ -116,29 +116,11 @@ _CANNOT_WRITE: Final = frozenset({"53100", "25006", "58030", "42501"})
 _LOST_RACE: Final = frozenset({"40001", "40P01"})
 _DRIVER_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
-Upgrade = Callable[[Any], Awaitable[None]]  # runs inside the step's transaction
+Upgrade = Callable[[Any], Awaitable[None]]
 
-
-@dataclass(frozen=True, slots=True)
-class Migration:
-    version: int  # the schema version after this step
-    description: str
-    upgrade: Upgrade
-
-
-# The numbered upgrade steps, in order: MIGRATIONS[n - 1] takes version n - 1 to n.
-# Never edit or reorder a released step; append a new one.
-MIGRATIONS: list[Migration] = []
-
-
-def migration(description: str) -> Callable[[Upgrade], Upgrade]:
-    """Register the decorated coroutine function as the next numbered step."""
-
-    def register(upgrade: Upgrade) -> Upgrade:
-        MIGRATIONS.append(Migration(len(MIGRATIONS) + 1, description, upgrade))
-        return upgrade
-
-    return register
+# The numbered upgrade steps, in order (see daemon/state/migrations.py).
+MIGRATIONS: list[Migration[Upgrade]] = []
+migration = registrar(MIGRATIONS)
 
 
 def latest_version() -> int:
@@ -654,7 +636,7 @@ class PostgresStore:
         if created and applied:
             log.log(level, "state database %s: created (schema version %d)", self.name, version)
 
-    async def _upgrade(self, conn: Any, step: Migration) -> None:
+    async def _upgrade(self, conn: Any, step: Migration[Upgrade]) -> None:
         try:
             await step.upgrade(conn)
             await conn.execute(

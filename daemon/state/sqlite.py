@@ -56,7 +56,6 @@ import sqlite3
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -87,6 +86,7 @@ from daemon.state import (
     refuse_fence,
 )
 from daemon.state.blocks import Block, CustomerLocks
+from daemon.state.migrations import Migration, registrar
 
 log = logging.getLogger(__name__)
 
@@ -100,29 +100,11 @@ _CANNOT_WRITE: Final = frozenset(
     {sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN}
 )
 
-Upgrade = Callable[[sqlite3.Connection], None]
+Upgrade = Callable[[sqlite3.Connection], None]  # inside the step's transaction; must not commit
 
-
-@dataclass(frozen=True, slots=True)
-class Migration:
-    version: int  # the schema version after this step
-    description: str
-    upgrade: Upgrade  # runs inside the step's transaction; must not commit
-
-
-# The numbered upgrade steps, in order: MIGRATIONS[n - 1] takes version n - 1 to n.
-# Never edit or reorder a released step; append a new one.
-MIGRATIONS: list[Migration] = []
-
-
-def migration(description: str) -> Callable[[Upgrade], Upgrade]:
-    """Register the decorated function as the next numbered upgrade step."""
-
-    def register(upgrade: Upgrade) -> Upgrade:
-        MIGRATIONS.append(Migration(len(MIGRATIONS) + 1, description, upgrade))
-        return upgrade
-
-    return register
+# The numbered upgrade steps, in order (see daemon/state/migrations.py).
+MIGRATIONS: list[Migration[Upgrade]] = []
+migration = registrar(MIGRATIONS)
 
 
 def latest_version() -> int:
@@ -875,7 +857,7 @@ class SqliteStore:
             # Another process may be migrating the same file: take the write lock,
             # then look at the version again.
             conn.execute("BEGIN IMMEDIATE")
-            step: Migration | None = None
+            step: Migration[Upgrade] | None = None
             try:
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
                 self._refuse_newer(version)
