@@ -1,0 +1,512 @@
+"""Several `perksync` service processes ("hosts") on one PostgreSQL schema,
+against the loopback fakes: the Management fake (store mode, webhooks) and
+one RCON fake per game server, on a background event loop (`World`).
+
+Each host has a folder of its own (config.yaml, secrets, service.log, which
+restarts append to). The fakes name the process behind every connection
+(`Life`: which host, which of its starts) by looking the peer's socket up in
+/proc while the connection is open, so a test can say which host sent which
+command and which host read PayNow. `LeaseWatch` samples the fleet's lease
+table so a test can say who held what when a host was killed.
+
+With `netns=True` every site's hosts run in a network namespace of their own
+(`SiteNetwork`): a veth pair to the root namespace, no default route, the
+site's RCON fakes on the root end's address, and PostgreSQL and PayNow behind
+forwarders on that address. A host there can reach nothing else: RCON to
+another site's servers fails with "network unreachable".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import ipaddress
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import yaml
+
+from tests.fakes.rcon_server import Executed, unused_port
+from tests.fakes.world import API_KEY_ENV, RCON_PASSWORD, WEBHOOK_SECRET_ENV, World
+
+INTERVAL = 4.0  # sync.interval_seconds: a dead holder's leases go within one
+RCON_TIMEOUT = 1.0  # servers.*.timeout_seconds: inside the lease (interval / 2)
+
+
+class ServerSpec(NamedTuple):
+    platform: str  # "minecraft" or "source"
+    site: str | None = None
+
+
+class Life(NamedTuple):
+    """One start of one host: the process behind a connection."""
+
+    host: str
+    number: int  # 1 for the first start, 2 after the first restart, ...
+    pid: int
+
+
+class Kill(NamedTuple):
+    life: Life
+    wall: float  # time.time() just before SIGKILL (the database's clock is the same)
+    mono: float  # time.monotonic() just before SIGKILL (the fakes' clock)
+
+
+@dataclass
+class Host:
+    name: str
+    site: str | None
+    folder: Path
+    lives: list[Life] = field(default_factory=list)
+    proc: subprocess.Popen[str] | None = None
+    listen_port: int | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def life(self) -> Life:
+        return self.lives[-1]
+
+    def log(self) -> str:
+        path = self.folder / "service.log"
+        return path.read_text() if path.exists() else ""
+
+
+# --- who is behind a socket ---------------------------------------------------------
+
+
+def _address(field_hex: str) -> tuple[str, int]:
+    """An IPv4 "0100007F:1F90" of /proc/net/tcp as ("127.0.0.1", 8080)."""
+    ip_hex, port_hex = field_hex.split(":")
+    ip = str(ipaddress.IPv4Address(bytes.fromhex(ip_hex)[::-1]))
+    return ip, int(port_hex, 16)
+
+
+def _socket_inode(pid: int, local: tuple[str, int], remote_port: int) -> int | None:
+    """The inode of the TCP socket in `pid`'s network namespace from `local`
+    to a peer on `remote_port` (None: there is none)."""
+    try:
+        table = Path(f"/proc/{pid}/net/tcp").read_text()
+    except OSError:
+        return None
+    for line in table.splitlines()[1:]:
+        fields = line.split()
+        if _address(fields[1]) == local and _address(fields[2])[1] == remote_port:
+            return int(fields[9])
+    return None
+
+
+def _holds_socket(pid: int, inode: int) -> bool:
+    wanted = f"socket:[{inode}]"
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == wanted:
+                return True
+    return False
+
+
+def socket_owner(lives: Sequence[Life], peer: Any, server_port: int) -> Life | None:
+    """Which of `lives` holds the client end (`peer`) of a connection to
+    `server_port` (asked while the connection is open)."""
+    if not isinstance(peer, tuple) or len(peer) < 2:
+        return None
+    local = (str(peer[0]), int(peer[1]))
+    for life in reversed(lives):
+        inode = _socket_inode(life.pid, local, server_port)
+        if inode is not None and _holds_socket(life.pid, inode):
+            return life
+    return None
+
+
+# --- network namespaces -------------------------------------------------------------
+
+
+def netns_unavailable() -> str | None:
+    """Why network namespaces cannot be made here (None: they can)."""
+    if shutil.which("ip") is None:
+        return "the `ip` command (iproute2) is not installed"
+    if os.geteuid() != 0:
+        return "making network namespaces needs root"
+    probe = subprocess.run(
+        ["unshare", "-n", "true"], capture_output=True, text=True, check=False, timeout=10
+    )
+    if probe.returncode != 0:
+        return f"unshare -n fails here: {probe.stderr.strip() or probe.returncode}"
+    return None
+
+
+def _ip(*args: str) -> None:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True, check=False, timeout=10)
+    if result.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {result.stderr.strip()}")
+
+
+_NETNS_LOCK = Path("/tmp/perksync-test-netns.lock")
+
+
+class SiteNetwork:
+    """A network namespace joined to the root one by a veth pair on a /30 of
+    10.213.0.0/16 (`outer`: the root end's address, `inner`: the namespace's).
+    No default route: from inside, only `outer` is reachable."""
+
+    def __init__(self, tag: str) -> None:
+        self.name = f"perksync-{tag}"
+        self.outer_if, self.inner_if = f"ps{tag}o", f"ps{tag}i"
+        self.outer = self.inner = ""
+
+    def create(self) -> None:
+        # Tests on other workers make namespaces too: choose a free /30 under a lock.
+        with _NETNS_LOCK.open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            used = subprocess.run(
+                ["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, check=True
+            ).stdout
+            block = next(
+                b
+                for b in ipaddress.ip_network("10.213.0.0/16").subnets(new_prefix=30)
+                if f" {b.network_address + 1}/" not in used
+            )
+            self.outer, self.inner = str(block.network_address + 1), str(block.network_address + 2)
+            _ip("netns", "add", self.name)
+            _ip("link", "add", self.outer_if, "type", "veth", "peer", "name", self.inner_if)
+            _ip("link", "set", self.inner_if, "netns", self.name)
+            _ip("addr", "add", f"{self.outer}/30", "dev", self.outer_if)
+            _ip("link", "set", self.outer_if, "up")
+        for args in (
+            ("link", "set", "lo", "up"),
+            ("addr", "add", f"{self.inner}/30", "dev", self.inner_if),
+            ("link", "set", self.inner_if, "up"),
+        ):
+            _ip("netns", "exec", self.name, "ip", *args)
+
+    def remove(self) -> None:
+        # Deleting the namespace deletes its veth end, and with it the pair.
+        with contextlib.suppress(RuntimeError):
+            _ip("netns", "del", self.name)
+        with contextlib.suppress(RuntimeError):
+            _ip("link", "del", self.outer_if)
+
+    def command(self, argv: Sequence[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *argv]
+
+
+class Forwarder:
+    """A TCP forwarder on the fakes' loop: `listen` → `target`, both ways."""
+
+    def __init__(self, host: str, target: tuple[str, int]) -> None:
+        self.host, self.target = host, target
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, self.host, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.ensure_future(_pipe(src, dst))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+
+async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    try:
+        while data := await src.read(65536):
+            dst.write(data)
+            await dst.drain()
+    except (OSError, asyncio.CancelledError):
+        pass
+    finally:
+        dst.close()
+
+
+def _with_host(url: str, host: str, port: int) -> str:
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)
+    user = netloc[0] + "@" if len(netloc) == 2 else ""
+    return urlunsplit(parts._replace(netloc=f"{user}{host}:{port}"))
+
+
+# --- the fleet ----------------------------------------------------------------------
+
+
+class Fleet(World):
+    """The fakes, the hosts and what they did. Use as a context manager."""
+
+    def __init__(
+        self,
+        folder: Path,
+        db_url: str,
+        servers: Mapping[str, ServerSpec],
+        hosts: Mapping[str, str | None],
+        *,
+        netns: bool = False,
+        webhooks: bool = False,
+    ) -> None:
+        super().__init__(folder, {n: s.platform for n, s in servers.items()}, store=True)
+        self.db_url = db_url
+        self.specs = dict(servers)
+        self.hosts = {
+            name: Host(name, site, folder / "hosts" / name) for name, site in hosts.items()
+        }
+        self.kills: list[Kill] = []
+        self.products: dict[str, Any] = {}
+        self.sync_extra: dict[str, Any] = {}
+        if webhooks:
+            self.webhook_secret = "whsec-" + secrets.token_urlsafe(24)
+            for host in self.hosts.values():
+                host.listen_port = unused_port()
+        tag = secrets.token_hex(3)
+        sites = sorted({s for s in hosts.values() if s is not None}) if netns else []
+        self.networks = {site: SiteNetwork(f"{tag}{i}") for i, site in enumerate(sites)}
+        self.forwarders: dict[str, tuple[Forwarder, Forwarder]] = {}
+        self._db: asyncpg.Connection | None = None
+        self._owners_lock = threading.Lock()
+
+    # --- set-up and tear-down
+
+    def __enter__(self) -> Fleet:
+        try:
+            for network in self.networks.values():
+                network.create()
+            for name, server in self.rcon.items():
+                site = self.specs[name].site
+                if site in self.networks:
+                    server.host = self.networks[site].outer
+                server.identify = self._identifier(server)
+            super().__enter__()
+            self.management.identify = self._identifier(self.management)
+            for site, network in self.networks.items():
+                db = urlsplit(self.db_url)
+                pg = Forwarder(network.outer, (db.hostname or "127.0.0.1", db.port or 5432))
+                paynow = Forwarder(network.outer, ("127.0.0.1", self.management.port))
+                self.call(pg.start())
+                self.call(paynow.start())
+                self.forwarders[site] = (pg, paynow)
+            self._db = self.call(asyncpg.connect(self.db_url))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            for host in self.hosts.values():
+                if host.running:
+                    assert host.proc is not None
+                    host.proc.kill()
+                    host.proc.wait()
+            if self._db is not None:
+                self.call(self._db.close())
+            for pg, paynow in self.forwarders.values():
+                self.call(pg.stop())
+                self.call(paynow.stop())
+            if self.loop.is_running():
+                super().__exit__()
+        finally:
+            for network in self.networks.values():
+                network.remove()
+
+    def _identifier(self, fake: Any) -> Callable[[Any], object]:
+        def identify(peer: Any) -> object:
+            return socket_owner(self.lives(), peer, fake.port) or peer
+
+        return identify
+
+    def lives(self) -> list[Life]:
+        with self._owners_lock:
+            return [life for host in self.hosts.values() for life in host.lives]
+
+    # --- configs and processes
+
+    def host_config(self, host: Host) -> Path:
+        network = self.networks.get(host.site or "")
+        db_url, api_url = self.db_url, self.management.url
+        if network is not None:
+            pg, paynow = self.forwarders[host.site or ""]
+            db_url = _with_host(self.db_url, network.outer, pg.port)
+            api_url = f"http://{network.outer}:{paynow.port}"
+        paynow_section: dict[str, Any] = {
+            "api_url": api_url, "timeout_seconds": 2,
+            "store_id": self.management.store_id, "api_key_env": API_KEY_ENV,
+        }  # fmt: skip
+        sync: dict[str, Any] = {
+            "state_db": db_url, "interval_seconds": INTERVAL, "new_items_seconds": 1,
+            "expiry_grace_seconds": 0, **self.sync_extra,
+        }  # fmt: skip
+        if host.site is not None:
+            sync["site"] = host.site
+        data: dict[str, Any] = {"paynow": paynow_section, "sync": sync}
+        if host.listen_port is not None:
+            paynow_section["webhook_secret_env"] = WEBHOOK_SECRET_ENV
+            data["http"] = {"listen": f"127.0.0.1:{host.listen_port}"}
+        data["servers"] = {name: self._server_entry(name) for name in self.rcon}
+        data["products"] = self.products
+        host.folder.mkdir(parents=True, exist_ok=True)
+        (host.folder / "secrets").mkdir(exist_ok=True)
+        (host.folder / "secrets" / "rcon").write_text(RCON_PASSWORD)
+        path = host.folder / "config.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    def _server_entry(self, name: str) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "platform": self.specs[name].platform, "host": self.rcon[name].host,
+            "port": self.rcon[name].port, "password_file": "secrets/rcon",
+            "timeout_seconds": RCON_TIMEOUT,
+        }  # fmt: skip
+        if self.specs[name].site is not None:
+            entry["site"] = self.specs[name].site
+        return entry
+
+    def start(self, name: str) -> Host:
+        """Start host `name` (its config written anew)."""
+        host = self.hosts[name]
+        config = self.host_config(host)
+        argv = [sys.executable, "-m", "daemon", "--config", str(config)]
+        network = self.networks.get(host.site or "")
+        if network is not None:
+            argv = network.command(argv)  # ip netns exec replaces itself: same pid
+        with (host.folder / "service.log").open("a") as log:
+            host.proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, text=True,
+                env=self.cli_env(), cwd=host.folder,
+            )  # fmt: skip
+        with self._owners_lock:
+            host.lives.append(Life(name, len(host.lives) + 1, host.proc.pid))
+        return host
+
+    def kill(self, name: str) -> Kill:
+        """kill -9 host `name`, and wait for it."""
+        host = self.hosts[name]
+        assert host.proc is not None
+        kill = Kill(host.life, time.time(), time.monotonic())
+        host.proc.send_signal(signal.SIGKILL)
+        host.proc.wait()
+        self.kills.append(kill)
+        return kill
+
+    def stop_all(self, timeout: float = 20.0) -> dict[str, int | None]:
+        """SIGTERM every running host; their exit statuses."""
+        running = [h for h in self.hosts.values() if h.running]
+        for host in running:
+            assert host.proc is not None
+            host.proc.send_signal(signal.SIGTERM)
+        statuses: dict[str, int | None] = {}
+        for host in running:
+            assert host.proc is not None
+            try:
+                statuses[host.name] = host.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                statuses[host.name] = None
+        return statuses
+
+    def logs(self) -> str:
+        return "".join(host.log() for host in self.hosts.values())
+
+    # --- what happened
+
+    def executed(self, server: str) -> list[Executed]:
+        return self.sync(lambda: list(self.rcon[server].command_log))
+
+    def clients(self, server: str) -> list[object]:
+        return self.sync(lambda: list(self.rcon[server].clients))
+
+    def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        assert self._db is not None
+        db = self._db
+        return self.call(db.fetch(sql, *args))
+
+    def journal(self) -> list[asyncpg.Record]:
+        return self.fetch(
+            "SELECT id, customer_id, item_id, server, event, command, status, created_at"
+            " FROM journal ORDER BY id"
+        )
+
+
+# --- leases as the database shows them ---------------------------------------------
+
+
+class Holding(NamedTuple):
+    holder: str
+    token: int
+    taken_at: datetime
+    seen: float  # time.time() when first seen so
+
+
+def holder_pid(holder: str) -> int | None:
+    """The process id in a host id ("hostname:pid:random")."""
+    parts = holder.split(":")
+    return int(parts[-2]) if len(parts) >= 3 and parts[-2].isdigit() else None
+
+
+class LeaseWatch:
+    """Samples the fleet's `leases` table on a thread of its own (every
+    `period` seconds): each lease's holders in order, with when each took it."""
+
+    def __init__(self, fleet: Fleet, period: float = 0.1) -> None:
+        self.fleet, self.period = fleet, period
+        self.history: dict[str, list[Holding]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> LeaseWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            with contextlib.suppress(asyncpg.UndefinedTableError):
+                self.sample()
+
+    def sample(self) -> None:
+        rows = self.fleet.fetch("SELECT name, holder, token, taken_at FROM leases")
+        now = time.time()
+        for row in rows:
+            seen = self.history.setdefault(row["name"], [])
+            if not seen or seen[-1].token != row["token"]:
+                seen.append(Holding(row["holder"], row["token"], row["taken_at"], now))
+
+    def holder_at(self, lease: str, wall: float) -> Holding | None:
+        before = [h for h in self.history.get(lease, []) if h.taken_at.timestamp() <= wall]
+        return before[-1] if before else None
+
+    def next_holder(self, lease: str, after: Holding) -> Holding | None:
+        later = [h for h in self.history.get(lease, []) if h.token > after.token]
+        return later[0] if later else None

@@ -1,0 +1,287 @@
+"""Three hosts on one PostgreSQL schema, kill -9 at random moments.
+
+Three `perksync` service processes share one state (store mode, webhooks to
+any of them) while purchases, chargebacks and expiries arrive, and a loop
+kills a random host with SIGKILL at least 30 times, restarting it each time.
+Then, for every game server: every command that should run did (nothing
+lost), a command ran twice only if it was the last one the killed process
+sent there (the one in flight), a take-back never came before its grant and
+each customer's commands came in journal order; and whenever the polling host
+or a server's delivering host died, another host held that lease within one
+interval.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.fakes.rcon_server import Executed
+from tests.fakes.world import RCON_PASSWORD
+from tests.fleet_rig import INTERVAL, Fleet, LeaseWatch, Life, ServerSpec, holder_pid
+from tests.postgres_db import empty_schema
+from tests.test_service_process import wait_until
+
+KILLS = 30
+HOSTS = tuple(os.environ.get("FLEET_HOSTS", "abc"))
+SERVERS = {
+    "lobby": ServerSpec("minecraft"),
+    "survival": ServerSpec("minecraft"),
+    "arena": ServerSpec("source"),
+}
+PRODUCTS: dict[str, Any] = {
+    "vip": {
+        "on_active": ["grant {customer.id} {item.id}"],
+        "on_expire": ["take {customer.id} {item.id} expired"],
+        "on_revoke": ["take {customer.id} {item.id} {item.revoke_reason}"],
+    },
+    "kit": {"servers": ["survival"], "on_active": ["kit {customer.id} {item.id}"]},
+}
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    with (
+        empty_schema() as url,
+        Fleet(tmp_path, url, SERVERS, dict.fromkeys(HOSTS), webhooks=True) as f,
+    ):
+        f.products = PRODUCTS
+        for server in f.rcon.values():
+            f.sync(
+                setattr, server, "latency", 0.02
+            )  # commands take time: kills catch some in flight
+        yield f
+
+
+@dataclass
+class Shop:
+    """Purchases, chargebacks and expiries on the Management fake, on a thread
+    of its own, and the commands they call for."""
+
+    fleet: Fleet
+    rng: random.Random
+    customers: list[str] = field(default_factory=list)
+    owner: dict[str, str] = field(default_factory=dict)  # item → customer
+    product: dict[str, str] = field(default_factory=dict)  # item → product
+    ended: dict[str, str] = field(default_factory=dict)  # item → "expired" / "chargeback"
+    webhooks: Counter[int] = field(default_factory=Counter)  # HTTP status → how many
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        while not self.stop.wait(self.rng.uniform(0.15, 0.45)):
+            roll = self.rng.random()
+            if roll < 0.45:
+                self.buy("vip")
+            elif roll < 0.55:
+                self.buy("vip", expires_in=self.rng.uniform(8, 14))
+            elif roll < 0.70:
+                self.buy("kit")
+            elif roll < 0.88:
+                self.end("chargeback")
+            else:
+                self.end("expired")
+
+    def buy(self, product: str, expires_in: float | None = None) -> None:
+        customer = self.rng.choice(self.customers)
+        extra: dict[str, Any] = {}
+        if expires_in is not None:
+            extra["expires_at"] = datetime.now(UTC) + timedelta(seconds=expires_in)
+        item = self.fleet.store_item(customer, product, **extra)
+        self.owner[item], self.product[item] = customer, product
+        if expires_in is not None:
+            self.ended[item] = "expired"  # the local sweep takes it back
+        if self.rng.random() < 0.3:
+            self.webhook("ON_DELIVERY_ITEM_ADDED", item)
+
+    def end(self, how: str) -> None:
+        """Charge back, or expire at PayNow, a vip item granted everywhere."""
+        candidates = [
+            i for i, p in self.owner.items() if self.product[i] == "vip" and i not in self.ended
+        ]
+        granted = [i for i in candidates if self.granted_everywhere(i)]
+        if not granted:
+            return
+        item = self.rng.choice(granted)
+        store = self.fleet.management
+        if how == "chargeback":
+            self.fleet.sync(store.revoke, item, "chargeback")
+            event = "ON_DELIVERY_ITEM_REVOKED"
+        else:
+            self.fleet.sync(store.expire, item)
+            event = "ON_DELIVERY_ITEM_EXPIRED"
+        self.ended[item] = how
+        if self.rng.random() < 0.6:
+            self.webhook(event, item)
+
+    def granted_everywhere(self, item: str) -> bool:
+        grant = f"grant {self.owner[item]} {item}"
+        return all(grant in self.fleet.received(s) for s in SERVERS)
+
+    def webhook(self, event: str, item: str) -> None:
+        """To a random host: whichever receives it records it for the poller."""
+        host = self.fleet.hosts[self.rng.choice(HOSTS)]
+        url = f"http://127.0.0.1:{host.listen_port}/paynow/webhook"
+        secret = self.fleet.webhook_secret
+        assert secret is not None
+        store = self.fleet.management
+        try:
+            result = self.fleet.call(store.send_webhook(url, event, item, secret), timeout=10)
+        except (aiohttp.ClientError, TimeoutError):
+            self.webhooks[0] += 1  # that host is down or starting: the poll finds the item
+            return
+        self.webhooks[result.status] += 1
+
+    def expected(self, server: str) -> list[tuple[str, str | None]]:
+        """(grant, take-back or None) per item routed to `server`."""
+        out: list[tuple[str, str | None]] = []
+        for item, customer in self.owner.items():
+            product = self.product[item]
+            if product == "kit":
+                if server == "survival":
+                    out.append((f"kit {customer} {item}", None))
+                continue
+            how = self.ended.get(item)
+            out.append((f"grant {customer} {item}", how and f"take {customer} {item} {how}"))
+        return out
+
+
+def delivered_all(fleet: Fleet, shop: Shop) -> bool:
+    for server in SERVERS:
+        got = set(fleet.received(server))
+        for grant, take in shop.expected(server):
+            if grant not in got or (take is not None and take not in got):
+                return False
+    return True
+
+
+def kill_loop(fleet: Fleet, rng: random.Random) -> None:
+    """kill -9 a random host at a random moment, KILLS times, restarting it."""
+    for _ in range(KILLS):
+        time.sleep(rng.uniform(0.3, 2.2))  # a random moment, not a condition
+        victim = rng.choice(HOSTS)
+        fleet.kill(victim)
+        fleet.start(victim)
+
+
+def test_three_hosts_killed_30_times_lose_nothing_and_repeat_only_in_flight(
+    fleet: Fleet,
+) -> None:
+    rng = random.Random(20261201)
+    shop = Shop(fleet, rng=random.Random(rng.random()))
+    shop.customers = [fleet.store_customer("both")["id"] for _ in range(6)]
+    for name in HOSTS:
+        fleet.start(name)
+    assert wait_until(lambda: bool(fleet.sync(fleet.management.requests)), timeout=30)
+    shopping = threading.Thread(target=shop.run, daemon=True)
+    with LeaseWatch(fleet) as leases:
+        shopping.start()
+        try:
+            kill_loop(fleet, rng)
+        finally:
+            shop.stop.set()
+            shopping.join(30)
+        # Local expiries are due up to 14 s after the last purchase.
+        assert wait_until(lambda: delivered_all(fleet, shop), timeout=45), missing(fleet, shop)
+        statuses = fleet.stop_all()
+    logs = fleet.logs()
+    assert "Traceback" not in logs
+    assert RCON_PASSWORD not in logs and fleet.management.api_key not in logs
+    assert statuses == dict.fromkeys(HOSTS, 0), statuses
+    assert len(fleet.kills) >= KILLS
+    check_nothing_lost_or_invented(fleet, shop)
+    check_repeats_only_in_flight(fleet)
+    check_order(fleet, shop)
+    check_takeover(fleet, leases)
+    # The run exercised what it claims to.
+    assert sum(1 for i in shop.ended if shop.ended[i] == "chargeback") >= 5
+    assert sum(1 for i in shop.ended if shop.ended[i] == "expired") >= 5
+    assert shop.webhooks[200] >= 5, shop.webhooks
+
+
+def missing(fleet: Fleet, shop: Shop) -> str:
+    lines = []
+    for server in SERVERS:
+        got = set(fleet.received(server))
+        for grant, take in shop.expected(server):
+            for command in (grant, take):
+                if command is not None and command not in got:
+                    lines.append(f"{server}: {command}")
+    return "never delivered:\n" + "\n".join(lines[:20])
+
+
+def check_nothing_lost_or_invented(fleet: Fleet, shop: Shop) -> None:
+    for server in SERVERS:
+        expected = {c for pair in shop.expected(server) for c in pair if c is not None}
+        assert set(fleet.received(server)) == expected, server
+    unfinished = [r for r in fleet.journal() if r["status"] not in ("delivered", "cancelled")]
+    assert not unfinished, unfinished[:5]
+
+
+def check_repeats_only_in_flight(fleet: Fleet) -> None:
+    """A command ran twice only if its first run was the last command the
+    killed process ran on that server; at most one repeat per kill and server."""
+    killed = {kill.life for kill in fleet.kills}
+    for server in SERVERS:
+        log = fleet.executed(server)
+        assert all(isinstance(run.client, Life) for run in log), "a command from nowhere"
+        last_by: dict[object, Executed] = {}
+        for run in log:
+            last_by[run.client] = run
+        counts = Counter(run.command for run in log)
+        repeated = [command for command, n in counts.items() if n > 1]
+        assert all(counts[c] == 2 for c in repeated), (server, counts.most_common(3))
+        for command in repeated:
+            first = next(run for run in log if run.command == command)
+            assert isinstance(first.client, Life), (server, command, first.client)
+            assert first.client in killed, (server, command, first.client)
+            assert last_by[first.client] is first, (server, command, "not the last one sent")
+        assert len(repeated) <= len(killed)
+        print(f"{server}: {len(log)} commands run, {len(repeated)} repeated")
+
+
+def check_order(fleet: Fleet, shop: Shop) -> None:
+    """Grant before take-back; each customer's commands on a server in journal order."""
+    journal = fleet.journal()
+    for server in SERVERS:
+        received = list(dict.fromkeys(fleet.received(server)))  # first runs, in order
+        position = {command: n for n, command in enumerate(received)}
+        for grant, take in shop.expected(server):
+            if take is not None:
+                assert position[grant] < position[take], (server, grant, take)
+        for customer in shop.customers:
+            rows = [
+                r["command"]
+                for r in journal
+                if r["server"] == server
+                and r["customer_id"] == customer
+                and r["status"] == "delivered"
+            ]
+            ran = [c for c in received if c in set(rows)]
+            assert ran == list(dict.fromkeys(rows)), (server, customer)
+
+
+def check_takeover(fleet: Fleet, leases: LeaseWatch) -> None:
+    """Each lease the killed process held had another holder within one interval."""
+    measured = 0
+    for kill in fleet.kills:
+        for lease in leases.history:
+            held = leases.holder_at(lease, kill.wall)
+            if held is None or holder_pid(held.holder) != kill.life.pid:
+                continue
+            after = leases.next_holder(lease, held)
+            assert after is not None, (lease, kill)
+            delay = after.taken_at.timestamp() - kill.wall
+            assert delay <= INTERVAL, (lease, kill, delay)
+            measured += 1
+    assert measured >= 10  # the kills did hit lease holders
