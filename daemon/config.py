@@ -34,6 +34,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from adapters import PLATFORMS
+from daemon.fleet.timing import LeaseTiming
 from daemon.paynow import validate_api_url
 from daemon.placeholders import Template, TemplateError, parse_template
 from daemon.state import is_postgres_url, postgres_driver_missing, postgres_url_problem
@@ -104,6 +105,10 @@ class PayNowSettings(_Section):
         return self._webhook_secret
 
 
+# A site's name, as servers.<name>.site and sync.site give it.
+SiteName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+
+
 class SyncSettings(_Section):
     # An SQLite file, or a postgresql:// URL (its password never in it: in
     # state_db_password_env or state_db_password_file, at most one).
@@ -119,6 +124,9 @@ class SyncSettings(_Section):
     journal_retention_days: Annotated[float, Field(ge=0, le=36_500)] = 90.0
     new_items_seconds: Annotated[float, Field(ge=1, le=3_600)] = 5.0
     new_items_overlap_seconds: Annotated[float, Field(ge=0, le=3_600)] = 30.0
+    # Several hosts on one PostgreSQL database: the site this host stands in;
+    # it delivers only to the servers of that site.
+    site: SiteName | None = None
 
     _state_db_password: SecretStr | None = PrivateAttr(default=None)
 
@@ -248,6 +256,8 @@ class ServerSettings(_Section):
     # Store mode: PayNow's id of this game server; an item whose
     # execute_on_gameserver_id is this id goes to this server only.
     paynow_gameserver_id: Annotated[str, Field(pattern=r"^[0-9]{1,20}$")] | None = None
+    # Several hosts: the site the server stands in (only that site's hosts send to it).
+    site: SiteName | None = None
 
     _password: SecretStr | None = PrivateAttr(default=None)
 
@@ -398,6 +408,13 @@ class Settings(BaseSettings):
     def ignored_products(self) -> frozenset[str]:
         """Products deliberately not delivered: their items are not reported as missed."""
         return self._ignored_products
+
+    @property
+    def own_servers(self) -> list[str]:
+        """The servers this host delivers to: its site's (`sync.site`), or every
+        server when there are no sites."""
+        site = self.sync.site
+        return [name for name, s in self.servers.items() if site is None or s.site == site]
 
     def routes_for(self, product: str) -> list[str]:
         """The servers a product's commands go to (before per-customer routing)."""
@@ -712,6 +729,7 @@ def _check_cross_references(settings: Settings) -> list[str]:
                     )
             product._commands[event] = tuple(commands)
     errors += _check_mode(settings)
+    errors += _check_sites(settings)
     missing = postgres_driver_missing() if settings.state_db_postgres else None
     if missing is not None:
         errors.append(f"sync.state_db: {missing}")
@@ -750,6 +768,53 @@ def _check_mode(settings: Settings) -> list[str]:
             "(e.g. http.listen: 127.0.0.1:9108)"
         )
     return errors
+
+
+def _check_sites(settings: Settings) -> list[str]:
+    """Sites go all the way or not at all, need a shared (PostgreSQL) state, and
+    a shared state needs leases that outlast every server's RCON timeout."""
+    servers, site = settings.servers, settings.sync.site
+    sites = sorted({s.site for s in servers.values() if s.site is not None})
+    errors = [
+        f"servers.{name}.site: not set, but other servers have sites ({', '.join(sites)}): "
+        "give every server a site, or none"
+        for name, s in servers.items()
+        if sites and s.site is None
+    ]
+    if sites and site is None:
+        errors.append(f"sync.site: not set, but the servers have sites: name this host's "
+                      f"({', '.join(sites)})")  # fmt: skip
+    elif site is not None and not sites:
+        errors.append(
+            "sync.site: no server has a site: set servers.<name>.site, or remove sync.site"
+        )
+    elif site is not None and site not in sites:
+        errors.append(f"sync.site: no server has site {site!r} ({', '.join(sites)})")
+    if (sites or site is not None) and not settings.state_db_postgres:
+        errors.append(
+            "sync.site: sites are for several hosts sharing a postgresql:// sync.state_db; "
+            "with SQLite there is one host"
+        )
+    return errors + _check_lease_timing(settings)
+
+
+def _check_lease_timing(settings: Settings) -> list[str]:
+    """A shared state: a host sends only while its lease outlives the RCON timeout."""
+    if not settings.state_db_postgres or not settings.servers:
+        return []
+    name, slowest = max(settings.servers.items(), key=lambda pair: pair[1].timeout_seconds)
+    timeout = slowest.timeout_seconds
+    interval = settings.sync.interval_seconds
+    timing = LeaseTiming.of(interval, timeout)
+    if timing.sends(timeout):
+        return []
+    return [
+        f"sync.interval_seconds: {interval:g} is too short for servers.{name}.timeout_seconds "
+        f"{timeout:g} on a postgresql:// state: hosts take over within one interval, so a "
+        f"lease lasts {timing.lease_seconds:g}s, and a host sends only while its lease "
+        f"outlives the RCON timeout; make sync.interval_seconds more than {2 * timeout:g}, "
+        "or the timeout shorter"
+    ]
 
 
 def _resolve_secrets(settings: Settings, base_dir: str, env: Mapping[str, str]) -> list[str]:
