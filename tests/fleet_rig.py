@@ -10,22 +10,25 @@ command and which host read PayNow. `LeaseWatch` samples the fleet's lease
 table so a test can say who held what when a host was killed.
 
 With `netns=True` every site's hosts run in a network namespace of their own
-(`SiteNetwork`): a veth pair to the root namespace, no default route, the
-site's RCON fakes on the root end's address, and PostgreSQL and PayNow behind
-forwarders on that address. A host there can reach nothing else: RCON to
-another site's servers fails with "network unreachable".
+(`SiteNetwork`): a veth pair to the root namespace and no default route, the
+site's RCON fakes on the root end's address, PostgreSQL and PayNow behind
+forwarders listening on the namespace's own 127.0.0.1 at their usual ports
+(so every host's config names them alike). A host there can reach nothing
+else: RCON to another site's servers fails with "network unreachable".
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import fcntl
 import ipaddress
 import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -35,7 +38,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 import yaml
@@ -211,17 +214,15 @@ class SiteNetwork:
 
 
 class Forwarder:
-    """A TCP forwarder on the fakes' loop: `listen` → `target`, both ways."""
+    """A TCP forwarder on the fakes' loop: a listening socket → `target`, both ways."""
 
-    def __init__(self, host: str, target: tuple[str, int]) -> None:
-        self.host, self.target = host, target
-        self.port = 0
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, 0)
-        self.port = self._server.sockets[0].getsockname()[1]
+    async def start(self, sock: socket.socket) -> None:
+        self._server = await asyncio.start_server(self._serve, sock=sock)
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -252,11 +253,38 @@ async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         dst.close()
 
 
-def _with_host(url: str, host: str, port: int) -> str:
-    parts = urlsplit(url)
-    netloc = parts.netloc.rsplit("@", 1)
-    user = netloc[0] + "@" if len(netloc) == 2 else ""
-    return urlunsplit(parts._replace(netloc=f"{user}{host}:{port}"))
+def listening_in(namespace: str, port: int) -> socket.socket:
+    """A socket listening on 127.0.0.1:`port` of network namespace `namespace`
+    (made on a thread that joins the namespace; the socket stays in it)."""
+    made: list[socket.socket | BaseException] = []
+
+    def make() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(f"/run/netns/{namespace}", os.O_RDONLY)
+            try:
+                if libc.setns(fd, _CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns into {namespace}")
+            finally:
+                os.close(fd)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", port))
+            sock.listen(64)
+            sock.setblocking(False)
+            made.append(sock)
+        except BaseException as exc:
+            made.append(exc)
+
+    thread = threading.Thread(target=make)
+    thread.start()
+    thread.join()
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    return made[0]
+
+
+_CLONE_NEWNET = 0x40000000
 
 
 # --- the fleet ----------------------------------------------------------------------
@@ -291,7 +319,7 @@ class Fleet(World):
         tag = secrets.token_hex(3)
         sites = sorted({s for s in hosts.values() if s is not None}) if netns else []
         self.networks = {site: SiteNetwork(f"{tag}{i}") for i, site in enumerate(sites)}
-        self.forwarders: dict[str, tuple[Forwarder, Forwarder]] = {}
+        self.forwarders: list[Forwarder] = []
         self._db: asyncpg.Connection | None = None
         self._owners_lock = threading.Lock()
 
@@ -308,13 +336,17 @@ class Fleet(World):
                 server.identify = self._identifier(server)
             super().__enter__()
             self.management.identify = self._identifier(self.management)
-            for site, network in self.networks.items():
-                db = urlsplit(self.db_url)
-                pg = Forwarder(network.outer, (db.hostname or "127.0.0.1", db.port or 5432))
-                paynow = Forwarder(network.outer, ("127.0.0.1", self.management.port))
-                self.call(pg.start())
-                self.call(paynow.start())
-                self.forwarders[site] = (pg, paynow)
+            # Inside a namespace PostgreSQL and PayNow are where they are outside
+            # (127.0.0.1, same ports): every host's config names them alike.
+            db = urlsplit(self.db_url)
+            for network in self.networks.values():
+                for port, target in (
+                    (db.port or 5432, (db.hostname or "127.0.0.1", db.port or 5432)),
+                    (self.management.port, ("127.0.0.1", self.management.port)),
+                ):
+                    forwarder = Forwarder(target)
+                    self.call(forwarder.start(listening_in(network.name, port)))
+                    self.forwarders.append(forwarder)
             self._db = self.call(asyncpg.connect(self.db_url))
         except BaseException:
             self.__exit__()
@@ -330,9 +362,8 @@ class Fleet(World):
                     host.proc.wait()
             if self._db is not None:
                 self.call(self._db.close())
-            for pg, paynow in self.forwarders.values():
-                self.call(pg.stop())
-                self.call(paynow.stop())
+            for forwarder in self.forwarders:
+                self.call(forwarder.stop())
             if self.loop.is_running():
                 super().__exit__()
         finally:
@@ -352,12 +383,7 @@ class Fleet(World):
     # --- configs and processes
 
     def host_config(self, host: Host) -> Path:
-        network = self.networks.get(host.site or "")
         db_url, api_url = self.db_url, self.management.url
-        if network is not None:
-            pg, paynow = self.forwarders[host.site or ""]
-            db_url = _with_host(self.db_url, network.outer, pg.port)
-            api_url = f"http://{network.outer}:{paynow.port}"
         paynow_section: dict[str, Any] = {
             "api_url": api_url, "timeout_seconds": 2,
             "store_id": self.management.store_id, "api_key_env": API_KEY_ENV,
@@ -461,15 +487,10 @@ class Fleet(World):
 
 class Holding(NamedTuple):
     holder: str
+    pid: int | None  # the holder's process id, as its row in `hosts` says
     token: int
     taken_at: datetime
     seen: float  # time.time() when first seen so
-
-
-def holder_pid(holder: str) -> int | None:
-    """The process id in a host id ("hostname:pid:random")."""
-    parts = holder.split(":")
-    return int(parts[-2]) if len(parts) >= 3 and parts[-2].isdigit() else None
 
 
 class LeaseWatch:
@@ -496,12 +517,15 @@ class LeaseWatch:
                 self.sample()
 
     def sample(self) -> None:
-        rows = self.fleet.fetch("SELECT name, holder, token, taken_at FROM leases")
+        rows = self.fleet.fetch(
+            "SELECT l.name, l.holder, h.pid, l.token, l.taken_at"
+            " FROM leases l LEFT JOIN hosts h ON h.host_id = l.holder"
+        )
         now = time.time()
-        for row in rows:
-            seen = self.history.setdefault(row["name"], [])
-            if not seen or seen[-1].token != row["token"]:
-                seen.append(Holding(row["holder"], row["token"], row["taken_at"], now))
+        for name, holder, pid, token, taken_at in rows:
+            seen = self.history.setdefault(name, [])
+            if not seen or seen[-1].token != token:
+                seen.append(Holding(holder, pid, token, taken_at, now))
 
     def holder_at(self, lease: str, wall: float) -> Holding | None:
         before = [h for h in self.history.get(lease, []) if h.taken_at.timestamp() <= wall]

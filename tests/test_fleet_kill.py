@@ -29,7 +29,7 @@ import pytest
 
 from tests.fakes.rcon_server import Executed
 from tests.fakes.world import RCON_PASSWORD
-from tests.fleet_rig import INTERVAL, Fleet, LeaseWatch, Life, ServerSpec, holder_pid
+from tests.fleet_rig import INTERVAL, Fleet, LeaseWatch, Life, ServerSpec
 from tests.postgres_db import empty_schema
 from tests.test_service_process import wait_until
 
@@ -277,7 +277,7 @@ def check_takeover(fleet: Fleet, leases: LeaseWatch) -> None:
     for kill in fleet.kills:
         for lease in leases.history:
             held = leases.holder_at(lease, kill.wall)
-            if held is None or holder_pid(held.holder) != kill.life.pid:
+            if held is None or held.pid != kill.life.pid:
                 continue
             after = leases.next_holder(lease, held)
             assert after is not None, (lease, kill)
