@@ -14,11 +14,13 @@ import asyncio
 import contextlib
 import logging
 import sys
-from collections.abc import Sequence
-from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import cast
 
 from daemon import __version__, log_format, startup_signals
+from daemon.clock import SYSTEM_CLOCK
 from daemon.commands import (
     DRY_RUN_COMMANDS,
     OPERATOR_COMMANDS,
@@ -27,11 +29,14 @@ from daemon.commands import (
     run_command,
 )
 from daemon.config import ConfigError, Settings, config_path_from, load_settings
+from daemon.fleet.host import FleetRefused
+from daemon.fleet.leases import ServerLease
 from daemon.http_api import ListenError
 from daemon.operator import UsageProblem, open_state, state_copy
 from daemon.preflight import setup_problems
-from daemon.state import Store, StoreError, StoreWriteError
+from daemon.state import Store, StoreError, StoreWriteError, describe_postgres_url
 from daemon.state.lock import LockedError, LockFileError, state_lock
+from daemon.state.shared import SharedStore
 from daemon.status import print_status
 from daemon.sync_pass import run_pass
 
@@ -188,6 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LockFileError, ListenError) as exc:
         print(f"perksync: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except FleetRefused as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
     except StoreWriteError as exc:
         log.error("%s; stopped: nothing more is polled or sent until it can be written", exc)
         return EXIT_UNEXPECTED
@@ -227,21 +235,28 @@ def _print_line(line: str) -> None:
 
 
 def _file_lock(settings: Settings) -> AbstractContextManager[None]:
-    """One delivering perksync per state database. SQLite's: the state-file lock,
-    taken before the event loop starts; PostgreSQL's is in the database
-    (`_database_lock`)."""
+    """One delivering perksync per SQLite state: the state-file lock, taken
+    before the event loop starts. On PostgreSQL, leases in the database say
+    which host delivers where (daemon/fleet/)."""
     if settings.state_db_postgres:
         return contextlib.nullcontext()
     return state_lock(settings.state_db_path)
 
 
-def _database_lock(settings: Settings, store: Store) -> AbstractAsyncContextManager[None]:
+@contextlib.asynccontextmanager
+async def _pass_leases(
+    settings: Settings, store: Store
+) -> AsyncIterator[Mapping[str, ServerLease] | None]:
+    """The leases a pass on a PostgreSQL state holds (see daemon/fleet/one_pass.py);
+    with SQLite, none (the state file's lock is taken before the loop starts)."""
     if not settings.state_db_postgres:
-        return contextlib.nullcontext()
-    from daemon.state.postgres import PostgresStore
+        yield None
+        return
+    from daemon.fleet.one_pass import pass_leases
 
-    assert isinstance(store, PostgresStore)
-    return store.hold_delivery_lock()
+    database = describe_postgres_url(settings.state_db_url)
+    async with pass_leases(settings, cast(SharedStore, store), SYSTEM_CLOCK, database) as held:
+        yield held
 
 
 async def _sync_now(settings: Settings, *, dry_run: bool) -> int:
@@ -250,8 +265,8 @@ async def _sync_now(settings: Settings, *, dry_run: bool) -> int:
             return await _dry_run(settings, scratch)
     store = open_state(settings)
     try:
-        async with _database_lock(settings, store):
-            report = await run_pass(settings, store)
+        async with _pass_leases(settings, store) as leases:
+            report = await run_pass(settings, store, leases=leases)
     finally:
         await store.close()
     log.info("%s", report.summary(store_mode=settings.store_mode))
@@ -279,7 +294,6 @@ async def _serve(config_path: Path, settings: Settings) -> int:
 
     store = open_state(settings)
     try:
-        async with _database_lock(settings, store):
-            return await Service(config_path, settings, store).run()
+        return await Service(config_path, settings, store).run()
     finally:
         await store.close()

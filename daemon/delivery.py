@@ -40,11 +40,12 @@ from adapters import PLATFORMS
 from adapters.base import CommandTooLong, GameServer, RconAuthError, RconError
 from daemon.clock import SYSTEM_CLOCK, Clock
 from daemon.config import ServerSettings, Settings
+from daemon.fleet.leases import ServerLease
 from daemon.placeholders import printable
 from daemon.presence import PlayerList, customer_key, player_list
 from daemon.replies import ReplyRules, Verdict
 from daemon.report import PassReport
-from daemon.state import JournalRow, JournalStatus, Store, StoreWriteError
+from daemon.state import Fence, JournalRow, JournalStatus, LeaseLost, Store, StoreWriteError
 from daemon.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -97,10 +98,13 @@ def make_server_factory(
 
 
 class Wakers:
-    """One wake-up per server: journaling pending rows rings its bell."""
+    """One wake-up per server: journaling pending rows rings its bell. A
+    server without a worker here (another host delivers to it) rings
+    `elsewhere`, when set."""
 
     def __init__(self) -> None:
         self._events: dict[str, asyncio.Event] = {}
+        self.elsewhere: Callable[[str], None] | None = None
 
     def event(self, server: str) -> asyncio.Event:
         return self._events.setdefault(server, asyncio.Event())
@@ -109,6 +113,8 @@ class Wakers:
         event = self._events.get(server)
         if event is not None:
             event.set()
+        elif self.elsewhere is not None:
+            self.elsewhere(server)
 
     def drop(self, server: str) -> None:
         self._events.pop(server, None)
@@ -184,7 +190,10 @@ class ServerWorker:
 
     `one_pass` (`--sync-now`): the player list is read at most once, and
     nothing is waited for. `dry_run`: the server is a `DryRunServer`; every
-    row is printed, those a real pass may hold back with a note."""
+    row is printed, those a real pass may hold back with a note. `lease`
+    (several hosts on one database): nothing is sent unless the server's
+    lease outlives the command's time, and every attempt is fenced by it;
+    `LeaseLost` is raised when it does not (the worker must stop)."""
 
     def __init__(
         self,
@@ -200,8 +209,10 @@ class ServerWorker:
         names: dict[str, str],
         one_pass: bool = False,
         dry_run: bool = False,
+        lease: ServerLease | None = None,
     ) -> None:
         self.name = name
+        self.lease = lease
         self.store = store
         self.server_factory = server_factory
         self.rules = rules
@@ -337,6 +348,7 @@ class ServerWorker:
         if server is None:
             raise _Unusable
         command = self.rules.players.command
+        self._fence()
         try:
             reply = await server.run(command)
         except CommandTooLong as exc:
@@ -409,7 +421,7 @@ class ServerWorker:
         server = await self._connected()
         if server is None:
             return False
-        if not await self.store.mark_attempt(row.id):
+        if not await self.store.mark_attempt(row.id, self._fence()):
             # Finished since this round read it (an operator's cancel, a
             # take-back cancelling a waiting grant): it must not be sent.
             log.info(
@@ -432,6 +444,18 @@ class ServerWorker:
         self._server_answered()
         await self._answered(row, reply, scan)
         return True
+
+    def _fence(self) -> Fence | None:
+        """The fence of the next command; `LeaseLost` when the lease, as this
+        host knows it, runs out before the command could end."""
+        if self.lease is None:
+            return None
+        if not self.lease.may_send():
+            raise LeaseLost(
+                f"server {self.name}: the lease was not renewed in time "
+                f"(it must outlive the next command by {self.lease.fence.margin_seconds:g}s)"
+            )
+        return self.lease.fence
 
     async def _answered(self, row: JournalRow, reply: str, scan: _Scan) -> None:
         """What the server's reply makes of the row."""
@@ -511,13 +535,14 @@ async def deliver_forever(worker: ServerWorker, stopping: asyncio.Event) -> None
     after `IDLE_CLOSE` seconds without work.
 
     A `StoreWriteError` is raised: a row whose attempt cannot be recorded is
-    never sent, and nothing more can be."""
+    never sent, and nothing more can be. So is `LeaseLost`: another host may
+    deliver to the server now."""
     backoff = 0.0
     while not stopping.is_set():
         worker.wake.clear()
         try:
             ok = await worker.deliver_available(stopping)
-        except StoreWriteError:
+        except (StoreWriteError, LeaseLost):
             raise
         except Exception:
             log.exception("server %s: unexpected delivery error", worker.name)

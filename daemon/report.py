@@ -27,6 +27,8 @@ class PassReport:
     pending_left: dict[str, int] = field(default_factory=dict)  # server → rows still pending
     # server → rows waiting (for a player, a delay): left so by design, no exit 3
     waiting_left: dict[str, int] = field(default_factory=dict)
+    # Several hosts: server → rows pending for servers of other sites (their hosts send them)
+    left_to_others: dict[str, int] = field(default_factory=dict)
     unreachable: dict[str, str] = field(default_factory=dict)  # server → why it stopped
     undelivered_items: int = 0  # live items that reach no server (warned about; no exit 3)
 
@@ -78,6 +80,10 @@ class PassReport:
         parts.append(f"{sum(self.pending_left.values())} pending" + _per_server(self.pending_left))
         if waiting := sum(self.waiting_left.values()):
             parts.append(f"{waiting} waiting" + _per_server(self.waiting_left))
+        if others := sum(self.left_to_others.values()):
+            parts.append(
+                f"{others} pending for other sites' hosts" + _per_server(self.left_to_others)
+            )
         text = ("last interval: " if service else "pass done: ") + ", ".join(parts)
         if self.undelivered_items:
             items = live_items_phrase(self.undelivered_items)

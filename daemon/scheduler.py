@@ -83,9 +83,7 @@ class LinkPolls:
 
     def schedule(self, settings: Settings) -> None:
         """(Re)schedule every link of `settings` (at start and after a reload)."""
-        for job in self.scheduler.get_jobs():
-            if job.id.startswith(POLL_JOB):
-                job.remove()
+        self.unschedule()
         self.semaphore = asyncio.Semaphore(settings.sync.concurrency)
         links = settings.customers
         rate = settings.paynow.requests_per_second
@@ -114,6 +112,12 @@ class LinkPolls:
                 misfire_grace_time=max(1, int(interval)),
                 next_run_time=first,
             )
+
+    def unschedule(self) -> None:
+        """No more polls (those under way go on: see `cancel_running`)."""
+        for job in self.scheduler.get_jobs():
+            if job.id.startswith(POLL_JOB):
+                job.remove()
 
     async def _poll_job(self, index: int, link: CustomerLink) -> None:
         label = link.describe(index)
@@ -200,6 +204,14 @@ class StoreReads:
                 max_instances=1, coalesce=True, next_run_time=now,
                 misfire_grace_time=max(1, int(every)),
             )  # fmt: skip
+
+    def unschedule(self) -> None:
+        """No more reads (those under way go on: see `cancel_running`); the
+        look-ups asked for are forgotten."""
+        for job_id in (NEW_ITEMS_JOB, SNAPSHOT_JOB):
+            if self.scheduler.get_job(job_id) is not None:
+                self.scheduler.remove_job(job_id)
+        self._queued.clear()
 
     def hint(self, customer_id: str | None) -> None:
         """A webhook said where to look: one customer, or (None) new items and

@@ -22,6 +22,13 @@ service the same way, and `run()` raises the `StoreWriteError`, so that the
 process exits non-zero and systemd restarts it; retrying inside would only
 fail every poll and every command again, out of the operator's sight.
 
+On a PostgreSQL state it is one host of several (daemon/fleet/host.py):
+leases say whether it polls (the sources' jobs, the expiry sweep, journal
+retention, webhook hints) and to which servers it delivers, and they turn
+those roles on and off as they come and go. With SQLite it holds every role
+from start to stop (the state file's lock makes it the only one). A host
+whose settings the fleet no longer runs stops, and `run()` returns 2.
+
 Tests run it in-process: `handle_signals=False` leaves the process's
 signals alone, and `clock` sets the time decisions are made at (local
 expiry, health) and paces the heartbeat and a failing server's retries;
@@ -36,7 +43,7 @@ import signal
 from collections.abc import Awaitable
 from datetime import UTC
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -48,6 +55,9 @@ from daemon.clock import SYSTEM_CLOCK, Clock
 from daemon.config import ConfigError, Settings, load_settings
 from daemon.delivery import ServerRules, ServerWorker, deliver_forever, make_server_factory
 from daemon.expiry import sweep_expiries
+from daemon.fleet.fingerprint import fingerprint
+from daemon.fleet.host import Fleet
+from daemon.fleet.leases import ServerLease
 from daemon.http_api import start_http, stop_http
 from daemon.metrics import PrometheusTelemetry
 from daemon.paynow import RateLimiter, make_session
@@ -56,7 +66,8 @@ from daemon.scheduler import LinkPolls, StoreReads, wall_now
 from daemon.sources.store import StoreSource
 from daemon.sources.token import TokenSource
 from daemon.sources.webhooks import WebhookReceiver
-from daemon.state import Store, StoreWriteError
+from daemon.state import LeaseLost, Store, StoreError, StoreWriteError
+from daemon.state.shared import SharedStore
 from daemon.wiring import Core
 
 log = logging.getLogger(__name__)
@@ -64,6 +75,7 @@ log = logging.getLogger(__name__)
 STOP_TIMEOUT = 8.0  # seconds to let commands in flight finish on SIGTERM
 EXPIRY_SWEEP_MAX = 15.0  # seconds between local-expiry sweeps (at most)
 HEARTBEAT_MAX = 10.0  # seconds between heartbeats (watchdog, STATUS, batched writes)
+SWEEP_JOB, RETENTION_JOB = "expiry-sweep", "journal-retention"
 
 
 class Service:
@@ -96,6 +108,15 @@ class Service:
         self.scheduler = AsyncIOScheduler(timezone=UTC)
         self.workers: dict[str, ServerWorker] = {}
         self.worker_tasks: dict[str, asyncio.Task[None]] = {}
+        self.worker_stops: dict[str, asyncio.Event] = {}
+        self.polling = False  # this host reads PayNow, sweeps expiries, prunes the journal
+        # Several hosts on one PostgreSQL database: the leases that give the roles.
+        self.fleet: Fleet | None = None
+        if settings.state_db_postgres:
+            self.fleet = Fleet(settings, cast(SharedStore, store), self, clock)
+            self.core.wakers.elsewhere = self.fleet.wakeups.journaled
+        self.fleet_task: asyncio.Task[None] | None = None
+        self.exit_status = 0
         self.source: TokenSource | None = None  # token mode
         self.polls: LinkPolls | None = None
         self.store_source: StoreSource | None = None  # store mode
@@ -135,19 +156,7 @@ class Service:
                 self.http = await start_http(
                     self.settings.http.listen, self.telemetry, self.webhooks
                 )
-            self._start_reading()
-            for name in self.settings.servers:
-                self._start_worker(name)
-            sweep_every = max(1.0, min(EXPIRY_SWEEP_MAX, self.settings.sync.interval_seconds / 4))
-            self.scheduler.add_job(
-                self._sweep, IntervalTrigger(seconds=sweep_every), id="expiry-sweep",
-                max_instances=1, coalesce=True, next_run_time=wall_now(),
-            )  # fmt: skip
-            self.scheduler.add_job(
-                self._prune, IntervalTrigger(seconds=self.settings.sync.interval_seconds),
-                id="journal-retention", max_instances=1, coalesce=True,
-                next_run_time=wall_now(),
-            )  # fmt: skip
+            await self._take_roles()
             self.scheduler.start()
             log.info("perksync %s started: %s", __version__, _what_runs(self.settings))
             notify.ready()
@@ -167,7 +176,7 @@ class Service:
         if self.store_failure is not None:
             raise self.store_failure
         log.info("perksync stopped")
-        return 0
+        return self.exit_status
 
     def _make_sources(self) -> None:
         """The mode's source and the jobs that make it read (not started yet)."""
@@ -188,15 +197,102 @@ class Service:
         if secret is None or self.store_reads is None:
             return None
         return WebhookReceiver(
-            secret.get_secret_value().encode(), self.store, self.store_reads.hint, clock=self.clock
+            secret.get_secret_value().encode(), self.store, self._webhook_hint, clock=self.clock
         )
 
-    def _start_reading(self) -> None:
+    async def _webhook_hint(self, customer_id: str | None, event_id: str) -> None:
+        """A webhook's hint: for this host's reads, or (several hosts) recorded
+        for the polling host, whichever it is."""
+        if self.fleet is None:
+            self.hint(customer_id)
+            return
+        try:
+            await self.fleet.store.add_hint(customer_id, event_id)
+        except StoreError as exc:
+            log.warning(
+                "webhook %s: cannot record its hint for the polling host (%s); the next "
+                "snapshot reads its items", event_id, exc,
+            )  # fmt: skip
+            return
+        if self.polling:
+            self.fleet.wakeups.take_hints()
+
+    async def _take_roles(self) -> None:
+        """One host: every role, now. Several: join the fleet; its leases give them."""
+        if self.fleet is None:
+            self.start_polling()
+            for name in self.settings.servers:
+                self.start_delivering(name, None)
+            return
+        await self.fleet.join()
+        self.fleet_task = asyncio.create_task(self.fleet.run(self.stopping, self._refused))
+
+    def _refused(self, why: str) -> None:
+        log.error("stopped polling and delivering: %s", why)
+        self.exit_status = 2
+        self.stopping.set()
+
+    # --- the roles (daemon/fleet/host.py: Roles) ----------------------------------
+
+    def start_polling(self) -> None:
+        self.polling = True
         if self.polls is not None:
             self.polls.schedule(self.settings)
         if self.store_reads is not None:
             self.store_reads.schedule(self.settings)
             self.look_ups = asyncio.create_task(self.store_reads.look_ups())
+        sweep_every = max(1.0, min(EXPIRY_SWEEP_MAX, self.settings.sync.interval_seconds / 4))
+        self.scheduler.add_job(
+            self._sweep, IntervalTrigger(seconds=sweep_every), id=SWEEP_JOB,
+            max_instances=1, coalesce=True, next_run_time=wall_now(), replace_existing=True,
+        )  # fmt: skip
+        self.scheduler.add_job(
+            self._prune, IntervalTrigger(seconds=self.settings.sync.interval_seconds),
+            id=RETENTION_JOB, max_instances=1, coalesce=True, next_run_time=wall_now(),
+            replace_existing=True,
+        )  # fmt: skip
+
+    async def stop_polling(self) -> None:
+        """Another host polls now: no more reads, sweeps or pruning here."""
+        self.polling = False
+        for reads in (self.polls, self.store_reads):
+            if reads is not None:
+                reads.unschedule()
+        for job_id in (SWEEP_JOB, RETENTION_JOB):
+            if self.scheduler.get_job(job_id) is not None:
+                self.scheduler.remove_job(job_id)
+        if self.look_ups is not None:
+            self.look_ups.cancel()
+            self.look_ups = None
+        reads = self.polls or self.store_reads
+        if reads is not None:
+            await reads.cancel_running()
+
+    def start_delivering(self, server: str, lease: ServerLease | None) -> None:
+        self._start_worker(server, lease)
+
+    async def stop_delivering(self, server: str) -> None:
+        """Let the command in flight end, then stop the server's worker."""
+        worker, task = self.workers.pop(server, None), self.worker_tasks.pop(server, None)
+        stop = self.worker_stops.pop(server, None)
+        self.core.wakers.drop(server)
+        if stop is not None and worker is not None:
+            stop.set()
+            worker.wake.set()
+        if task is not None:
+            _, late = await asyncio.wait([task], timeout=STOP_TIMEOUT)
+            for still in late:
+                still.cancel()
+        if worker is not None:
+            await worker.close()
+
+    def hint(self, customer_id: str | None) -> None:
+        if self.store_reads is not None and self.polling:
+            self.store_reads.hint(customer_id)
+
+    def wake(self, server: str) -> None:
+        if server in self.workers:
+            self.core.wakers.ring(server)
 
     def _store_failed(self, exc: StoreWriteError) -> None:
         """Nothing more can be recorded: stop polling and delivering (see run)."""
@@ -207,6 +303,8 @@ class Service:
     async def _shutdown(self) -> None:
         notify.stopping()
         log.info("stopping: finishing the commands in flight")
+        if self.fleet_task is not None:  # no role taken from here on
+            await asyncio.gather(self.fleet_task, return_exceptions=True)
         self.scheduler.pause()
         # Let polls already handed to the executor start: they see `stopping`
         # and return. Cancelled before starting, APScheduler would log each
@@ -217,7 +315,8 @@ class Service:
         reads = self.polls or self.store_reads
         if reads is not None:
             reads_stopped = asyncio.create_task(reads.cancel_running())
-        for worker in self.workers.values():
+        for name, worker in self.workers.items():
+            self.worker_stops[name].set()
             worker.wake.set()
         tasks = list(self.worker_tasks.values())
         if tasks:
@@ -232,6 +331,8 @@ class Service:
             await self._guarded(self.source.flush_unchanged())
         for worker in self.workers.values():
             await worker.close()
+        if self.fleet is not None:
+            await self.fleet.leave()
 
     async def _sweep(self) -> None:
         try:
@@ -259,13 +360,25 @@ class Service:
 
     # --- delivery --------------------------------------------------------------
 
-    def _start_worker(self, name: str) -> None:
-        worker = self.core.worker(name, self._make_server)
+    def _start_worker(self, name: str, lease: ServerLease | None = None) -> None:
+        worker = self.core.worker(name, self._make_server, lease=lease)
+        stop = asyncio.Event()
         self.workers[name] = worker
-        self.worker_tasks[name] = asyncio.create_task(self._deliver(worker))
+        self.worker_stops[name] = stop
+        self.worker_tasks[name] = asyncio.create_task(self._deliver(worker, stop))
 
-    async def _deliver(self, worker: ServerWorker) -> None:
-        await self._guarded(deliver_forever(worker, self.stopping))
+    async def _deliver(self, worker: ServerWorker, stop: asyncio.Event) -> None:
+        try:
+            await self._guarded(deliver_forever(worker, stop))
+        except LeaseLost as exc:
+            log.warning("%s; standing by", exc)
+            if self.workers.get(worker.name) is worker:
+                del self.workers[worker.name], self.worker_tasks[worker.name]
+                del self.worker_stops[worker.name]
+                self.core.wakers.drop(worker.name)
+            if self.fleet is not None:
+                self.fleet.lost(worker.name)
+            await worker.close()
 
     def _make_server(self, name: str) -> GameServer:
         # Built from the settings of the moment: a reload may have changed them.
@@ -291,6 +404,14 @@ class Service:
             )
             notify.ready()
             return
+        if self.fleet is not None and _fleet_settings_changed(old, new):
+            log.error(
+                "config reload rejected, keeping the running config: servers, products or "
+                "sync.site changed, which every host of the state database shares; stop every "
+                "host, then start them with the new config.yaml"
+            )
+            notify.ready()
+            return
         if (new.state_db_url, new.state_db_password) != (old.state_db_url, old.state_db_password):
             log.warning("sync.state_db or its password changed: restart perksync to use them")
         if new.http.listen != old.http.listen:
@@ -305,10 +426,12 @@ class Service:
         if self.source is not None and self.polls is not None:
             self.source.use_settings(new)
             self.source.client = self.core.storefront(self.session, self.rate_limiter)
-            self.polls.schedule(new)
+            if self.polling:
+                self.polls.schedule(new)
         if self.store_source is not None and self.store_reads is not None:
             self.store_source.client = self.core.management(self.session, self.rate_limiter)
-            self.store_reads.schedule(new)
+            if self.polling:
+                self.store_reads.schedule(new)
         self._reload_workers(old, new)
         linked = "store mode" if new.store_mode else f"{len(new.customers)} customers"
         log.info(
@@ -327,11 +450,13 @@ class Service:
             log.warning("paynow.webhook_secret added or removed: restart perksync to apply it")
 
     def _reload_workers(self, old: Settings, new: Settings) -> None:
+        """Servers changed, added or removed (only changed with several hosts:
+        their leases decide, and the servers are the same on every host)."""
         for name in list(self.workers):
             worker = self.workers[name]
             if name not in new.servers:
                 self.worker_tasks.pop(name).cancel()
-                del self.workers[name]
+                del self.workers[name], self.worker_stops[name]
                 self.core.wakers.drop(name)
                 self._close_later(worker)
             elif new.servers[name] != old.servers[name]:
@@ -340,7 +465,7 @@ class Service:
                 self._close_later(worker)
                 worker.wake.set()
         for name in new.servers:
-            if name not in self.workers:
+            if name not in self.workers and self.fleet is None:
                 self._start_worker(name)
 
     def _close_later(self, worker: ServerWorker) -> None:
@@ -363,7 +488,7 @@ class Service:
                 pending = await self.store.pending_counts()
                 for server in self.settings.servers:
                     self.telemetry.backlog(server, pending.get(server, 0))
-                    if pending.get(server):
+                    if pending.get(server) and server in self.workers:
                         # Rows another process journaled (`perksync resend`,
                         # `retry`) wake no worker of ours: this one does.
                         self.core.wakers.ring(server)
@@ -393,6 +518,10 @@ class Service:
         busy = report.polls_failed or report.journaled or sum(report.delivered.values())
         level = logging.INFO if busy or report.unreachable else logging.DEBUG
         log.log(level, "%s", report.summary(service=True, store_mode=self.settings.store_mode))
+
+
+def _fleet_settings_changed(old: Settings, new: Settings) -> bool:
+    return old.sync.site != new.sync.site or fingerprint(old) != fingerprint(new)
 
 
 def _what_runs(settings: Settings) -> str:

@@ -1,5 +1,7 @@
 """`perksync status`: what the state says, for an operator's eyes.
 
+On a PostgreSQL state: every host seen in the last 3 intervals (its site,
+the leases it holds, when it last renewed them) and the fleet's settings.
 Token mode: the linked customers and when each was last synced. Store mode:
 a summary (customers seen, live items, when the last snapshot, new-items
 read and webhook happened, items PayNow no longer lists). Both: pending,
@@ -14,9 +16,12 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import cast
 
 from daemon.config import Settings
 from daemon.delivery import waiting_kind
+from daemon.fleet.fingerprint import fingerprint, short
+from daemon.fleet.leases import roles
 from daemon.placeholders import printable
 from daemon.sources.store import CURSOR, LAST_NEW_ITEMS, LAST_SNAPSHOT, LAST_WEBHOOK, MISSING
 from daemon.state import (
@@ -28,6 +33,7 @@ from daemon.state import (
     describe_postgres_url,
     open_store,
 )
+from daemon.state.shared import FleetSettings, HostStatus, SharedStore
 from daemon.undelivered import (
     Undelivered,
     describe_unmapped,
@@ -35,6 +41,8 @@ from daemon.undelivered import (
     find_undelivered,
     id_fields,
 )
+
+HOSTS_SEEN_INTERVALS = 3  # hosts renewed within this many intervals are listed
 
 
 def _when(moment: datetime | None) -> str:
@@ -51,6 +59,8 @@ class _State:
     totals: Totals = field(default_factory=lambda: Totals(0, 0))
     meta: dict[str, str | None] = field(default_factory=dict)
     waiting: dict[str, Waiting] = field(default_factory=dict)  # server → why rows wait
+    hosts: list[HostStatus] | None = None  # a PostgreSQL state's hosts
+    fleet: FleetSettings | None = None
 
 
 @dataclass
@@ -103,6 +113,14 @@ async def _read(settings: Settings, store: Store) -> _State:
     )
 
 
+async def _read_hosts(settings: Settings, store: Store, state: _State) -> None:
+    if not settings.state_db_postgres:
+        return
+    shared = cast(SharedStore, store)
+    state.hosts = await shared.hosts(HOSTS_SEEN_INTERVALS * settings.sync.interval_seconds)
+    state.fleet = await shared.fleet_settings()
+
+
 async def print_status(settings: Settings) -> int:
     db_path = settings.state_db_path
     if not settings.state_db_postgres and not db_path.exists():
@@ -112,10 +130,13 @@ async def print_status(settings: Settings) -> int:
         store = open_store(settings.state_db_url, password=settings.state_db_password)
         try:
             state = await _read(settings, store)
+            await _read_hosts(settings, store, state)
         finally:
             await store.close()
         where = settings.state_db_url
         print(f"state: {describe_postgres_url(where) if settings.state_db_postgres else where}")
+    if state.hosts is not None:
+        _print_hosts(settings, state.hosts, state.fleet)
     if settings.store_mode:
         _print_store(settings, state)
     else:
@@ -123,6 +144,38 @@ async def print_status(settings: Settings) -> int:
     _print_servers(settings, state.counts, state.waiting)
     _print_undelivered(state.undelivered)
     return 0
+
+
+def _print_hosts(settings: Settings, hosts: list[HostStatus], fleet: FleetSettings | None) -> None:
+    every = HOSTS_SEEN_INTERVALS * settings.sync.interval_seconds
+    if fleet is None:
+        print(f"hosts (seen in the last {every:g}s): none has run yet")
+        return
+    ours = fingerprint(settings)
+    same = (
+        "this config.yaml's"
+        if fleet.fingerprint == ours
+        else f"NOT this config.yaml's ({short(ours)})"
+    )
+    print(
+        f"hosts (seen in the last {every:g}s; settings {short(fleet.fingerprint)}, {same}, "
+        f"stored by {fleet.stored_by} at {_when(fleet.stored_at)}):"
+    )
+    for host in hosts:
+        print(f"  {_host_line(host)}")
+    if not hosts:
+        print("  none")
+
+
+def _host_line(host: HostStatus) -> str:
+    doing = roles(list(host.holds)) or "standing by"
+    if host.stopped_at is not None:
+        doing = f"stopped at {_when(host.stopped_at)}"
+    site = f", site {host.site}" if host.site else ""
+    return (
+        f"{host.hostname} pid {host.pid}{site}: {doing}; last renewed {_when(host.renewed_at)} "
+        f"(settings {short(host.fingerprint)})"
+    )
 
 
 def _print_store(settings: Settings, state: _State) -> None:

@@ -18,13 +18,14 @@ stays pending and may be sent again.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from daemon.apply import Applier
 from daemon.clock import SYSTEM_CLOCK, Clock
 from daemon.config import CustomerLink, Settings
 from daemon.delivery import ServerWorker, make_server_factory
 from daemon.expiry import sweep_expiries
+from daemon.fleet.leases import ServerLease
 from daemon.paynow import RateLimiter, make_session
 from daemon.report import PassReport
 from daemon.retention import prune_journal
@@ -112,20 +113,28 @@ async def run_pass(
     *,
     dry_run_output: Callable[[str], None] | None = None,
     clock: Clock = SYSTEM_CLOCK,
+    leases: Mapping[str, ServerLease] | None = None,
 ) -> PassReport:
     """One `--sync-now` pass with everything it needs wired up; its report
     (which exits 3 when a read was incomplete, as any failed customer does).
 
     `dry_run_output`: print each command there instead of sending it (the
-    store is then a throw-away copy)."""
+    store is then a throw-away copy). `leases` (several hosts): the servers
+    the pass delivers to, each fenced by its lease; the other servers' rows
+    are left to their hosts (and not counted as left pending)."""
     core = Core(settings, store, clock)
     if dry_run_output is None:  # a dry run changes nothing, old rows included
         await prune_journal(store, settings.sync.journal_retention_days, clock.now())
     factory = make_server_factory(settings, dry_run_output=dry_run_output)
     dry_run = dry_run_output is not None
+    servers = list(settings.servers) if leases is None else list(leases)
     workers = [
-        core.worker(name, factory, one_pass=True, dry_run=dry_run) for name in settings.servers
-    ]
+        core.worker(
+            name, factory, one_pass=True, dry_run=dry_run,
+            lease=None if leases is None else leases[name],
+        )
+        for name in servers
+    ]  # fmt: skip
     async with make_session() as session:
         limiter = RateLimiter(settings.paynow.requests_per_second)
         if settings.store_mode:
@@ -146,6 +155,9 @@ async def run_pass(
 
         await SyncPass(core.applier, read, workers).run()
     core.report.undelivered_items = (await core.undelivered.check()).items
-    core.report.pending_left = await store.pending_counts()
-    core.report.waiting_left = {c.server: c.waiting for c in await store.server_counts()}
+    pending = await store.pending_counts()
+    core.report.pending_left = {s: n for s, n in pending.items() if s in servers}
+    core.report.left_to_others = {s: n for s, n in pending.items() if s not in servers}
+    counts = await store.server_counts()
+    core.report.waiting_left = {c.server: c.waiting for c in counts if c.server in servers}
     return core.report

@@ -16,6 +16,7 @@ from daemon.apply import Applier
 from daemon.clock import SYSTEM_CLOCK, Clock
 from daemon.config import Settings
 from daemon.delivery import ServerFactory, ServerRules, ServerWorker, Wakers
+from daemon.fleet.leases import ServerLease
 from daemon.paynow import ManagementClient, RateLimiter, StorefrontClient
 from daemon.report import PassReport
 from daemon.sources.store import StoreSource
@@ -55,12 +56,13 @@ class Core:
         *,
         one_pass: bool = False,
         dry_run: bool = False,
+        lease: ServerLease | None = None,
     ) -> ServerWorker:
-        """The server's worker (`one_pass`, `dry_run`: see `ServerWorker`)."""
+        """The server's worker (`one_pass`, `dry_run`, `lease`: see `ServerWorker`)."""
         return ServerWorker(
             name, self.store, server_factory, rules=ServerRules.of(self.settings.servers[name]),
             wakers=self.wakers, clock=self.clock, report=self.report, telemetry=self.telemetry,
-            names=self.names, one_pass=one_pass, dry_run=dry_run,
+            names=self.names, one_pass=one_pass, dry_run=dry_run, lease=lease,
         )  # fmt: skip
 
     def storefront(

@@ -14,8 +14,11 @@ from typing import Any
 import asyncpg
 import pytest
 
+from daemon.config import load_settings
+from daemon.fleet.fingerprint import fingerprint
 from daemon.state import describe_postgres_url, open_store
 from daemon.state.postgres import PostgresStore
+from daemon.state.shared import HostRecord
 from tests.fakes.postgres_login import FakeLoginServer
 from tests.fakes.world import RCON_PASSWORD, REPO, World
 from tests.postgres_db import empty_schema
@@ -123,25 +126,30 @@ def test_operator_commands_read_and_change_the_postgresql_state(world: World, ur
     assert journal(url) == [(grant, "cancelled")]
 
 
-def test_sync_now_stops_while_another_perksync_delivers_from_the_database(
-    world: World, url: str
-) -> None:
+def test_sync_now_stops_while_another_host_holds_the_leases(world: World, url: str) -> None:
     world.add_customer(platform="minecraft", name="alice")
     world.config(PRODUCTS, extra={"sync": {"state_db": url}})
+    settings = load_settings(world.folder / "config.yaml", env={})
+    host = HostRecord("web-1:4242:ab", "web-1", 4242, None, fingerprint(settings))
 
     async def beside_a_holder() -> subprocess.CompletedProcess[str]:
         holder = open_store(url)
         assert isinstance(holder, PostgresStore)
         try:
-            async with holder.hold_delivery_lock():
-                return await asyncio.to_thread(world.run_cli, "--sync-now")
+            await holder.join(host, 120)
+            tick = await holder.tick(host, ["poll", "server:survival"], 60, 5)
+            assert all(lease.held for lease in tick.leases)
+            return await asyncio.to_thread(world.run_cli, "--sync-now")
         finally:
             await holder.close()
 
     result = asyncio.run(beside_a_holder())
     assert result.returncode == 1, result.stderr
-    assert "another perksync (perksync " in result.stderr
-    assert f"is delivering from the state database {describe_postgres_url(url)}" in result.stderr
+    assert (
+        f"another perksync (web-1 pid 4242) is polling from the state database "
+        f"{describe_postgres_url(url)}"
+    ) in result.stderr
+    assert world.received("survival") == []
 
 
 def test_a_password_in_the_state_url_is_a_config_error(world: World) -> None:

@@ -34,10 +34,12 @@ from daemon.state import (
     CustomerChanged,
     CustomerRecord,
     DueExpiry,
+    Fence,
     JournalEntry,
     JournalRow,
     JournalStatus,
     KnownCustomer,
+    LeaseLost,
     LinkStatus,
     LinkSync,
     LiveItem,
@@ -50,6 +52,7 @@ from daemon.state import (
     Totals,
 )
 from daemon.state import memory as memory_backend
+from daemon.state.shared import HostRecord, SharedStore
 from tests.postgres_db import empty_schema
 
 T = TypeVar("T")
@@ -1680,3 +1683,57 @@ async def test_live_item_counts_of_customers_without_a_link(opener: Opener) -> N
         LiveItems(None, "700", "Gus", "kit", 1, frozenset({"steam_id"})),
         LiveItems(None, "700", "Gus", "vip", 1, frozenset({"steam_id"})),
     ]
+
+
+# --- fenced attempts (several hosts on one database) -------------------------------
+
+
+def _host(name: str) -> HostRecord:
+    return HostRecord(f"{name}:1:00", name, 1, None, "settings")
+
+
+@run_async
+async def test_a_fenced_attempt_counts_only_while_its_lease_holds(opener: Opener) -> None:
+    """A backend with leases counts an attempt under a fence only while the
+    fence's holder has the lease with that token for longer than its margin;
+    one without leases (a single host) refuses any fence. Either way a refused
+    attempt counts nothing, and the row stays sendable by its rightful host."""
+    store = opener()
+    row, other = (await first_pass(store))[:2]
+    if not isinstance(store, SharedStore):
+        fence = Fence("server:survival", "web-1:1:00", 1, 5)
+        with pytest.raises(StoreError, match="holds no leases"):
+            await store.mark_attempt(row, fence)
+        assert (await store.rows())[0].attempts == 0
+        assert await store.mark_attempt(row) is True
+        return
+    web1, web2 = _host("web-1"), _host("web-2")
+    await store.join(web1, 60)
+    await store.join(web2, 60)
+    (mine,) = (await store.tick(web1, ["server:survival"], 60, 5)).leases
+    assert mine.token is not None
+    fence = Fence("server:survival", web1.host_id, mine.token, 5)
+    assert await store.mark_attempt(row, fence) is True
+    with pytest.raises(LeaseLost):  # the lease would run out before the command ends
+        await store.mark_attempt(row, dataclasses.replace(fence, margin_seconds=120))
+    with pytest.raises(LeaseLost):  # not web-2's
+        await store.mark_attempt(row, dataclasses.replace(fence, holder=web2.host_id))
+    # web-1's lease runs out (a lease of no time); web-2 takes it over.
+    await store.tick(web1, ["server:survival"], 0, 5)
+    (taken,) = (await store.tick(web2, ["server:survival"], 60, 5)).leases
+    assert taken.token == mine.token + 1 and taken.was_holder == web1.host_id
+    with pytest.raises(LeaseLost):  # web-1's token is stale
+        await store.mark_attempt(other, fence)
+    assert await store.mark_attempt(
+        other, dataclasses.replace(fence, holder=web2.host_id, token=taken.token)
+    )
+    attempts = {r.id: r.attempts for r in await store.rows()}
+    assert (attempts[row], attempts[other]) == (1, 1)
+    # Released (a graceful stop): its holder's fence no longer holds either.
+    assert await store.release(web2) == ["server:survival"]
+    with pytest.raises(LeaseLost):
+        await store.mark_attempt(
+            other, dataclasses.replace(fence, holder=web2.host_id, token=taken.token)
+        )
+    with pytest.raises(StoreError):
+        await store.mark_attempt(999_999, fence)

@@ -1,6 +1,6 @@
 """What the PostgreSQL backend adds to the Store contract (which
 tests/test_store_contract.py runs on it): migrations, several hosts on one
-database, the dry run's copy, the delivery lock, passwords, and how errors
+database, the dry run's copy, passwords, and how errors
 are told.
 
 Each test gets an empty schema of the test server (tests/postgres_db.py); two
@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import socket
 import sys
 from collections.abc import Awaitable, Callable, Iterator
@@ -32,7 +31,6 @@ from daemon.state import (
     open_store,
 )
 from daemon.state import postgres as backend
-from daemon.state.lock import LockedError
 from daemon.state.postgres import PostgresStore
 from tests.fakes.postgres_login import FakeLoginServer
 from tests.postgres_db import empty_schema, with_settings
@@ -279,29 +277,6 @@ def test_a_commit_racing_an_insert_of_the_same_item_stores_nothing(url: str) -> 
         await store.close()
 
     run(test)
-
-
-def test_one_store_at_a_time_holds_the_delivery_lock(url: str) -> None:
-    async def test() -> None:
-        here, there = store_of(url), store_of(url)
-        try:
-            async with here.hold_delivery_lock():
-                with pytest.raises(LockedError) as info:
-                    async with there.hold_delivery_lock():
-                        pass
-                assert f"another perksync (perksync {socket.gethostname()} pid {os.getpid()})" in (
-                    str(info.value)
-                )
-            async with there.hold_delivery_lock():  # released with its holder
-                pass
-        finally:
-            await here.close()
-            await there.close()
-
-    run(test)
-
-
-# --- the dry run's copy ---------------------------------------------------------------
 
 
 def test_a_throwaway_store_works_on_a_copy_and_changes_nothing(url: str) -> None:

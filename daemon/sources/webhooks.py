@@ -27,7 +27,7 @@ import hashlib
 import hmac
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final
@@ -117,14 +117,15 @@ def read_event(body: bytes) -> WebhookEvent:
 
 
 class WebhookReceiver:
-    """Turns verified webhooks into hints; `hint(customer_id | None)` must
-    return at once (it only asks for a read)."""
+    """Turns verified webhooks into hints; `hint(customer_id | None, event_id)`
+    must return soon (it asks for a read, or records the hint for the host
+    that reads)."""
 
     def __init__(
         self,
         secret: bytes,
         store: Store,
-        hint: Callable[[str | None], None],
+        hint: Callable[[str | None, str], Awaitable[None]],
         *,
         clock: Clock,
     ) -> None:
@@ -172,7 +173,7 @@ class WebhookReceiver:
         if event.about_delivery_items:
             whose = printable(event.customer_id or "(none: reading new items)", 40)
             log.info("webhook %s for customer %s: reading its items", shown, whose)
-            self.hint(event.customer_id)
+            await self.hint(event.customer_id, event.event_id)
         else:
             log.debug("webhook %s ignored", shown)
         return 200

@@ -65,6 +65,35 @@ class CustomerChanged(StoreError):
     the block, open a new one, decide again from the new `known`."""
 
 
+class LeaseLost(StoreError):
+    """`mark_attempt` with a `Fence`: the lease is no longer held by that
+    holder with that token, or runs out too soon. Nothing was counted, and the
+    command must not be sent: another host may deliver to the server now."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """What makes an attempt count only while its host may deliver: the lease
+    `lease` held by `holder` with `token` (the fencing token of that holding),
+    running out more than `margin_seconds` after the attempt is recorded (the
+    time the command may take). Several hosts on one database use it; a
+    backend with one host (SQLite, memory) takes none."""
+
+    lease: str
+    holder: str
+    token: int
+    margin_seconds: float
+
+
+def refuse_fence(fence: Fence | None, database: str) -> None:
+    """What a backend with one host does with a fence: refuse it (`StoreError`)."""
+    if fence is not None:
+        raise StoreError(
+            f"{database} is used by one host and holds no leases: "
+            f"an attempt fenced by {fence.lease} cannot be counted"
+        )
+
+
 class JournalStatus(StrEnum):
     PENDING = "pending"  # to be delivered (or in flight)
     # Not sendable yet: an online-only command whose player is away, a delayed
@@ -432,11 +461,16 @@ class Store(Protocol):
         """PENDING and WAITING rows for `server` with id > after_id, in id order."""
         ...
 
-    async def mark_attempt(self, row_id: int) -> bool:
+    async def mark_attempt(self, row_id: int, fence: Fence | None = None) -> bool:
         """Count one delivery attempt; called right before the command is sent.
         The row becomes PENDING if it was WAITING. True if the row was PENDING
         or WAITING; False if it is finished (cancelled since it was read, by an
         operator or a take-back): then its command must not be sent.
+
+        `fence` (several hosts on one database): in the same statement, the
+        lease must be held as the fence says and run out more than its margin
+        from now, or nothing is counted and `LeaseLost` is raised. A backend
+        without leases (one host) refuses any fence with `StoreError`.
 
         Like every `mark_*`: a row id that does not exist raises `StoreError`;
         a row that is no longer PENDING or WAITING is left as it is (its first

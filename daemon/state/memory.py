@@ -30,6 +30,7 @@ from daemon.state import (
     CustomerChange,
     CustomerTxn,
     DueExpiry,
+    Fence,
     GrantedItem,
     JournalEntry,
     JournalRow,
@@ -43,6 +44,7 @@ from daemon.state import (
     StoredItem,
     StoreError,
     Totals,
+    refuse_fence,
 )
 from daemon.state.blocks import Block, CustomerLocks
 from daemon.state.values import cut_reply, ids_set, utc, utc_or_none
@@ -368,7 +370,8 @@ class MemoryStore:
         db.journal[row_id] = update(row)
         return True
 
-    async def mark_attempt(self, row_id: int) -> bool:
+    async def mark_attempt(self, row_id: int, fence: Fence | None = None) -> bool:
+        refuse_fence(fence, f"the memory store {self.url}")
         return await self._finish(
             row_id,
             lambda row: dataclasses.replace(

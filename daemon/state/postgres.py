@@ -65,10 +65,12 @@ from daemon.state import (
     CustomerChange,
     CustomerTxn,
     DueExpiry,
+    Fence,
     GrantedItem,
     JournalRow,
     JournalStatus,
     KnownCustomer,
+    LeaseLost,
     LinkStatus,
     LiveBaseline,
     LiveItem,
@@ -81,8 +83,18 @@ from daemon.state import (
     describe_postgres_url,
     postgres_url_problem,
 )
+from daemon.state import postgres_shared as shared_sql
 from daemon.state.blocks import Block, CustomerLocks
-from daemon.state.lock import LockedError
+from daemon.state.shared import (
+    HINTS,
+    JOURNAL,
+    FleetClaim,
+    FleetSettings,
+    HostRecord,
+    HostStatus,
+    Listening,
+    Tick,
+)
 from daemon.state.values import cut_reply, ids_set, utc, utc_or_none
 
 log = logging.getLogger(__name__)
@@ -244,6 +256,11 @@ async def _v1(conn: Any) -> None:
     )
 
 
+@migration("several hosts: hosts, leases, webhook hints")
+async def _v2(conn: Any) -> None:
+    await _run(conn, shared_sql.TABLES)
+
+
 # --- values in and out -----------------------------------------------------------
 
 
@@ -281,6 +298,7 @@ CREATE TABLE IF NOT EXISTS perksync_schema (
 )"""
 
 _LOCK_KEY = "hashtext(coalesce(current_schema(), '') || ' ' || $2::text)"
+_FLEET_LOCK_KEY = _LOCK_KEY.replace("$2::text", "'fleet'")
 
 # The customer's row, items with their marks, and open grants, in one
 # statement (one snapshot: another host's commit lands wholly before or after
@@ -514,14 +532,6 @@ FROM pg_class AS c JOIN pg_attribute AS a ON a.attrelid = c.oid
 WHERE c.relnamespace = pg_my_temp_schema() AND c.relkind = 'r'
   AND a.attnum > 0 AND NOT a.attisdropped
 GROUP BY c.relname
-"""
-
-# Who holds an advisory lock (by the application_name of its connection).
-_LOCK_HOLDER = f"""
-SELECT a.application_name FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid
-WHERE l.locktype = 'advisory' AND l.granted AND l.classid::bigint = $1
-  AND l.objid::bigint = ({_LOCK_KEY})::bigint & 4294967295 AND l.objsubid = 2
-LIMIT 1
 """
 
 
@@ -825,32 +835,53 @@ class PostgresStore:
             )
         return list(result["ids"])
 
-    @contextlib.asynccontextmanager
-    async def hold_delivery_lock(self) -> AsyncIterator[None]:
-        """Be the one perksync delivering from this database for the block, as
-        SQLite's state-file lock does (raises `LockedError` naming the holder).
+    # --- several hosts (daemon/state/shared.py) -------------------------------------
 
-        An advisory lock of a connection of its own: the server releases it
-        when that connection ends, however the holder ends."""
+    async def join(self, host: HostRecord, quiet_seconds: float) -> FleetClaim:
+        lock = f"SELECT pg_advisory_xact_lock({LOCK_CLASS}, {_FLEET_LOCK_KEY})"
+        async with self._using("register this host", write=True) as conn:
+            return await shared_sql.join(conn, host, quiet_seconds, lock)
+
+    async def tick(
+        self, host: HostRecord, wanted: Sequence[str], lease_seconds: float, within: float
+    ) -> Tick:
+        async with self._using("renew the leases", write=True) as conn:
+            return await shared_sql.tick(conn, host, wanted, lease_seconds, within)
+
+    async def release(self, host: HostRecord, names: Sequence[str] | None = None) -> list[str]:
+        async with self._using("release the leases", write=True) as conn:
+            return await shared_sql.release(conn, host, names)
+
+    async def fleet_settings(self) -> FleetSettings | None:
+        async with self._using("read the fleet's settings") as conn:
+            return await shared_sql.fleet_settings(conn)
+
+    async def hosts(self, seen_within_seconds: float) -> list[HostStatus]:
+        async with self._using("read the hosts") as conn:
+            return await shared_sql.hosts(conn, seen_within_seconds)
+
+    async def add_hint(self, customer_id: str | None, event_id: str) -> None:
+        async with self._using(f"record the hint of webhook {event_id}", write=True) as conn:
+            await shared_sql.add_hint(conn, HINTS, customer_id, event_id)
+
+    async def take_hints(self, limit: int = 100) -> list[str | None]:
+        async with self._using("take the webhook hints", write=True) as conn:
+            return await shared_sql.take_hints(conn, limit)
+
+    async def notify(self, kind: str, payload: str) -> None:
+        async with self._using(f"notify {kind}") as conn:
+            await conn.execute(shared_sql.NOTIFY, kind, payload)
+
+    async def listen(self, on_notice: Callable[[str, str], None]) -> Listening:
         conn = await self._connect()
         try:
-            try:
-                held = await conn.fetchval(
-                    f"SELECT pg_try_advisory_lock($1, {_LOCK_KEY})", LOCK_CLASS, "deliver"
-                )
-                holder = None if held else await conn.fetchval(_LOCK_HOLDER, LOCK_CLASS, "deliver")
-            except _DRIVER_ERRORS as e:
-                raise self._error(e, "take the delivery lock", False, None) from None
-            if not held:
-                raise LockedError(
-                    f"another perksync ({holder or 'another connection'}) is delivering from "
-                    f"the state database {self.name}; if it is the service, stop it first "
-                    "(`perksync status` works while it runs); if it is a --sync-now, "
-                    "wait for it to finish"
-                )
-            yield
-        finally:
-            await conn.close()
+            for kind in (HINTS, JOURNAL):
+                channel = await conn.fetchval(shared_sql.CHANNEL, kind)
+                await conn.add_listener(channel, _notice_to(kind, on_notice))
+        except _DRIVER_ERRORS as e:
+            conn.terminate()
+            raise self._error(e, "listen for the other hosts", False, None) from None
+        return _Listener(conn)
 
     # --- token mode: the configured links ---------------------------------------------
 
@@ -939,9 +970,24 @@ class PostgresStore:
             rows = await conn.fetch(_UNFINISHED, server, after_id, limit)
         return [_journal_row(r) for r in rows]
 
-    async def mark_attempt(self, row_id: int) -> bool:
+    async def mark_attempt(self, row_id: int, fence: Fence | None = None) -> bool:
         doing = f"count an attempt of journal row {row_id}"
-        return await self._finish(row_id, _MARK_ATTEMPT, (), doing)
+        if fence is None:
+            return await self._finish(row_id, _MARK_ATTEMPT, (), doing)
+        params = (fence.lease, fence.holder, fence.token, fence.margin_seconds)
+        async with self._using(doing, write=True) as conn:
+            changed, exists, fenced = await conn.fetchrow(
+                shared_sql.MARK_ATTEMPT_FENCED, row_id, *params
+            )
+        if not exists:
+            raise StoreError(f"state database {self.name}: no journal row {row_id}")
+        if not fenced:
+            raise LeaseLost(
+                f"state database {self.name}: the lease {fence.lease} is no longer this "
+                f"host's (token {fence.token}) for {fence.margin_seconds:g}s more: "
+                f"journal row {row_id} not sent"
+            )
+        return bool(changed)
 
     async def mark_waiting(self, row_id: int, reason: str) -> None:
         params = (_text(reason),)
@@ -1059,6 +1105,28 @@ class PostgresStore:
         return [
             ServerCounts.tally(server, by_status) for server, by_status in sorted(counts.items())
         ]
+
+
+def _notice_to(kind: str, on_notice: Callable[[str, str], None]) -> Callable[..., None]:
+    def received(connection: Any, pid: int, channel: str, payload: str) -> None:
+        on_notice(kind, payload)
+
+    return received
+
+
+class _Listener:
+    """The connection of `PostgresStore.listen`."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    @property
+    def alive(self) -> bool:
+        return not self._conn.is_closed()
+
+    async def close(self) -> None:
+        with contextlib.suppress(*_DRIVER_ERRORS):
+            await self._conn.close(timeout=2)
 
 
 def _commit_params(customer_id: str, version: int, change: CustomerChange) -> list[Any]:

@@ -68,6 +68,7 @@ from daemon.state import (
     CustomerChange,
     CustomerTxn,
     DueExpiry,
+    Fence,
     GrantedItem,
     JournalEntry,
     JournalRow,
@@ -83,6 +84,7 @@ from daemon.state import (
     StoreError,
     StoreWriteError,
     Totals,
+    refuse_fence,
 )
 from daemon.state.blocks import Block, CustomerLocks
 
@@ -1194,7 +1196,8 @@ class SqliteStore:
         with self._errors(f"read the pending commands of {server}") as conn:
             return [_journal_row(r) for r in conn.execute(_UNFINISHED, (server, after_id, limit))]
 
-    async def mark_attempt(self, row_id: int) -> bool:
+    async def mark_attempt(self, row_id: int, fence: Fence | None = None) -> bool:
+        refuse_fence(fence, f"the state file {self.path}")
         doing = f"count an attempt of journal row {row_id}"
         return self._finish(row_id, _MARK_ATTEMPT, (row_id,), doing)
 
