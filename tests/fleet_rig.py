@@ -29,8 +29,10 @@ import secrets
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -287,6 +289,45 @@ def listening_in(namespace: str, port: int) -> socket.socket:
 _CLONE_NEWNET = 0x40000000
 
 
+class ReadyWatch:
+    """A $NOTIFY_SOCKET for every host, as systemd's: which processes said
+    READY=1 (their pid from the datagram's credentials, as systemd reads it)."""
+
+    def __init__(self) -> None:
+        # AF_UNIX paths end at 108 bytes: a short folder, whatever $TMPDIR is.
+        self.folder = tempfile.mkdtemp(prefix="ps-", dir="/tmp")
+        self.path = os.path.join(self.folder, "notify.sock")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.2)
+        self.ready: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        credentials = struct.Struct("3i")  # struct ucred: pid, uid, gid
+        while not self._stop.is_set():
+            try:
+                data, ancillary, _, _ = self.sock.recvmsg(65536, socket.CMSG_SPACE(12))
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            for level, kind, value in ancillary:
+                if (level, kind) == (socket.SOL_SOCKET, socket.SCM_CREDENTIALS):
+                    pid = credentials.unpack(value[: credentials.size])[0]
+                    if "READY=1" in data.decode(errors="replace").split("\n"):
+                        self.ready.add(pid)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 # --- the fleet ----------------------------------------------------------------------
 
 
@@ -321,6 +362,7 @@ class Fleet(World):
         self.networks = {site: SiteNetwork(f"{tag}{i}") for i, site in enumerate(sites)}
         self.forwarders: list[Forwarder] = []
         self._db: asyncpg.Connection | None = None
+        self.notify = ReadyWatch()
         self._owners_lock = threading.Lock()
 
     # --- set-up and tear-down
@@ -367,6 +409,7 @@ class Fleet(World):
             if self.loop.is_running():
                 super().__exit__()
         finally:
+            self.notify.close()
             for network in self.networks.values():
                 network.remove()
 
@@ -428,7 +471,7 @@ class Fleet(World):
         with (host.folder / "service.log").open("a") as log:
             host.proc = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, text=True,
-                env=self.cli_env(), cwd=host.folder,
+                env=self.cli_env({"NOTIFY_SOCKET": self.notify.path}), cwd=host.folder,
             )  # fmt: skip
         with self._owners_lock:
             host.lives.append(Life(name, len(host.lives) + 1, host.proc.pid))
@@ -444,9 +487,13 @@ class Fleet(World):
         self.kills.append(kill)
         return kill
 
-    def stop_all(self, timeout: float = 20.0) -> dict[str, int | None]:
-        """SIGTERM every running host; their exit statuses."""
+    def stop_all(self, timeout: float = 30.0) -> dict[str, int | None]:
+        """SIGTERM every running host once it said READY=1 (as systemd does
+        before it counts a service started); their exit statuses."""
         running = [h for h in self.hosts.values() if h.running]
+        ready = {host.life.pid for host in running}
+        if not _wait(lambda: ready <= self.notify.ready, timeout):
+            raise AssertionError(f"never ready: {sorted(ready - self.notify.ready)}")
         for host in running:
             assert host.proc is not None
             host.proc.send_signal(signal.SIGTERM)
@@ -480,6 +527,15 @@ class Fleet(World):
             "SELECT id, customer_id, item_id, server, event, command, status, created_at"
             " FROM journal ORDER BY id"
         )
+
+
+def _wait(check: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 # --- leases as the database shows them ---------------------------------------------
