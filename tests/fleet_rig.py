@@ -117,17 +117,34 @@ def _socket_inode(pid: int, local: tuple[str, int], remote_port: int) -> int | N
     return None
 
 
+def _socket_inodes(pid: int) -> set[int]:
+    """The inodes of every socket process `pid` has open."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(int(target[8:-1]))
+    return inodes
+
+
 def _holds_socket(pid: int, inode: int) -> bool:
-    wanted = f"socket:[{inode}]"
+    return inode in _socket_inodes(pid)
+
+
+def tcp_ends(pid: int) -> set[tuple[str, int]]:
+    """The local addresses of every TCP connection process `pid` has open."""
     try:
-        fds = os.listdir(f"/proc/{pid}/fd")
+        table = Path(f"/proc/{pid}/net/tcp").read_text()
     except OSError:
-        return False
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == wanted:
-                return True
-    return False
+        return set()
+    own = _socket_inodes(pid)
+    return {
+        _address(fields[1])
+        for fields in (line.split() for line in table.splitlines()[1:])
+        if int(fields[9]) in own
+    }
 
 
 def socket_owner(lives: Sequence[Life], peer: Any, server_port: int) -> Life | None:
@@ -364,6 +381,8 @@ class Fleet(World):
         self._db: asyncpg.Connection | None = None
         self.notify = ReadyWatch()
         self._owners_lock = threading.Lock()
+        # The connections of killed processes, by their local address.
+        self.graveyard: dict[tuple[str, int], Life] = {}
 
     # --- set-up and tear-down
 
@@ -415,7 +434,11 @@ class Fleet(World):
 
     def _identifier(self, fake: Any) -> Callable[[Any], object]:
         def identify(peer: Any) -> object:
-            return socket_owner(self.lives(), peer, fake.port) or peer
+            owner = socket_owner(self.lives(), peer, fake.port)
+            if owner is None and isinstance(peer, tuple):
+                with self._owners_lock:
+                    owner = self.graveyard.get((str(peer[0]), int(peer[1])))
+            return owner or peer
 
         return identify
 
@@ -478,10 +501,18 @@ class Fleet(World):
         return host
 
     def kill(self, name: str) -> Kill:
-        """kill -9 host `name`, and wait for it."""
+        """kill -9 host `name`, and wait for it.
+
+        SIGSTOP first: the process is dead to the world from there on, but its
+        sockets are still open, so the fakes can still name it as the sender
+        of what it wrote just before (they may read it only after the kill)."""
         host = self.hosts[name]
         assert host.proc is not None
         kill = Kill(host.life, time.time(), time.monotonic())
+        host.proc.send_signal(signal.SIGSTOP)
+        with self._owners_lock:
+            for end in tcp_ends(host.life.pid):
+                self.graveyard[end] = host.life
         host.proc.send_signal(signal.SIGKILL)
         host.proc.wait()
         self.kills.append(kill)
