@@ -823,7 +823,13 @@ def _resolve_secrets(settings: Settings, base_dir: str, env: Mapping[str, str]) 
     jobs: list[tuple[BaseModel, str, str, str]] = [
         (link, "token", f"customers[{i}]", "_token") for i, link in enumerate(settings.customers)
     ]
-    jobs += [(s, "password", f"servers.{n}", "_password") for n, s in settings.servers.items()]
+    # A host of a site reads only its own site's RCON passwords (it sends nowhere else).
+    own = set(settings.own_servers)
+    jobs += [
+        (s, "password", f"servers.{n}", "_password")
+        for n, s in settings.servers.items()
+        if n in own
+    ]
     if settings.paynow.has_api_key:
         jobs.append((settings.paynow, "api_key", "paynow", "_api_key"))
     if settings.paynow.has_webhook_secret:

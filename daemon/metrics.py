@@ -144,6 +144,8 @@ class PrometheusTelemetry:
         self._poll_stale_fixed = poll_stale_seconds
         self.delivery_stale_seconds = delivery_stale_seconds
         self.started_at = clock()
+        # Since when this process polls (None: another host of the database does).
+        self._polls_since: float | None = self.started_at
 
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -384,28 +386,7 @@ class PrometheusTelemetry:
     def health(self, now: float | None = None) -> tuple[bool, str]:
         """(True, "ok") or (False, one line naming every reason, "; "-separated)."""
         now = self._clock() if now is None else now
-        reasons: list[str] = []
-        limit = self.poll_stale_seconds
-        since = max(self._last_any_success or self.started_at, self.started_at)
-        troubled = self._failed_since_success + self._skipped_since_success
-        if now - since > limit and troubled:
-            parts = []
-            if self._failed_since_success:
-                parts.append(
-                    f"{self._failed_since_success} failed (last: {self._last_failure_kind})"
-                )
-            if self._skipped_since_success:
-                parts.append(f"{self._skipped_since_success} skipped (overrunning)")
-            what = "no poll succeeded" if self._last_any_success is None else "no successful poll"
-            reasons.append(f"{what} for {_ago(now - since)}: {', '.join(parts)}")
-        elif self._linked_count():
-            # (A failure or skip since `since` would make `active` recent too.)
-            active = max(self._last_poll_activity or self.started_at, self.started_at)
-            if now - active > limit:
-                reasons.append(
-                    f"no poll finished for {_ago(now - active)} "
-                    f"({self._linked_count()} customers linked)"
-                )
+        reasons: list[str] = [] if self._polls_since is None else self._poll_reasons(now)
         for name in sorted(self._servers):
             state = self._servers[name]
             if state.failing_since is None or state.pending == 0:
@@ -420,6 +401,41 @@ class PrometheusTelemetry:
         if reasons:
             return False, "; ".join(reasons)
         return True, "ok"
+
+    def polls_here(self, polling: bool) -> None:
+        """Several hosts on one database: whether this one polls now (the
+        health rules about polls hold only while it does, from then on)."""
+        if polling and self._polls_since is None:
+            self._polls_since = self._clock()
+        elif not polling:
+            self._polls_since = None
+
+    def _poll_reasons(self, now: float) -> list[str]:
+        """Why polling is unhealthy (see `health`)."""
+        reasons: list[str] = []
+        start = self._polls_since or self.started_at
+        limit = self.poll_stale_seconds
+        since = max(self._last_any_success or start, start)
+        troubled = self._failed_since_success + self._skipped_since_success
+        if now - since > limit and troubled:
+            parts = []
+            if self._failed_since_success:
+                parts.append(
+                    f"{self._failed_since_success} failed (last: {self._last_failure_kind})"
+                )
+            if self._skipped_since_success:
+                parts.append(f"{self._skipped_since_success} skipped (overrunning)")
+            what = "no poll succeeded" if self._last_any_success is None else "no successful poll"
+            reasons.append(f"{what} for {_ago(now - since)}: {', '.join(parts)}")
+        elif self._linked_count():
+            # (A failure or skip since `since` would make `active` recent too.)
+            active = max(self._last_poll_activity or start, start)
+            if now - active > limit:
+                reasons.append(
+                    f"no poll finished for {_ago(now - active)} "
+                    f"({self._linked_count()} customers linked)"
+                )
+        return reasons
 
     def refresh(self, now: float | None = None) -> None:
         """Update the derived gauges before a scrape (on the loop thread)."""

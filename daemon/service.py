@@ -30,8 +30,9 @@ from start to stop (the state file's lock makes it the only one). A host
 whose settings the fleet no longer runs stops, and `run()` returns 2.
 
 Tests run it in-process: `handle_signals=False` leaves the process's
-signals alone, and `clock` sets the time decisions are made at (local
-expiry, health) and paces the heartbeat and a failing server's retries;
+signals alone, `clock` sets the time decisions are made at (local
+expiry, health) and paces the heartbeat, the lease ticks and a failing
+server's retries, and `hostname` names the host (as a host of several);
 APScheduler's jobs still fire on the wall clock.
 """
 
@@ -56,7 +57,7 @@ from daemon.config import ConfigError, Settings, load_settings
 from daemon.delivery import ServerRules, ServerWorker, deliver_forever, make_server_factory
 from daemon.expiry import sweep_expiries
 from daemon.fleet.fingerprint import fingerprint
-from daemon.fleet.host import Fleet
+from daemon.fleet.host import Fleet, lease_timing
 from daemon.fleet.leases import ServerLease
 from daemon.http_api import start_http, stop_http
 from daemon.metrics import PrometheusTelemetry
@@ -87,6 +88,7 @@ class Service:
         *,
         handle_signals: bool = True,
         clock: Clock = SYSTEM_CLOCK,
+        hostname: str | None = None,
     ) -> None:
         self.config_path = config_path
         self.settings = settings
@@ -113,8 +115,9 @@ class Service:
         # Several hosts on one PostgreSQL database: the leases that give the roles.
         self.fleet: Fleet | None = None
         if settings.state_db_postgres:
-            self.fleet = Fleet(settings, cast(SharedStore, store), self, clock)
+            self.fleet = Fleet(settings, cast(SharedStore, store), self, clock, hostname)
             self.core.wakers.elsewhere = self.fleet.wakeups.journaled
+            self.telemetry.polls_here(False)  # until the poll lease says so
         self.fleet_task: asyncio.Task[None] | None = None
         self.exit_status = 0
         self.source: TokenSource | None = None  # token mode
@@ -236,6 +239,7 @@ class Service:
 
     def start_polling(self) -> None:
         self.polling = True
+        self.telemetry.polls_here(True)
         if self.polls is not None:
             self.polls.schedule(self.settings)
         if self.store_reads is not None:
@@ -255,6 +259,7 @@ class Service:
     async def stop_polling(self) -> None:
         """Another host polls now: no more reads, sweeps or pruning here."""
         self.polling = False
+        self.telemetry.polls_here(False)
         for reads in (self.polls, self.store_reads):
             if reads is not None:
                 reads.unschedule()
@@ -406,9 +411,11 @@ class Service:
             return
         if self.fleet is not None and _fleet_settings_changed(old, new):
             log.error(
-                "config reload rejected, keeping the running config: servers, products or "
-                "sync.site changed, which every host of the state database shares; stop every "
-                "host, then start them with the new config.yaml"
+                "config reload rejected, keeping the running config: servers, products, "
+                "sync.site or the leases' length (sync.interval_seconds, the servers' "
+                "timeout_seconds) changed; servers and products are the same on every host "
+                "of the state database: stop every host, then start them with the new "
+                "config.yaml (the others: restart this host)"
             )
             notify.ready()
             return
@@ -521,7 +528,13 @@ class Service:
 
 
 def _fleet_settings_changed(old: Settings, new: Settings) -> bool:
-    return old.sync.site != new.sync.site or fingerprint(old) != fingerprint(new)
+    """What a host of several cannot change while it runs: what the hosts
+    share, its site, and how long its leases last."""
+    return (
+        old.sync.site != new.sync.site
+        or fingerprint(old) != fingerprint(new)
+        or lease_timing(old) != lease_timing(new)
+    )
 
 
 def _what_runs(settings: Settings) -> str:

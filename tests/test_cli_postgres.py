@@ -152,6 +152,37 @@ def test_sync_now_stops_while_another_host_holds_the_leases(world: World, url: s
     assert world.received("survival") == []
 
 
+def test_a_host_with_other_settings_does_not_start_while_the_fleet_runs(
+    world: World, url: str
+) -> None:
+    token, _ = world.add_customer(platform="minecraft", name="alice")
+    world.add_item(token, "vip")
+    world.config(PRODUCTS, extra={"sync": {"state_db": url}})
+    running = HostRecord("web-1:4242:ab", "web-1", 4242, None, "0" * 64)
+
+    async def beside_a_running_host() -> list[subprocess.CompletedProcess[str]]:
+        holder = open_store(url)
+        assert isinstance(holder, PostgresStore)
+        try:
+            await holder.join(running, 120)
+            await holder.tick(running, ["poll"], 60, 5)
+            return [
+                await asyncio.to_thread(world.run_cli, *args, timeout=30)
+                for args in ((), ("--sync-now",))  # the service, a pass
+            ]
+        finally:
+            await holder.close()
+
+    for result in asyncio.run(beside_a_running_host()):
+        assert result.returncode == 2, result.stderr
+        assert (
+            "the hosts of this database run other settings (fingerprint 000000000000, stored "
+            "by web-1 pid 4242 at "
+        ) in result.stderr
+        assert "servers and products must be the same on every host" in result.stderr
+    assert world.received("survival") == []
+
+
 def test_a_password_in_the_state_url_is_a_config_error(world: World) -> None:
     world.config(
         PRODUCTS,

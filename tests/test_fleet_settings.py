@@ -70,6 +70,21 @@ def test_a_host_of_a_site_delivers_to_that_sites_servers_only(tmp_path: Path) ->
     assert settings.own_servers == ["lobby"]
 
 
+def test_a_host_reads_only_its_own_sites_rcon_passwords(tmp_path: Path) -> None:
+    data = yaml.safe_load(config(site="eu"))
+    for name in ("lobby", "arena"):
+        del data["servers"][name]["password"]
+        data["servers"][name]["password_file"] = f"rcon-{name}"
+    (tmp_path / "rcon-lobby").write_text("lobby-SECRET\n")
+    settings = load(tmp_path, yaml.safe_dump(data))  # rcon-arena is at the other site only
+    assert settings.servers["lobby"].secret.get_secret_value() == "lobby-SECRET"
+    data["sync"]["site"] = "us"
+    assert errors(tmp_path, yaml.safe_dump(data)) == [
+        f"servers.arena.password_file: cannot read {tmp_path.resolve()}/rcon-arena: "
+        "No such file or directory"
+    ]
+
+
 def test_without_sites_every_host_delivers_to_every_server(tmp_path: Path) -> None:
     settings = load(tmp_path, config(sites={"lobby": None, "arena": None}))
     assert settings.own_servers == ["lobby", "arena"]

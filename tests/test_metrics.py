@@ -221,6 +221,21 @@ def test_stalled_polling_is_unhealthy_only_with_linked_customers() -> None:
     assert nobody.health() == (True, "ok")
 
 
+def test_a_host_that_does_not_poll_is_not_unhealthy_for_want_of_polls() -> None:
+    """Several hosts on one database: one polls; the others stand by."""
+    t, clock = make(customers=["alice"], poll_stale_seconds=300)
+    t.polls_here(False)
+    clock.now = T0 + 10_000
+    assert t.health() == (True, "ok")
+    # It takes polling over: the rules count from then on.
+    t.polls_here(True)
+    clock.now = T0 + 10_000 + 299
+    assert t.health() == (True, "ok")
+    clock.now = T0 + 10_000 + 301
+    healthy, reason = t.health()
+    assert not healthy and "no poll finished for 5 min" in reason
+
+
 def test_health_now_argument_overrides_the_clock() -> None:
     t, _ = make(customers=["alice"], poll_stale_seconds=300)
     t.poll_failed("alice", "unavailable")

@@ -33,6 +33,7 @@ from daemon.fleet.leases import (
     ServerLease,
     elsewhere_line,
     gained_line,
+    lease_noun,
     read_tick,
     role,
     roles,
@@ -79,8 +80,8 @@ class Roles(Protocol):
         ...
 
 
-def host_record(settings: Settings) -> HostRecord:
-    hostname = socket.gethostname()
+def host_record(settings: Settings, hostname: str | None = None) -> HostRecord:
+    hostname = hostname or socket.gethostname()
     pid = os.getpid()
     host_id = f"{hostname}:{pid}:{secrets.token_hex(4)}"
     return HostRecord(host_id, hostname, pid, settings.sync.site, fingerprint(settings))
@@ -120,6 +121,7 @@ class Fleet:
     store: SharedStore
     roles: Roles
     clock: Clock
+    hostname: str | None = None  # as the host is named (default: the machine's)
     host: HostRecord = field(init=False)
     timing: LeaseTiming = field(init=False)
     refused: str | None = None  # why the fleet's settings stopped this host
@@ -130,7 +132,7 @@ class Fleet:
     _renew_failed: bool = False
 
     def __post_init__(self) -> None:
-        self.host = host_record(self.settings)
+        self.host = host_record(self.settings, self.hostname)
         self.timing = lease_timing(self.settings)
         self.wakeups = Wakeups(self.store, self.roles, self.clock, self.polling)
 
@@ -207,7 +209,9 @@ class Fleet:
     async def _apply(self, tick: Tick, sent: float) -> None:
         outcome = read_tick(self.held, self.seen_holders, list(tick.leases))
         for name in outcome.lost:
-            log.warning("lost the lease of %s: another host holds it now", role(name))
+            log.warning(
+                "lost %s: another host holds it now; stopped %s", lease_noun(name), role(name)
+            )
             await self._stop(name)
         for lease in outcome.kept:
             self._renewed(lease.name, sent)

@@ -26,6 +26,13 @@ def role(name: str) -> str:
     return f"delivering to {name.removeprefix(SERVER_LEASE)}"
 
 
+def lease_noun(name: str) -> str:
+    """ "the poll lease", "the lease of server lobby"."""
+    if name == POLL_LEASE:
+        return "the poll lease"
+    return f"the lease of server {name.removeprefix(SERVER_LEASE)}"
+
+
 def roles(names: list[str]) -> str:
     """What a host holding `names` does: "polling, delivering to arena, lobby"."""
     servers = sorted(n.removeprefix(SERVER_LEASE) for n in names if n.startswith(SERVER_LEASE))
@@ -72,10 +79,10 @@ def read_tick(
 
 def gained_line(lease: LeaseState, host_id: str) -> str:
     """`took over polling (held by web-2 pid 4242 until 14:03:07, its lease ran
-    out)`, `delivering to lobby`."""
+    out)`, `now delivering to lobby (the lease was free)`."""
     what = role(lease.name)
     if lease.was_holder is None or lease.was_holder == host_id:
-        return what
+        return f"now {what} (the lease was {'free' if lease.was_holder is None else 'ours'})"
     who = lease.was_host or "a host that left no record"
     why = "it stopped" if lease.was_stopped else "its lease ran out"
     return f"took over {what} (held by {who} until {_clock(lease.was_until)}, {why})"

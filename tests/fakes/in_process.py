@@ -159,14 +159,22 @@ class LocalWorld(World):
 
     @contextlib.asynccontextmanager
     async def service(
-        self, clock: Clock, *, store_url: str | None = None
+        self,
+        clock: Clock,
+        *,
+        store_url: str | None = None,
+        config: Path | None = None,
+        hostname: str | None = None,
     ) -> AsyncIterator[RunningService]:
-        """The service of config.yaml, started (READY sent) on `clock`; stopped
-        at the end if the test did not stop it."""
-        path = self.folder / "config.yaml"
+        """The service of config.yaml (or `config`), started (READY sent) on
+        `clock`; stopped at the end if the test did not stop it. `hostname`:
+        as a host of several on one database names itself."""
+        path = config or self.folder / "config.yaml"
         settings = load_settings(path, env={})
-        store = open_store(store_url or str(settings.state_db_path))
-        service = Service(path, settings, store, handle_signals=False, clock=clock)
+        store = open_store(store_url or settings.state_db_url)
+        service = Service(
+            path, settings, store, handle_signals=False, clock=clock, hostname=hostname
+        )
         running = RunningService(service, asyncio.create_task(service.run()))
         try:
             with self._logging():
