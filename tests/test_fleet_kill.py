@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import socket
 import threading
 import time
 from collections import Counter
@@ -282,18 +283,23 @@ def held_by(leases: LeaseWatch, lease: str, kill: Kill) -> Holding | None:
 
 
 def check_takeover(fleet: Fleet, leases: LeaseWatch) -> None:
-    """Each lease the killed process held had another holder within one interval."""
+    """Each lease the killed process held had another holder within one
+    interval, and that host logged that it took it over, from whom."""
     delays: dict[str, list[float]] = {"poll": [], "server": []}
+    lives = {life.pid: life for life in fleet.lives()}
     for kill in fleet.kills:
         for lease in leases.history:
             held = held_by(leases, lease, kill)
             if held is None:
                 continue
             after = leases.next_holder(lease, held)
-            assert after is not None, (lease, kill)
+            assert after is not None and after.pid is not None, (lease, kill)
             delay = after.taken_at.timestamp() - kill.wall
             assert delay <= INTERVAL, (lease, kill, delay)
             delays["poll" if lease == "poll" else "server"].append(delay)
+            role = "polling" if lease == "poll" else f"delivering to {lease.split(':', 1)[1]}"
+            line = f"took over {role} (held by {socket.gethostname()} pid {kill.life.pid} until"
+            assert line in fleet.hosts[lives[after.pid].host].log(), line
     # The kills did hit the poller, and servers' delivering hosts, many times.
     assert len(delays["poll"]) >= 5 and len(delays["server"]) >= 10, delays
 

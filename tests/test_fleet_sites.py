@@ -13,6 +13,7 @@ perksync, keeps RCON inside its site.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -91,6 +92,7 @@ def test_each_host_connects_only_to_its_own_sites_servers(fleet: Fleet) -> None:
         fleet.start(life.host)
     grants += buy(fleet, customers, 3)
     assert wait_until(lambda: delivered(fleet, grants), timeout=60)
+    check_status(fleet)
     statuses = fleet.stop_all()
 
     for server, spec in SERVERS.items():
@@ -106,6 +108,30 @@ def test_each_host_connects_only_to_its_own_sites_servers(fleet: Fleet) -> None:
             if spec.site != host.site:
                 assert f"server {server}:" not in log, (host.name, server)
     assert statuses == dict.fromkeys(HOSTS, 0), statuses
+
+
+def check_status(fleet: Fleet) -> None:
+    """`perksync status` lists every running host with its site, and each
+    delivers to servers of its own site only."""
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon", "--config", str(fleet.hosts["eu-1"].folder / "config.yaml"),
+         "status"],
+        capture_output=True, text=True, timeout=60, env=fleet.cli_env(), check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = {
+        int(line.split(" pid ")[1].split(",")[0]): line
+        for line in result.stdout.splitlines()
+        if " pid " in line and ", site " in line
+    }
+    for host in fleet.hosts.values():
+        line = lines[host.life.pid]
+        assert f", site {host.site}: " in line, line
+        doing = line.split(": ", 1)[1].split(";")[0]
+        named = {s for s in SERVERS if re.search(rf"\b{s}\b", doing)}
+        assert all(SERVERS[s].site == host.site for s in named), line
+    delivering = [line for line in lines.values() if "delivering to" in line]
+    assert delivering, result.stdout
 
 
 def own_hosts(site: str | None) -> set[str]:
