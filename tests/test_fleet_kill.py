@@ -31,7 +31,16 @@ import pytest
 
 from tests.fakes.rcon_server import Executed
 from tests.fakes.world import RCON_PASSWORD
-from tests.fleet_rig import INTERVAL, Fleet, Holding, Kill, LeaseWatch, Life, ServerSpec
+from tests.fleet_rig import (
+    INTERVAL,
+    RCON_TIMEOUT,
+    Fleet,
+    Holding,
+    Kill,
+    LeaseWatch,
+    Life,
+    ServerSpec,
+)
 from tests.postgres_db import empty_schema
 from tests.test_service_process import wait_until
 
@@ -233,9 +242,9 @@ def check_nothing_lost_or_invented(fleet: Fleet, shop: Shop) -> None:
 
 
 def check_repeats_only_in_flight(fleet: Fleet, leases: LeaseWatch) -> None:
-    """A command ran twice only if its first run was the last command the
-    killed process ran on that server; at most one repeat per kill of the
-    process delivering to that server."""
+    """A command ran again only if its earlier run was the last command a
+    killed process ran on that server (the one in flight); at most one repeat
+    per kill of the process delivering to that server."""
     killed = {kill.life for kill in fleet.kills}
     for server in SERVERS:
         log = fleet.executed(server)
@@ -243,16 +252,17 @@ def check_repeats_only_in_flight(fleet: Fleet, leases: LeaseWatch) -> None:
         last_by: dict[object, Executed] = {}
         for run in log:
             last_by[run.client] = run
-        counts = Counter(run.command for run in log)
-        repeated = [command for command, n in counts.items() if n > 1]
-        assert all(counts[c] == 2 for c in repeated), (server, counts.most_common(3))
-        for command in repeated:
-            first = next(run for run in log if run.command == command)
-            assert isinstance(first.client, Life), (server, command, first.client)
-            assert first.client in killed, (server, command, first.client)
-            assert last_by[first.client] is first, (server, command, "not the last one sent")
+        runs: dict[str, list[Executed]] = {}
+        for run in log:
+            runs.setdefault(run.command, []).append(run)
+        repeats = 0
+        for command, each in runs.items():
+            for earlier in each[:-1]:
+                assert earlier.client in killed, (server, command, earlier.client)
+                assert last_by[earlier.client] is earlier, (server, command, "not in flight")
+                repeats += 1
         delivering = [k for k in fleet.kills if held_by(leases, f"server:{server}", k)]
-        assert len(repeated) <= len(delivering), (server, repeated, delivering)
+        assert repeats <= len(delivering), (server, repeats, delivering)
 
 
 def check_order(fleet: Fleet, shop: Shop) -> None:
@@ -321,7 +331,8 @@ def check_one_poller_at_a_time(fleet: Fleet) -> None:
 def check_delivery_resumes(fleet: Fleet, leases: LeaseWatch) -> None:
     """When the process delivering to a server died, the commands journaled
     for that server meanwhile ran within one interval of the kill (or of
-    their journaling, if later)."""
+    their journaling, if later), plus one RCON timeout: the new holder's first
+    send (connect, log in, command) is bounded by that, not by the lease."""
     created = {r["command"]: r["created_at"].timestamp() for r in reversed(fleet.journal())}
     measured = 0
     for server in SERVERS:
@@ -338,10 +349,6 @@ def check_delivery_resumes(fleet: Fleet, leases: LeaseWatch) -> None:
                 continue  # the next holder died too before it sent anything
             waited = [created[r.command] - to_mono for r in after if r.at >= resumed]
             since = max(kill.mono, min(waited))
-            if since > kill.mono + INTERVAL / 2:
-                continue  # nothing was waiting while the lease ran out
-            assert resumed - since <= INTERVAL, (server, kill, resumed - since)
+            assert resumed - since <= INTERVAL + RCON_TIMEOUT, (server, kill, resumed - since)
             measured += 1
-    # Often the poller delivered too: then nothing was journaled until the new
-    # poller took over, and that kill measures nothing here (check_takeover does).
-    assert measured >= 1, measured
+    assert measured >= 5, measured
