@@ -113,11 +113,7 @@ class Service:
         self.worker_stops: dict[str, asyncio.Event] = {}
         self.polling = False  # this host reads PayNow, sweeps expiries, prunes the journal
         # Several hosts on one PostgreSQL database: the leases that give the roles.
-        self.fleet: Fleet | None = None
-        if settings.state_db_postgres:
-            self.fleet = Fleet(settings, cast(SharedStore, store), self, clock, hostname)
-            self.core.wakers.elsewhere = self.fleet.wakeups.journaled
-            self.telemetry.polls_here(False)  # until the poll lease says so
+        self.fleet = self._fleet(hostname) if settings.state_db_postgres else None
         self.fleet_task: asyncio.Task[None] | None = None
         self.exit_status = 0
         self.source: TokenSource | None = None  # token mode
@@ -130,6 +126,13 @@ class Service:
         self.webhooks: WebhookReceiver | None = None  # on that listener (store mode)
         self.store_failure: StoreWriteError | None = None  # the first; ends the service
         self._closing: set[asyncio.Task[None]] = set()  # connections closing after a reload
+
+    def _fleet(self, hostname: str | None) -> Fleet:
+        """This host of several on the PostgreSQL state (joined at `run`)."""
+        fleet = Fleet(self.settings, cast(SharedStore, self.store), self, self.clock, hostname)
+        self.core.wakers.elsewhere = fleet.wakeups.journaled
+        self.telemetry.polls_here(False)  # until the poll lease says so
+        return fleet
 
     def stop(self) -> None:
         """What SIGTERM does: stop reading, finish the commands in flight, return."""
@@ -229,6 +232,16 @@ class Service:
             return
         await self.fleet.join()
         self.fleet_task = asyncio.create_task(self.fleet.run(self.stopping, self._refused))
+        self.fleet_task.add_done_callback(self._fleet_ended)
+
+    def _fleet_ended(self, task: asyncio.Task[None]) -> None:
+        """The lease loop ends only when stopping; if it failed, nothing renews the
+        leases any more: stop (exit 1, so that systemd starts the host again)."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("the leases are no longer renewed (%r); stopping", task.exception())
+        self.exit_status = self.exit_status or 1
+        self.stopping.set()
 
     def _refused(self, why: str) -> None:
         log.error("stopped polling and delivering: %s", why)
@@ -342,6 +355,8 @@ class Service:
     async def _sweep(self) -> None:
         try:
             await sweep_expiries(self.core.applier)
+        except asyncio.CancelledError:
+            return  # stopping, or another host polls now: each customer commits atomically
         except StoreWriteError as exc:
             self._store_failed(exc)
         except Exception:
@@ -351,6 +366,8 @@ class Service:
         try:
             retention = self.settings.sync.journal_retention_days
             await prune_journal(self.store, retention, self.clock.now())
+        except asyncio.CancelledError:
+            return  # stopping, or another host polls now: each batch is one transaction
         except StoreWriteError as exc:
             self._store_failed(exc)
         except Exception:
@@ -402,21 +419,9 @@ class Service:
             notify.ready()
             return
         old = self.settings
-        if new.store_mode != old.store_mode:
-            log.error(
-                "config reload rejected, keeping the running config: paynow.api_key switches "
-                "between token mode and store mode; restart perksync to switch"
-            )
-            notify.ready()
-            return
-        if self.fleet is not None and _fleet_settings_changed(old, new):
-            log.error(
-                "config reload rejected, keeping the running config: servers, products, "
-                "sync.site or the leases' length (sync.interval_seconds, the servers' "
-                "timeout_seconds) changed; servers and products are the same on every host "
-                "of the state database: stop every host, then start them with the new "
-                "config.yaml (the others: restart this host)"
-            )
+        refused = _refused_reload(old, new, several_hosts=self.fleet is not None)
+        if refused is not None:
+            log.error("config reload rejected, keeping the running config: %s", refused)
             notify.ready()
             return
         if (new.state_db_url, new.state_db_password) != (old.state_db_url, old.state_db_password):
@@ -527,14 +532,26 @@ class Service:
         log.log(level, "%s", report.summary(service=True, store_mode=self.settings.store_mode))
 
 
-def _fleet_settings_changed(old: Settings, new: Settings) -> bool:
-    """What a host of several cannot change while it runs: what the hosts
-    share, its site, and how long its leases last."""
-    return (
+def _refused_reload(old: Settings, new: Settings, *, several_hosts: bool) -> str | None:
+    """Why a reload from `old` to `new` needs a restart instead, or None. A host
+    of several cannot change what the hosts share, its site, nor how long its
+    leases last."""
+    if new.store_mode != old.store_mode:
+        return (
+            "paynow.api_key switches between token mode and store mode; restart perksync to switch"
+        )
+    if several_hosts and (
         old.sync.site != new.sync.site
         or fingerprint(old) != fingerprint(new)
         or lease_timing(old) != lease_timing(new)
-    )
+    ):
+        return (
+            "servers, products, sync.site or the leases' length (sync.interval_seconds, the "
+            "servers' timeout_seconds) changed; servers and products are the same on every "
+            "host of the state database: stop every host, then start them with the new "
+            "config.yaml (the others: restart this host)"
+        )
+    return None
 
 
 def _what_runs(settings: Settings) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+import yaml
 
 from daemon.config import load_settings
 from daemon.fleet.fingerprint import fingerprint
@@ -181,6 +182,62 @@ def test_a_host_with_other_settings_does_not_start_while_the_fleet_runs(
         ) in result.stderr
         assert "servers and products must be the same on every host" in result.stderr
     assert world.received("survival") == []
+
+
+def test_a_pass_of_one_site_delivers_there_and_leaves_the_other_sites_rows(
+    tmp_path: Path, url: str
+) -> None:
+    with World(tmp_path, {"lobby": "minecraft", "arena": "minecraft"}) as world:
+        token, alice = world.add_customer(platform="minecraft", name="alice")
+        world.add_item(token, "vip")
+        path = world.config(
+            {"vip": {"on_active": ["lp user {customer.minecraft_uuid} parent add vip"]}},
+            extra={"sync": {"state_db": url, "site": "eu"}},
+        )
+        data = yaml.safe_load(path.read_text())
+        data["servers"]["lobby"]["site"] = "eu"
+        data["servers"]["arena"]["site"] = "us"
+        path.write_text(yaml.safe_dump(data))
+        output = run(world, "--sync-now", expect=0)  # what is left is not this site's
+        grant = f"lp user {alice['minecraft_uuid']} parent add vip"
+        assert world.received("lobby") == [grant]
+        assert world.received("arena") == []
+        assert world.rcon["arena"].connections_accepted == 0
+        assert "1 delivered" in output and "0 pending" in output
+        assert "1 pending for other sites' hosts (arena: 1)" in output
+        assert sorted(fetch(url, "SELECT server, status FROM journal")) == [
+            ("arena", "pending"),
+            ("lobby", "delivered"),
+        ]
+
+
+def test_status_lists_the_hosts_and_what_each_holds(world: World, url: str) -> None:
+    world.config(PRODUCTS, extra={"sync": {"state_db": url}})
+    ours = fingerprint(load_settings(world.folder / "config.yaml", env={}))
+    web1 = HostRecord("web-1:4242:ab", "web-1", 4242, None, ours)
+    web2 = HostRecord("web-2:977:cd", "web-2", 977, None, ours)
+
+    async def hosts_running() -> None:
+        store = open_store(url)
+        assert isinstance(store, PostgresStore)
+        try:
+            for host in (web1, web2):
+                await store.join(host, 120)
+                await store.tick(host, ["poll", "server:survival"], 60, 5)
+        finally:
+            await store.close()
+
+    asyncio.run(hosts_running())
+    output = run(world, "status", expect=0)
+    lines = output.splitlines()
+    header = next(line for line in lines if line.startswith("hosts ("))
+    assert header.startswith(
+        f"hosts (seen in the last 180s; settings {ours[:12]}, this config.yaml's, stored by "
+        "web-1 pid 4242 at "
+    )
+    web1_line = next(line for line in lines if line.startswith("  web-1 pid 4242: "))
+    assert web1_line.startswith("  web-1 pid 4242: polling, delivering to survival; last renewed ")
+    assert any(line.startswith("  web-2 pid 977: standing by; last renewed ") for line in lines)
 
 
 def test_a_password_in_the_state_url_is_a_config_error(world: World) -> None:

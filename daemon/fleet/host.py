@@ -155,7 +155,7 @@ class Fleet:
     async def run(self, stopping: asyncio.Event, refuse: Callable[[str], None]) -> None:
         """Renew the leases until `stopping`; `refuse(why)` when the fleet's
         settings were replaced (the service then stops, exit 2)."""
-        await self.wakeups.start()
+        await self.wakeups.start(self.timing.renew_seconds)
         try:
             while not stopping.is_set():
                 why = await self.renew()
@@ -174,8 +174,8 @@ class Fleet:
             tick = await self.store.tick(
                 self.host, self.wanted, self.timing.lease_seconds, self.timing.renew_seconds
             )
-        except (StoreError, OSError) as exc:
-            await self._renew_failed_now(str(exc))
+        except Exception as exc:  # whatever it is, the leases are not renewed
+            await self._renew_failed_now(str(exc) or type(exc).__name__)
             return None
         if self._renew_failed:
             log.info("the state database answers again: renewing the leases")
@@ -252,8 +252,8 @@ class Fleet:
         await self.roles.stop_delivering(server)
 
     async def stop_roles(self) -> None:
-        for name in sorted(self.held):
-            await self._stop(name)
+        """Every role at once (each server's command in flight ends in parallel)."""
+        await asyncio.gather(*(self._stop(name) for name in sorted(self.held)))
 
     def lost(self, server: str) -> None:
         """The server's worker stopped: its fence no longer held. The next tick

@@ -41,18 +41,26 @@ class Wakeups:
         self.hints_due = asyncio.Event()
         self._taking: asyncio.Task[None] | None = None
         self._sending: set[asyncio.Task[None]] = set()
+        self._told = False  # that listening failed (said once until it works again)
 
-    async def start(self) -> None:
-        await self._listen()
+    async def start(self, within: float) -> None:
+        await self._listen(within)
 
-    async def _listen(self) -> None:
+    async def _listen(self, within: float) -> None:
+        """Listen, unless a connection listens already; given up after
+        `within` seconds (the lease ticks must not wait for it)."""
         if self.listening is not None and self.listening.alive:
             return
+        self.listening = None
         try:
-            self.listening = await self.store.listen(self._notice)
-        except StoreError as exc:
-            log.warning("cannot listen for the other hosts (%s): looking on a timer", exc)
-            self.listening = None
+            self.listening = await asyncio.wait_for(self.store.listen(self._notice), within)
+        except (StoreError, TimeoutError) as exc:
+            if not self._told:
+                why = str(exc) or "no answer"
+                log.warning("cannot listen for the other hosts (%s): looking on a timer", why)
+            self._told = True
+            return
+        self._told = False
 
     def _notice(self, kind: str, payload: str) -> None:
         if kind == JOURNAL:
@@ -94,7 +102,7 @@ class Wakeups:
     async def between_ticks(self, stopping: asyncio.Event, seconds: float) -> None:
         """Wait for the next tick; meanwhile (and as a backstop) take hints and
         listen again if the connection broke."""
-        await self._listen()
+        await self._listen(seconds)
         if self.polling():
             self.take_hints()
         await wait_any(stopping, within=seconds, clock=self.clock)

@@ -22,6 +22,10 @@ end; across objects (another process, another host on a shared database) a
 commit made on `known` that another object's commit has since changed
 raises `CustomerChanged` and stores nothing, and the caller reads again.
 Blocks for different customers run side by side.
+
+**Several hosts** on one PostgreSQL database share out polling and delivery
+by leases (daemon/state/shared.py); a delivery attempt is then recorded only
+under its server's lease (`Fence`, `Store.mark_attempt`).
 """
 
 from __future__ import annotations

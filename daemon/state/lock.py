@@ -1,4 +1,5 @@
-"""One delivering perksync per state database.
+"""One delivering perksync per SQLite state database (on PostgreSQL, leases in
+the database say which host delivers where: daemon/fleet/).
 
 Two processes delivering from the same journal (the service, and a
 `--sync-now` from cron or by hand) could both send the same pending row. The
