@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import yaml
@@ -79,6 +79,7 @@ class Host:
     lives: list[Life] = field(default_factory=list)
     proc: subprocess.Popen[str] | None = None
     listen_port: int | None = None
+    db_link: Forwarder | None = None  # its own way to PostgreSQL, if any
 
     @property
     def running(self) -> bool:
@@ -233,15 +234,21 @@ class SiteNetwork:
 
 
 class Forwarder:
-    """A TCP forwarder on the fakes' loop: a listening socket → `target`, both ways."""
+    """A TCP forwarder on the fakes' loop: a listening socket → `target`, both
+    ways. `flowing` cleared: what arrives is held, connections stay open (a
+    network that went silent); set again, it flows on."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
+        self.port = 0
+        self.flowing = asyncio.Event()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, sock: socket.socket) -> None:
+        self.flowing.set()
         self._server = await asyncio.start_server(self._serve, sock=sock)
+        self.port = sock.getsockname()[1]
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -256,20 +263,32 @@ class Forwarder:
             writer.close()
             return
         for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.ensure_future(_pipe(src, dst))
+            task = asyncio.ensure_future(_pipe(src, dst, self.flowing))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
 
-async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+async def _pipe(
+    src: asyncio.StreamReader, dst: asyncio.StreamWriter, flowing: asyncio.Event
+) -> None:
     try:
         while data := await src.read(65536):
+            await flowing.wait()
             dst.write(data)
             await dst.drain()
     except (OSError, asyncio.CancelledError):
         pass
     finally:
         dst.close()
+
+
+def _listening(address: tuple[str, int]) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(address)
+    sock.listen(64)
+    sock.setblocking(False)
+    return sock
 
 
 def listening_in(namespace: str, port: int) -> socket.socket:
@@ -286,12 +305,7 @@ def listening_in(namespace: str, port: int) -> socket.socket:
                     raise OSError(ctypes.get_errno(), f"setns into {namespace}")
             finally:
                 os.close(fd)
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("127.0.0.1", port))
-            sock.listen(64)
-            sock.setblocking(False)
-            made.append(sock)
+            made.append(_listening(("127.0.0.1", port)))
         except BaseException as exc:
             made.append(exc)
 
@@ -360,7 +374,10 @@ class Fleet(World):
         *,
         netns: bool = False,
         webhooks: bool = False,
+        db_links: bool = False,
     ) -> None:
+        """`db_links`: each host reaches PostgreSQL through a forwarder of its
+        own (`Host.db_link`), so a test can cut one host off the database."""
         super().__init__(folder, {n: s.platform for n, s in servers.items()}, store=True)
         self.db_url = db_url
         self.specs = dict(servers)
@@ -378,6 +395,7 @@ class Fleet(World):
         sites = sorted({s for s in hosts.values() if s is not None}) if netns else []
         self.networks = {site: SiteNetwork(f"{tag}{i}") for i, site in enumerate(sites)}
         self.forwarders: list[Forwarder] = []
+        self.db_links = db_links
         self._db: asyncpg.Connection | None = None
         self.notify = ReadyWatch()
         self._owners_lock = threading.Lock()
@@ -400,6 +418,10 @@ class Fleet(World):
             # Inside a namespace PostgreSQL and PayNow are where they are outside
             # (127.0.0.1, same ports): every host's config names them alike.
             db = urlsplit(self.db_url)
+            for host in self.hosts.values() if self.db_links else ():
+                host.db_link = Forwarder((db.hostname or "127.0.0.1", db.port or 5432))
+                self.call(host.db_link.start(_listening(("127.0.0.1", 0))))
+                self.forwarders.append(host.db_link)
             for network in self.networks.values():
                 for port, target in (
                     (db.port or 5432, (db.hostname or "127.0.0.1", db.port or 5432)),
@@ -450,6 +472,11 @@ class Fleet(World):
 
     def host_config(self, host: Host) -> Path:
         db_url, api_url = self.db_url, self.management.url
+        if host.db_link is not None:
+            parts = urlsplit(db_url)
+            user = parts.netloc.rpartition("@")[0]
+            at = f"{user}@" if user else ""
+            db_url = urlunsplit(parts._replace(netloc=f"{at}127.0.0.1:{host.db_link.port}"))
         paynow_section: dict[str, Any] = {
             "api_url": api_url, "timeout_seconds": 2,
             "store_id": self.management.store_id, "api_key_env": API_KEY_ENV,
