@@ -68,7 +68,7 @@ import hmac
 import json
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, NamedTuple
@@ -158,6 +158,7 @@ class StoreRequest(RequestRecord):
 
     kind: str = "other"  # "store_items", "customer_items" or "other"
     customer_id: str | None = None
+    client: object = None  # what `FakeStore.identify` said of the peer
 
 
 @dataclass(frozen=True)
@@ -220,6 +221,9 @@ class FakeStore:
         self.api_key = api_key or "pnapi_" + secrets.token_urlsafe(32)
         self.keep_log = keep_log
         self.log: list[StoreRequest] = []
+        # Names each request's client from its peer address (tests with several
+        # client processes map it to a process while the connection is open).
+        self.identify: Callable[[Any], object] = lambda peer: peer
         self.webhooks_sent: list[WebhookResult] = []
         self.host = "127.0.0.1"
         self.port = 0
@@ -728,6 +732,9 @@ class FakeStore:
             user_agent=request.headers.get("User-Agent"),
             kind=kind,
             customer_id=customer_id,
+            client=self.identify(
+                request.transport and request.transport.get_extra_info("peername")
+            ),
         )
         if self.keep_log:
             self.log.append(record)

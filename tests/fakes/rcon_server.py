@@ -11,9 +11,16 @@ Usage::
     await server.start()            # listens on 127.0.0.1:<server.port>
     ...
     server.commands                 # every command executed, in order
+    server.command_log              # the same as Executed(command, client, at)
     server.received                 # every packet parsed: ReceivedPacket(id, type, body)
     server.auth_attempts, server.connections_accepted, server.violations
+    server.clients                  # who connected, in order (see ``identify``)
     await server.stop()
+
+``server.identify`` (peer address -> anything, default: the address itself)
+names the client of each connection when it is accepted, while the client's
+socket is surely open (tests that run several client processes map the peer
+to a process there); ``clients`` and ``command_log`` carry that name.
 
 Replies: ``server.reply`` is a callable ``str -> str`` (default: echo the
 command back). The game's own answers come first:
@@ -99,6 +106,7 @@ import contextlib
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, Literal, NamedTuple
 
@@ -137,10 +145,20 @@ FAULTS = (
 _HEADER = struct.Struct("<iii")
 
 
+class Executed(NamedTuple):
+    command: str
+    client: object  # what ``identify`` said of the connection's peer
+    at: float  # time.monotonic() when the command ran
+
+
 class ReceivedPacket(NamedTuple):
     request_id: int
     type: int
     body: bytes
+
+
+def _peer_address(peer: Any) -> object:
+    return peer
 
 
 def pack(request_id: int, packet_type: int, body: bytes) -> bytes:
@@ -250,6 +268,7 @@ class _Connection:
     hung: bool
     # The rest of a reply held back by early_marker_answer.
     held: bytes
+    client: object
 
     def _start(self, server: FakeRconServer, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -258,6 +277,8 @@ class _Connection:
         self.authed = False
         self.hung = False
         self.held = b""
+        self.client = server.identify(transport.get_extra_info("peername"))
+        server.clients.append(self.client)
         server.connections_accepted += 1
         server._conns.add(self)
 
@@ -289,6 +310,7 @@ class _Connection:
         if server._take("marker_only_reply"):
             return True
         server.commands.append(command)
+        server.command_log.append(Executed(command, self.client, time.monotonic()))
         if server.on_command is not None:
             server.on_command(command)
         if server._take("drop_after_execute"):
@@ -524,6 +546,9 @@ class FakeRconServer:
         self._armed: dict[str, int] = {}
         # records
         self.commands: list[str] = []
+        self.command_log: list[Executed] = []
+        self.clients: list[object] = []
+        self.identify: Callable[[Any], object] = _peer_address
         self.received: list[ReceivedPacket] = []
         self.auth_attempts = 0
         self.connections_accepted = 0
