@@ -812,7 +812,8 @@ def _check_lease_timing(settings: Settings) -> list[str]:
         f"sync.interval_seconds: {interval:g} is too short for servers.{name}.timeout_seconds "
         f"{timeout:g} on a postgresql:// state: hosts take over within one interval, so a "
         f"lease lasts {timing.lease_seconds:g}s, and a host sends only while its lease "
-        f"outlives the RCON timeout; make sync.interval_seconds more than {2 * timeout:g}, "
+        f"outlives the RCON timeout; make sync.interval_seconds more than "
+        f"{LeaseTiming.shortest_interval(timeout):g}, "
         "or the timeout shorter"
     ]
 
