@@ -5,7 +5,7 @@
     python -m bench rcon --commands 5000
     python -m bench growth --sizes 1000,10000,50000
     python -m bench idle                  # service mode, opt-in: ~11 minutes
-    python -m bench store                 # store mode as a service, opt-in: ~25 minutes
+    python -m bench store                 # store mode as a service, opt-in: ~20 minutes
 
 A single part writes `<part>-latest.{md,json}` instead of `latest.{md,json}`.
 The idle and store parts are not in the default run (either would take it
@@ -43,7 +43,7 @@ from bench.store import BACKENDS, Scenario, run_store
 from bench.store_report import store_line, store_verdict
 
 PARTS = ("poll", "rcon", "growth")  # what `python -m bench` runs
-OPT_IN = ("idle", "store")  # run only when named: ~11 and ~25 minutes
+OPT_IN = ("idle", "store")  # run only when named: ~11 and ~20 minutes
 
 
 def pass_timeout(customers: int) -> float:

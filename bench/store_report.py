@@ -196,7 +196,7 @@ def store_section(store: dict[str, Any] | None) -> list[str]:
             "## Store mode as a service",
             "",
             "Not measured in this run. The store part is opt-in: `python -m bench store` (about "
-            "25 minutes: per state backend a seeding `--sync-now`, then the service idle for 2 "
+            "20 minutes: per state backend a seeding `--sync-now`, then the service idle for 2 "
             "minutes, 3 minutes of purchases and chargebacks without webhooks, 3 with them).",
         ]
     sc, runs = store["scenario"], store["runs"]
