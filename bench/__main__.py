@@ -5,12 +5,14 @@
     python -m bench rcon --commands 5000
     python -m bench growth --sizes 1000,10000,50000
     python -m bench idle                  # service mode, opt-in: ~11 minutes
+    python -m bench store                 # store mode as a service, opt-in: ~20 minutes
 
 A single part writes `<part>-latest.{md,json}` instead of `latest.{md,json}`.
-The idle part is not in the default run (it would take it past ~18 minutes):
-`python -m bench idle` also folds its results into an existing
-`latest.{json,md}`, and a default run keeps the idle results it finds there
-(the report names the date and commit they were measured at).
+The idle and store parts are not in the default run (either would take it
+past ~18 minutes): `python -m bench idle` and `python -m bench store` also
+fold their results into an existing `latest.{json,md}`, and a default run
+keeps the idle and store results it finds there (the report names the date
+and commit they were measured at).
 """
 
 from __future__ import annotations
@@ -37,8 +39,11 @@ from bench.report import (
     poll_verdict,
     rcon_verdict,
 )
+from bench.store import BACKENDS, Scenario, run_store
+from bench.store_report import store_line, store_verdict
 
-PARTS = ("poll", "rcon", "growth")  # what `python -m bench` runs; "idle" is opt-in (~8 min)
+PARTS = ("poll", "rcon", "growth")  # what `python -m bench` runs
+OPT_IN = ("idle", "store")  # run only when named: ~11 and ~20 minutes
 
 
 def pass_timeout(customers: int) -> float:
@@ -50,13 +55,21 @@ def _sizes(text: str) -> list[int]:
     return sorted({int(part) for part in text.split(",") if part.strip()})
 
 
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = set(names) - set(BACKENDS)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown backend {sorted(unknown)[0]!r}; {BACKENDS}")
+    return names
+
+
 def _rates(text: str) -> tuple[float, ...]:
     return tuple(float(part) for part in text.split(",") if part.strip())
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description="perksync benchmarks")
-    parser.add_argument("part", nargs="?", default="all", choices=["all", *PARTS, "idle"])
+    parser.add_argument("part", nargs="?", default="all", choices=["all", *PARTS, *OPT_IN])
     parser.add_argument("--customers", type=int, default=10_000, help="poll / idle: customers")
     parser.add_argument("--items", type=int, default=5, help="poll: items per customer")
     parser.add_argument("--concurrency", type=int, default=16, help="poll: sync.concurrency")
@@ -73,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_RATE_LIMITS,
         help="idle: paynow.requests_per_second of each service run (0: no limit)",
     )
+    store = parser.add_argument_group("store (store mode as a service; --customers, --interval)")
+    store.add_argument("--store-items", type=int, default=50_000, help="items in the store")
+    store.add_argument("--live", type=int, default=20_000, help="of them live")
+    store.add_argument("--new-items", type=float, default=5.0, help="sync.new_items_seconds")
+    store.add_argument("--idle-minutes", type=float, default=2.0)
+    store.add_argument("--phase-minutes", type=float, default=3.0, help="without, with webhooks")
+    store.add_argument("--purchases", type=int, default=60, help="per phase")
+    store.add_argument("--revokes", type=int, default=20, help="chargebacks per phase")
+    store.add_argument("--backends", type=_names, default=BACKENDS, help="sqlite,postgres")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     return parser
 
@@ -141,9 +163,33 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
                 f" RSS {st['rss_mb_avg']:.1f} MB avg, peak {one['peak_rss_mb']:.1f} MB"
             )
         results["idle"] = idle
+    if "store" in parts:
+        results["store"] = _store(args, results)
     results["elapsed_s"] = time.perf_counter() - started
     results["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return results
+
+
+def _store(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:
+    scenario = Scenario(
+        customers=args.customers, items=args.store_items, live=args.live,
+        interval_s=args.interval, new_items_s=args.new_items, idle_minutes=args.idle_minutes,
+        phase_minutes=args.phase_minutes, purchases=args.purchases, revokes=args.revokes,
+    )  # fmt: skip
+    _say(
+        f"store mode: {scenario.customers:,} customers, {scenario.items:,} items "
+        f"({scenario.live:,} live), backends {', '.join(args.backends)} ..."
+    )
+    store = run_store(scenario, args.backends)
+    m = results["machine"]
+    store["measured"] = {
+        "command": results["command"],
+        **{k: m[k] for k in ("date", "commit", "loadavg_at_start")},
+    }
+    for one in store["runs"]:
+        one["verdict"] = store_verdict(one, scenario)
+        _say(f"  {one['backend']}: {store_line(one)}")
+    return store
 
 
 def _poll_line(p: dict[str, Any]) -> str:
@@ -167,11 +213,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     latest = args.out / "latest.json"
     previous = json.loads(latest.read_text()) if latest.exists() else None
-    if stem == "latest" and "idle" not in results and previous and previous.get("idle"):
-        results["idle"] = previous["idle"]  # opt-in part: keep the last one measured
+    for part in OPT_IN:
+        if stem == "latest" and part not in results and previous and previous.get(part):
+            results[part] = previous[part]  # opt-in part: keep the last one measured
     _write(args.out, stem, results)
-    if args.part == "idle" and previous is not None:
-        previous["idle"] = results["idle"]  # fold it into the full report
+    if args.part in OPT_IN and previous is not None:
+        previous[args.part] = results[args.part]  # fold it into the full report
         _write(args.out, "latest", previous)
     return 0
 

@@ -1,10 +1,12 @@
 """The loopback fakes as stand-alone processes, driven over stdin/stdout.
 
     python -m bench.fakes paynow --customers N --items 5 --workdir DIR
+    python -m bench.fakes store --customers N --items M --live L --workdir DIR --secret S
     python -m bench.fakes rcon --password PW
 
 Each prints one line `ready <port>` when it listens, then answers one line per
-command read from stdin (see `_paynow_command` and `_rcon_command`; `cpu` gives
+command read from stdin (see `_paynow_command`, `bench.store_fake` and
+`_rcon_command`; `cpu` gives
 the fake's own CPU time, so the report can show what the fakes spent during
 each measured run). They are
 separate processes so that their CPU time never counts against the client
@@ -17,12 +19,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import resource
-import sys
-from collections.abc import AsyncIterator
+import time
 from pathlib import Path
 from typing import Any
 
+from bench.fake_io import cpu, lines, reply
+from bench.store_fake import serve_store
 from tests.fakes.paynow_api import FakePayNow
 from tests.fakes.rcon_server import FakeRconServer
 
@@ -31,26 +33,6 @@ from tests.fakes.rcon_server import FakeRconServer
 # others are ignored, as a store's cosmetic items are by a perk daemon.
 PRODUCTS = ("vip", "crate-key", "kit", "cosmetic", "tag")
 PAGE_LIMIT = 100
-
-
-def _cpu() -> str:
-    """This process's CPU time so far (user + sys), in seconds."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return repr(usage.ru_utime + usage.ru_stime)
-
-
-def _reply(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
-async def _lines() -> AsyncIterator[list[str]]:
-    loop = asyncio.get_running_loop()
-    while True:
-        line = await loop.run_in_executor(None, sys.stdin.readline)
-        if not line:  # the parent went away
-            return
-        yield line.split()
 
 
 # --------------------------------------------------------------------- PayNow
@@ -126,7 +108,7 @@ def _paynow_command(fake: FakePayNow, tokens: list[str], workdir: Path, words: l
     if command == "requests":  # requests served so far, by path
         return json.dumps(dict(fake.requests_by_path))
     if command == "cpu":
-        return _cpu()
+        return cpu()
     return f"error unknown command {command!r}"
 
 
@@ -136,14 +118,14 @@ async def _serve_paynow(args: argparse.Namespace) -> None:
     workdir = Path(args.workdir)
     _write_tokens(fake, tokens, workdir / "tokens.txt")
     await fake.start("127.0.0.1", 0)
-    _reply(f"ready {fake.port}")
+    reply(f"ready {fake.port}")
     try:
-        async for words in _lines():
+        async for words in lines():
             if words == ["quit"]:
-                _reply("bye")
+                reply("bye")
                 return
             if words:
-                _reply(_paynow_command(fake, tokens, workdir, words))
+                reply(_paynow_command(fake, tokens, workdir, words))
     finally:
         await fake.stop()
 
@@ -151,18 +133,24 @@ async def _serve_paynow(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------- RCON
 
 
-def _rcon_command(server: FakeRconServer, words: list[str]) -> str:
+def _rcon_command(server: FakeRconServer, words: list[str], arrived: list[float]) -> str:
     command = words[0]
     if command == "count":
         return str(len(server.commands))
     if command == "cpu":
-        return _cpu()
+        return cpu()
     if command == "dump":  # dump PATH: every command so far, as JSON
         Path(words[1]).write_text(json.dumps(server.commands))
+        return "ok"
+    if command == "dump_timed":  # dump_timed PATH: [[time.time() on arrival, command], ...]
+        Path(words[1]).write_text(
+            json.dumps([list(x) for x in zip(arrived, server.commands, strict=True)])
+        )
         return "ok"
     if command == "clear":
         server.commands.clear()
         server.received.clear()
+        arrived.clear()
         return "ok"
     if command == "stats":
         stats = {
@@ -176,15 +164,19 @@ def _rcon_command(server: FakeRconServer, words: list[str]) -> str:
 
 async def _serve_rcon(args: argparse.Namespace) -> None:
     server = FakeRconServer(args.profile, password=args.password)
+    # When each command arrived (this machine's wall clock, as the store fake
+    # stamps its purchases), in the order of `server.commands`.
+    arrived: list[float] = []
+    server.on_command = lambda command: arrived.append(time.time())
     await server.start()
-    _reply(f"ready {server.port}")
+    reply(f"ready {server.port}")
     try:
-        async for words in _lines():
+        async for words in lines():
             if words == ["quit"]:
-                _reply("bye")
+                reply("bye")
                 return
             if words:
-                _reply(_rcon_command(server, words))
+                reply(_rcon_command(server, words, arrived))
     finally:
         await server.stop()
 
@@ -196,12 +188,18 @@ def main(argv: list[str] | None = None) -> None:
     paynow.add_argument("--customers", type=int, required=True)
     paynow.add_argument("--items", type=int, default=5)
     paynow.add_argument("--workdir", required=True)
+    store = sub.add_parser("store")
+    store.add_argument("--customers", type=int, required=True)
+    store.add_argument("--items", type=int, required=True, help="items in all")
+    store.add_argument("--live", type=int, required=True, help="of them live (the newest)")
+    store.add_argument("--workdir", required=True)
+    store.add_argument("--secret", required=True, help="the webhook secret to sign with")
     rcon = sub.add_parser("rcon")
     rcon.add_argument("--profile", choices=["minecraft", "srcds"], default="minecraft")
     rcon.add_argument("--password", required=True)
     args = parser.parse_args(argv)
-    serve = _serve_paynow if args.fake == "paynow" else _serve_rcon
-    asyncio.run(serve(args))
+    serves = {"paynow": _serve_paynow, "store": serve_store, "rcon": _serve_rcon}
+    asyncio.run(serves[args.fake](args))
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def proc_memory_mb(pid: int) -> dict[str, float]:
     return out
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -100,7 +100,7 @@ def _delta(after: dict[str, int] | None, before: dict[str, int] | None) -> dict[
     return {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(after) | set(before))}
 
 
-class _Watch:
+class Watch:
     """Samples one live process: CPU between marks, VmRSS every `every` seconds."""
 
     def __init__(self, proc: subprocess.Popen[bytes], log: Path, every: float) -> None:
@@ -142,7 +142,7 @@ def run_service(
 ) -> dict[str, Any]:
     """One service run against the running fakes, in `folder` (its config and state)."""
     folder.mkdir()
-    http_port = _free_port()
+    http_port = free_port()
     config = write_config(folder, paynow.port, rcon.port, concurrency, folder.parent / "tokens.txt")
     # The state a running service has: one `--sync-now` (no rate limit) has
     # seen every customer and delivered their commands. Measured from a fresh
@@ -176,7 +176,7 @@ def run_service(
             [sys.executable, "-m", "daemon", "--config", str(config)],
             cwd=folder, env=child_env(perksync=True), stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
-        watch = _Watch(service, log, sample_s)
+        watch = Watch(service, log, sample_s)
         try:
             # 1. The first interval: start-up, the config, the first polls.
             watch.wait(t0 + warmup_s)

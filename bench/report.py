@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bench.procs import REPO, SOURCE_VARIABLE, perksync_source
+from bench.store_report import store_section
 
 # Issue 4's targets.
 POLL_MAX_RATIO = 1.3  # warm pass wall time / bare aiohttp loop wall time
@@ -152,6 +153,7 @@ def markdown(results: dict[str, Any]) -> str:
     growth = results.get("growth")
     if growth:
         lines += _growth_section(growth)
+    lines += store_section(results.get("store"))
     idle = results.get("idle")
     lines += (
         _idle_section(idle, poll)

@@ -4,8 +4,10 @@
 at 20 and 50 customers: the result files exist and have the expected
 structure, and every perksync pass delivered exactly the commands expected
 from the fake's data. `python -m bench idle` (opt-in) with 20 customers every
-2 s, for a few seconds. Timings are only checked to be there: they are the
-benchmark's business, not a test's.
+2 s, for a few seconds. `python -m bench store` (opt-in) with 10 customers and
+50 items, reads every second and snapshots every 3 s, a few purchases and
+chargebacks without and with webhooks, on SQLite and on PostgreSQL. Timings
+are only checked to be there: they are the benchmark's business, not a test's.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pytest
 
 from bench.__main__ import main
 from bench.report import markdown
+from tests.postgres_db import require_server
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -108,11 +111,14 @@ def test_report_names_the_machine_and_the_command(results: dict[str, Any]) -> No
     text = markdown(results)
     assert results["machine"]["cores"] >= 1
     assert results["command"].startswith("python -m bench ")
-    for heading in ("## Poll pass", "## RCON throughput", "## Growth", "## Idle service"):
+    for heading in (
+        "## Poll pass", "## RCON throughput", "## Growth", "## Idle service",
+        "## Store mode as a service",
+    ):  # fmt: skip
         assert heading in text
-    # The idle part is opt-in: not in this run, and the report says how to run it.
-    assert "idle" not in results
-    assert "python -m bench idle" in text
+    # The idle and store parts are opt-in: not in this run, and the report says how to run them.
+    assert "idle" not in results and "store" not in results
+    assert "python -m bench idle" in text and "python -m bench store" in text
 
 
 def test_idle_service_runs_each_rate_limit(tmp_path: Path) -> None:
@@ -141,3 +147,66 @@ def test_idle_service_runs_each_rate_limit(tmp_path: Path) -> None:
         assert steady["cpu_percent_of_one_core"] >= 0 and first["cpu_s"] > 0
         assert 0 < steady["rss_mb_avg"] <= steady["rss_mb_max"] <= run["peak_rss_mb"]
         assert set(run["verdict"]) == {"cpu_under_3pct", "rss_under_150mb"}
+
+
+PURCHASES, REVOKES = 4, 2  # per phase
+
+
+def _store_run(tmp_path: Path, backend: str) -> dict[str, Any]:
+    argv = [
+        "store", "--customers", "10", "--store-items", "50", "--live", "20",
+        "--interval", "3", "--new-items", "1", "--idle-minutes", "0.1", "--phase-minutes", "0.1",
+        "--purchases", str(PURCHASES), "--revokes", str(REVOKES), "--backends", backend,
+    ]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    assert not (tmp_path / "latest.json").exists()  # nothing to fold the results into
+    assert "## Store mode as a service" in (tmp_path / "store-latest.md").read_text()
+    store: dict[str, Any] = json.loads((tmp_path / "store-latest.json").read_text())["store"]
+    runs: list[dict[str, Any]] = store["runs"]
+    [run] = runs
+    assert run["backend"] == backend
+    return run
+
+
+def _store_run_ok(run: dict[str, Any]) -> None:
+    # 10 customers × 5 items, the newest 20 live: one vip and one crate-key each.
+    assert run["seeded"]["commands_delivered"] == 20
+    # Each purchase's grant and each chargeback's take-back, in both phases, once.
+    expected = 2 * (PURCHASES + REVOKES)
+    assert run["delivered"] == {"expected": expected, "received": expected}
+    for phase in ("polling", "webhooks"):
+        assert run[phase]["purchase"]["latency_s"]["n"] == PURCHASES
+        assert run[phase]["revoke"]["latency_s"]["n"] == REVOKES
+        for kind in ("purchase", "revoke"):
+            latency = run[phase][kind]["latency_s"]
+            assert 0 <= latency["p50"] <= latency["p95"] <= latency["max"]
+    assert run["webhooks"]["statuses"] == {"200": PURCHASES + REVOKES}
+    # Without webhooks a purchase is found by a new-items read, a chargeback
+    # through a snapshot and its customer's look-up.
+    assert set(run["polling"]["purchase"]["stages_s"]) == {
+        "wait_for_new_items_read", "read_to_command",
+    }  # fmt: skip
+    assert set(run["polling"]["revoke"]["stages_s"]) == {
+        "wait_for_snapshot", "snapshot_to_look_up", "look_up_to_command",
+    }  # fmt: skip
+    idle = run["windows"]["idle"]
+    assert idle["by_read_per_min"]["look_ups"] == 0  # nothing changed: nothing looked up
+    assert (
+        idle["by_read_per_min"]["new_items"] > 0 and idle["by_read_per_min"]["snapshot_pages"] > 0
+    )
+    assert idle["not_ok"] == 0 and idle["cpu_percent_of_one_core"] >= 0
+    assert 0 < idle["rss_mb_avg"] <= idle["rss_mb_max"] <= run["peak_rss_mb"]
+    assert run["snapshots"]["count"] >= 2 and run["snapshots"]["pages"]["max"] == 1
+    assert run["exit_code"] == 0
+    assert set(run["verdict"]) == {
+        "purchase_p95_polling", "purchase_p95_webhooks", "revoke_p95", "idle_cpu", "rss",
+    }  # fmt: skip
+
+
+def test_store_mode_service_on_sqlite(tmp_path: Path) -> None:
+    _store_run_ok(_store_run(tmp_path, "sqlite"))
+
+
+def test_store_mode_service_on_postgres(tmp_path: Path) -> None:
+    require_server()
+    _store_run_ok(_store_run(tmp_path, "postgres"))
