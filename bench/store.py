@@ -123,7 +123,9 @@ def write_config(
         "    host: 127.0.0.1",
         f"    port: {ports['rcon']}",
         f"    password_file: {folder / 'secret-rcon'}",
-        "    timeout_seconds: 10",
+        # 10 s at the measured interval; shorter ones (the smoke test's) need a
+        # timeout under a third of the interval on a PostgreSQL state.
+        f"    timeout_seconds: {min(10.0, sc.interval_s / 4):g}",
         "products:",
     ]
     for slug, events in PRODUCTS.items():

@@ -136,7 +136,9 @@ class Applier:
         self.telemetry = telemetry
         self.wake = wake
         self.names = names  # customer id → how log lines name it
-        self.commits = 0  # commits so far (what reaches no server is checked after one)
+        # Commits that stored items, marks or a customer so far: what reaches no
+        # server is checked again only after one.
+        self.commits = 0
         self.on_unlinked_commit: Callable[[str], None] | None = None
         self._missing_logged: set[str] = set()
         self._expired_logged: set[str] = set()
@@ -153,17 +155,18 @@ class Applier:
         for attempt in range(1, CHANGED_RETRIES + 1):
             try:
                 async with self.store.customer(customer.id) as txn:
-                    entries = await self._apply(txn, answer, label, link)
+                    change = await self._apply(txn, answer, label, link)
                 break
             except CustomerChanged:
                 if attempt == CHANGED_RETRIES:
                     raise
                 log.debug("customer %s changed elsewhere meanwhile; deciding again", label)
-        self._committed(customer.id, entries, linked=link is not None)
+        self._committed(customer.id, change)
 
     async def _apply(
         self, txn: CustomerTxn, answer: Answer, label: str, link: LinkSync | None
-    ) -> list[JournalEntry]:
+    ) -> CustomerChange | None:
+        """Decide and commit; the change committed (None: nothing was)."""
         known = txn.known
         stale = {i.id for i in answer.items if _read_later(known.items.get(i.id), answer.read_at)}
         items = [i for i in answer.items if i.id not in stale]
@@ -187,9 +190,11 @@ class Applier:
         if not result.marks and same_as_stored(known.items, items, complete=answer.complete):
             # Nothing changed but the answers' bytes (or the settings, or this
             # is the first pass since an upgrade): only the customer and link.
-            if customer is not None or link is not None:
-                await txn.commit(CustomerChange(now, customer, link=link))
-            return []
+            if customer is None and link is None:
+                return None
+            unchanged = CustomerChange(now, customer, link=link)
+            await txn.commit(unchanged)
+            return unchanged
         shared = share_events(marks, result.events, result.marks, known.open_grants)
         self._log_shares(label, shared, result.marks)
         entries = journal_entries(self.settings, answer.customer, shared.events, at=now)
@@ -198,7 +203,7 @@ class Applier:
             now, customer, seen, result.marks, entries, link, cancel_grants=shared.cancel_grants
         )
         await txn.commit(change)
-        return entries
+        return change
 
     def _log_oddities(
         self,
@@ -268,19 +273,19 @@ class Applier:
         for attempt in range(1, CHANGED_RETRIES + 1):
             try:
                 async with self.store.customer(customer_id) as txn:
-                    entries, expired = await self._expire(txn, due)
+                    change = await self._expire(txn, due)
                 break
             except CustomerChanged:
                 if attempt == CHANGED_RETRIES:
                     raise
-        if expired:
-            self.report.expired_locally += expired
-            self._committed(customer_id, entries, linked=False)
-        return expired
+        if change is None:
+            return 0
+        self.report.expired_locally += len(change.marks)
+        self._committed(customer_id, change)
+        return len(change.marks)
 
-    async def _expire(
-        self, txn: CustomerTxn, due: Sequence[DueExpiry]
-    ) -> tuple[list[JournalEntry], int]:
+    async def _expire(self, txn: CustomerTxn, due: Sequence[DueExpiry]) -> CustomerChange | None:
+        """Decide and commit; the change committed (None: none was due any more)."""
         known = txn.known
         customer = Customer.from_api(json.loads(due[0].customer_raw))
         self.names.setdefault(customer.id, describe_customer(customer))
@@ -303,7 +308,7 @@ class Applier:
                 expiry.expires_at.isoformat(timespec="seconds"), expiry.server,
             )  # fmt: skip
         if not marks:
-            return [], 0
+            return None
         now = self.clock.now()
         shared = share_events(known_marks, events, marks, known.open_grants)
         self._log_shares(self.names[customer.id], shared, marks)
@@ -312,17 +317,19 @@ class Applier:
             now, marks=marks, entries=entries, cancel_grants=shared.cancel_grants
         )
         await txn.commit(change)
-        return entries, len(marks)
+        return change
 
     # --- after a commit -------------------------------------------------------------
 
-    def _committed(
-        self, customer_id: str, entries: Sequence[JournalEntry], *, linked: bool
-    ) -> None:
-        self.commits += 1
-        if not linked and self.on_unlinked_commit is not None:
+    def _committed(self, customer_id: str, change: CustomerChange | None) -> None:
+        if change is None:
+            return  # nothing was stored: nothing to tell anyone
+        if change.customer is not None or change.seen or change.marks:
+            # What reaches no server may have changed (a sync time alone does not).
+            self.commits += 1
+        if change.link is None and self.on_unlinked_commit is not None:
             self.on_unlinked_commit(customer_id)
-        self.journaled(entries)
+        self.journaled(change.entries)
 
     def journaled(self, entries: Sequence[JournalEntry]) -> None:
         """Count and log newly journaled rows; wake the servers with pending ones."""

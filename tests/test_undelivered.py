@@ -17,6 +17,7 @@ import pytest
 
 from daemon.config import Settings, load_settings
 from daemon.paynow import StorefrontClient, make_session
+from daemon.sources import Answer
 from daemon.state import CustomerChange, CustomerRecord, LinkSync, LiveItems, SeenItem
 from daemon.state.sqlite import SqliteStore
 from daemon.undelivered import (
@@ -28,6 +29,7 @@ from daemon.undelivered import (
     id_fields,
 )
 from daemon.wiring import Core
+from tests.conftest import customer, item
 from tests.fakes.paynow_api import FakePayNow
 
 CONFIG = """
@@ -255,3 +257,35 @@ def test_many_customers_lacking_an_id_are_warned_in_a_few_lines(
         "and 3 more customers hold live items that reach no server for want of an id "
         "(perksync status lists them)"
     )
+
+
+def test_an_answer_that_changes_nothing_does_not_count_as_a_commit(tmp_path: Path) -> None:
+    """Store mode reads the newest item again at every new-items read: re-applying
+    it stores nothing, so what reaches no server is not read again for it."""
+    settings = settings_for(tmp_path, tokens=["t0"], labels=["alice"])
+
+    async def main() -> None:
+        store = CountingStore(tmp_path / "state.sqlite3")
+        core = Core(settings, store)
+
+        async def apply(*items: Any, **changes: Any) -> None:
+            answer = Answer(customer(**changes), list(items), complete=False, read_at=NOW)
+            await core.applier.apply(answer, label="alice")
+
+        await apply(item("1", slug="gem"))
+        await core.undelivered.check(core.applier.commits)
+        assert store.live_reads == 1
+        for _ in range(3):
+            await apply(item("1", slug="gem"))
+            await core.undelivered.check(core.applier.commits)
+        assert store.live_reads == 1
+        # A new item, or the customer's own record changing, is read again.
+        await apply(item("1", slug="gem"), item("2", slug="gem"))
+        await core.undelivered.check(core.applier.commits)
+        assert store.live_reads == 2
+        await apply(item("1", slug="gem"), item("2", slug="gem"), name="renamed")
+        await core.undelivered.check(core.applier.commits)
+        assert store.live_reads == 3
+        await store.close()
+
+    asyncio.run(main())
