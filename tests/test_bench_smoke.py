@@ -155,7 +155,7 @@ PURCHASES, REVOKES = 4, 2  # per phase
 def _store_run(tmp_path: Path, backend: str) -> dict[str, Any]:
     argv = [
         "store", "--customers", "10", "--store-items", "50", "--live", "20",
-        "--interval", "3", "--new-items", "1", "--idle-minutes", "0.1", "--phase-minutes", "0.1",
+        "--interval", "2", "--new-items", "1", "--idle-minutes", "0.05", "--phase-minutes", "0.05",
         "--purchases", str(PURCHASES), "--revokes", str(REVOKES), "--backends", backend,
     ]  # fmt: skip
     assert main([*argv, "--out", str(tmp_path)]) == 0
