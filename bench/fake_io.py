@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import resource
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 
 def cpu() -> str:
@@ -26,3 +26,13 @@ async def lines() -> AsyncIterator[list[str]]:
         if not line:  # the parent went away
             return
         yield line.split()
+
+
+async def answer_lines(answer: Callable[[list[str]], str]) -> None:
+    """Reply to each command line with `answer(words)` until `quit` (or stdin ends)."""
+    async for words in lines():
+        if words == ["quit"]:
+            reply("bye")
+            return
+        if words:
+            reply(answer(words))

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.fake_io import cpu, lines, reply
+from bench.fake_io import answer_lines, cpu, reply
 from bench.store_fake import serve_store
 from tests.fakes.paynow_api import FakePayNow
 from tests.fakes.rcon_server import FakeRconServer
@@ -120,12 +120,7 @@ async def _serve_paynow(args: argparse.Namespace) -> None:
     await fake.start("127.0.0.1", 0)
     reply(f"ready {fake.port}")
     try:
-        async for words in lines():
-            if words == ["quit"]:
-                reply("bye")
-                return
-            if words:
-                reply(_paynow_command(fake, tokens, workdir, words))
+        await answer_lines(lambda words: _paynow_command(fake, tokens, workdir, words))
     finally:
         await fake.stop()
 
@@ -171,12 +166,7 @@ async def _serve_rcon(args: argparse.Namespace) -> None:
     await server.start()
     reply(f"ready {server.port}")
     try:
-        async for words in lines():
-            if words == ["quit"]:
-                reply("bye")
-                return
-            if words:
-                reply(_rcon_command(server, words, arrived))
+        await answer_lines(lambda words: _rcon_command(server, words, arrived))
     finally:
         await server.stop()
 

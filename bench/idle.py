@@ -35,7 +35,6 @@ import itertools
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -46,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.poll import RCON_PASSWORD, write_config
-from bench.procs import REPO, Fake, child_env, perksync_source
+from bench.procs import REPO, Fake, child_env, perksync_source, stop_service
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -198,15 +197,7 @@ def run_service(
             peak = proc_memory_mb(service.pid)["VmHWM"]
         finally:
             # 3. Stop it.
-            stop0 = time.monotonic()
-            if service.poll() is None:
-                service.send_signal(signal.SIGTERM)
-            try:
-                service.wait(30)
-            except subprocess.TimeoutExpired:
-                service.kill()
-                service.wait(10)
-            stop_s = time.monotonic() - stop0
+            _, stop_s = stop_service(service, 30)
     steady_s = t2 - t1
     stretched = _STRETCHED.search(log.read_text(errors="replace"))
     polls = requests2.get(ITEMS_PATH, 0) - requests1.get(ITEMS_PATH, 0)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -154,3 +156,16 @@ class Fake:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def stop_service(service: subprocess.Popen[bytes], grace: float) -> tuple[int | None, float]:
+    """SIGTERM, then SIGKILL after `grace` seconds: (exit status, seconds to stop)."""
+    t0 = time.monotonic()
+    if service.poll() is None:
+        service.send_signal(signal.SIGTERM)
+    try:
+        service.wait(grace)
+    except subprocess.TimeoutExpired:
+        service.kill()
+        service.wait(10)
+    return service.returncode, time.monotonic() - t0

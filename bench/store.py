@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -47,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.idle import Watch, free_port, proc_cpu_seconds, proc_memory_mb
-from bench.procs import Fake, child_env
+from bench.procs import Fake, child_env, stop_service
 from bench.store_analysis import analyse, check_delivered
 from bench.store_fake import CONFIGURED, ROUNDS
 
@@ -243,18 +242,6 @@ def _idle(run: _Run, watch: Watch) -> None:
     run.mark("idle_end", pid)
 
 
-def _stop(service: subprocess.Popen[bytes]) -> tuple[int | None, float]:
-    t0 = time.monotonic()
-    if service.poll() is None:
-        service.send_signal(signal.SIGTERM)
-    try:
-        service.wait(60)
-    except subprocess.TimeoutExpired:
-        service.kill()
-        service.wait(10)
-    return service.returncode, time.monotonic() - t0
-
-
 def _service(run: _Run, config: Path, http_port: int) -> dict[str, Any]:
     """Start the service, wait for its first reads, then idle, polling, webhooks."""
     log = run.folder / "service.log"
@@ -276,7 +263,7 @@ def _service(run: _Run, config: Path, http_port: int) -> dict[str, Any]:
             _phase(run, watch, "webhooks", f"http://127.0.0.1:{http_port}/paynow/webhook", 2)
             peak = proc_memory_mb(service.pid)["VmHWM"]
         finally:
-            code, stop_s = _stop(service)
+            code, stop_s = stop_service(service, 60)
     return {"peak_rss_mb": peak, "exit_code": code, "stop_s": stop_s}
 
 

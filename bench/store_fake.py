@@ -35,7 +35,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from bench.fake_io import cpu, lines, reply
+from bench.fake_io import answer_lines, cpu, reply
 from tests.fakes.paynow_store import FakeStore
 
 ROUNDS = ("kit", "vip", "tag", "vip", "crate-key")  # a customer's n-th item's product
@@ -185,12 +185,7 @@ async def serve_store(args: argparse.Namespace) -> None:
     await fake.start("127.0.0.1", 0)
     reply(f"ready {fake.port}")
     try:
-        async for words in lines():
-            if words == ["quit"]:
-                reply("bye")
-                return
-            if words:
-                reply(_command(store, words))
+        await answer_lines(lambda words: _command(store, words))
     finally:
         for task in list(store.tasks):
             task.cancel()
