@@ -16,10 +16,12 @@ $(BIN)/perksync: pyproject.toml
 demo: $(BIN)/perksync
 	$(BIN)/python -m tests.fakes.demo
 
-# Lint, type-check and run the whole test suite (what CI runs). Work stealing keeps
-# both cores busy to the end: the few long subprocess tests would otherwise finish alone.
+# Lint, type-check and run the whole test suite (what CI runs). Many tests wait on
+# subprocesses and sockets, so half again as many workers as cores keeps the cores
+# busy; work stealing keeps them busy to the end (the few long subprocess tests would
+# otherwise finish alone).
 test: $(BIN)/perksync lint
-	$(BIN)/pytest -q -n auto --dist worksteal
+	$(BIN)/pytest -q -n $$(( $$(nproc) * 3 / 2 )) --dist worksteal
 
 lint: $(BIN)/perksync
 	$(BIN)/ruff check .
