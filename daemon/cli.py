@@ -34,6 +34,7 @@ from daemon.fleet.leases import ServerLease
 from daemon.http_api import ListenError
 from daemon.operator import UsageProblem, open_state, state_copy
 from daemon.preflight import setup_problems
+from daemon.report import PassReport
 from daemon.state import Store, StoreError, StoreWriteError, describe_postgres_url
 from daemon.state.lock import LockedError, LockFileError, state_lock
 from daemon.state.shared import SharedStore
@@ -259,6 +260,14 @@ async def _pass_leases(
         yield held
 
 
+async def _wake_other_hosts(settings: Settings, store: Store, report: PassReport) -> None:
+    """Rows a pass on a PostgreSQL state left for other sites' servers: wake their hosts."""
+    if settings.state_db_postgres and report.left_to_others:
+        from daemon.fleet.one_pass import wake_other_hosts
+
+        await wake_other_hosts(cast(SharedStore, store), report.left_to_others)
+
+
 async def _sync_now(settings: Settings, *, dry_run: bool) -> int:
     if dry_run:
         with state_copy(settings) as scratch:
@@ -267,6 +276,7 @@ async def _sync_now(settings: Settings, *, dry_run: bool) -> int:
     try:
         async with _pass_leases(settings, store) as leases:
             report = await run_pass(settings, store, leases=leases)
+        await _wake_other_hosts(settings, store, report)
     finally:
         await store.close()
     log.info("%s", report.summary(store_mode=settings.store_mode))

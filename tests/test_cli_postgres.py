@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import socket
 import subprocess
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,7 @@ from daemon.config import load_settings
 from daemon.fleet.fingerprint import fingerprint
 from daemon.state import describe_postgres_url, open_store
 from daemon.state.postgres import PostgresStore
-from daemon.state.shared import HostRecord
+from daemon.state.shared import JOURNAL, HostRecord
 from tests.fakes.postgres_login import FakeLoginServer
 from tests.fakes.world import RCON_PASSWORD, REPO, World
 from tests.postgres_db import empty_schema
@@ -64,6 +67,34 @@ def fetch(url: str, sql: str) -> list[tuple[Any, ...]]:
             await conn.close()
 
     return asyncio.run(read())
+
+
+@contextmanager
+def notifications(url: str) -> Iterator[queue.Queue[tuple[str, str]]]:
+    """What the hosts of `url`'s schema are notified of (kind, payload), heard
+    by a listener of its own in a thread, as another host would hear it."""
+    heard: queue.Queue[tuple[str, str]] = queue.Queue()
+    ready, done = threading.Event(), threading.Event()
+
+    async def listen() -> None:
+        store = open_store(url)
+        assert isinstance(store, PostgresStore)
+        listening = await store.listen(lambda kind, payload: heard.put((kind, payload)))
+        ready.set()
+        try:
+            await asyncio.to_thread(done.wait)
+        finally:
+            await listening.close()
+            await store.close()
+
+    thread = threading.Thread(target=asyncio.run, args=(listen(),))
+    thread.start()
+    try:
+        assert ready.wait(10), "the listener did not start"
+        yield heard
+    finally:
+        done.set()
+        thread.join(10)
 
 
 def journal(url: str) -> list[tuple[Any, ...]]:
@@ -198,7 +229,10 @@ def test_a_pass_of_one_site_delivers_there_and_leaves_the_other_sites_rows(
         data["servers"]["lobby"]["site"] = "eu"
         data["servers"]["arena"]["site"] = "us"
         path.write_text(yaml.safe_dump(data))
-        output = run(world, "--sync-now", expect=0)  # what is left is not this site's
+        with notifications(url) as heard:
+            output = run(world, "--sync-now", expect=0)  # what is left is not this site's
+            # The host delivering to arena is told at once, not at its next heartbeat.
+            assert heard.get(timeout=10) == (JOURNAL, "arena")
         grant = f"lp user {alice['minecraft_uuid']} parent add vip"
         assert world.received("lobby") == [grant]
         assert world.received("arena") == []
