@@ -428,6 +428,10 @@ class ServerWorker:
                 "server %s: journal row %d was finished meanwhile; not sent", self.name, row.id
             )
             return True
+        # The database's answer may have come late (a network that went silent
+        # and came back): the lease must still outlive the command, or another
+        # host may be sending already. The attempt counted, nothing was sent.
+        self._fence()
         try:
             reply = await server.run(row.command)
         except CommandTooLong as exc:

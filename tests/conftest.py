@@ -5,16 +5,20 @@ and a clock tests move by hand.
 `item_data(...)` / `customer_data(...)` the JSON itself; `by_product(...)`
 turns a product → servers mapping into the router `daemon.diff` takes.
 `ManualClock` is a `daemon.clock.Clock` whose time only moves when a test
-moves it.
+moves it. `one_timed_test_at_a_time` keeps the tests that hold processes to
+wall-clock bounds from running beside each other.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
-from collections.abc import Callable, Mapping, Sequence
+import fcntl
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+import pytest
 
 from daemon.models import Customer, InventoryItem
 
@@ -194,3 +198,20 @@ class ManualClock:
         if moment.tzinfo is None:
             raise ValueError("a naive datetime: give the time zone")
         self._now = moment.astimezone(UTC)
+
+
+@pytest.fixture
+def one_timed_test_at_a_time(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Run alone among the tests that use this fixture, across pytest-xdist's
+    workers (a file lock in the run's temporary folder). Such tests hold several
+    perksync processes to wall-clock bounds (a lease taken over within one
+    interval, a host stopping before another starts): two of them side by side
+    on two cores would measure the machine's load, not perksync. Tests that
+    use it need a timeout long enough to wait for the others."""
+    lock_path = tmp_path_factory.getbasetemp().parent / "perksync-timed-tests.lock"
+    with lock_path.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

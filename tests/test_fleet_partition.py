@@ -28,6 +28,9 @@ from tests.fleet_rig import INTERVAL, RCON_TIMEOUT, Fleet, Life, ServerSpec
 from tests.postgres_db import empty_schema
 from tests.test_service_process import wait_until
 
+# Alone among the timed tests (see tests/conftest.py), so a longer timeout.
+pytestmark = [pytest.mark.usefixtures("one_timed_test_at_a_time"), pytest.mark.timeout(400)]
+
 SERVERS = {"lobby": ServerSpec("minecraft"), "survival": ServerSpec("minecraft")}
 PRODUCTS: dict[str, Any] = {"vip": {"on_active": ["grant {customer.id} {item.id}"]}}
 LEASE = LeaseTiming.of(INTERVAL, RCON_TIMEOUT).lease_seconds

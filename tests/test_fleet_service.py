@@ -24,7 +24,7 @@ from daemon.fleet.host import Fleet
 from daemon.http_api import bound_addresses
 from daemon.service import Service
 from daemon.sources.store import CURSOR, LAST_SNAPSHOT
-from daemon.state import JournalStatus, open_store
+from daemon.state import Fence, JournalStatus, open_store
 from daemon.state.postgres import PostgresStore
 from tests.conftest import ManualClock
 from tests.fakes.in_process import LocalWorld, RunningService, in_world, until
@@ -166,6 +166,52 @@ async def test_a_host_whose_lease_ran_out_or_moved_on_sends_nothing(
         tick(clock, one)
         await until(lambda: "standing by: delivering to survival held by" in world.service_log())
         assert (delivers(one.service) and one.service.polling) or not delivers(one.service)
+        assert world.received("survival") == [
+            grant(world, token, first),
+            grant(world, token, second),
+        ]
+
+
+@in_world
+async def test_an_attempt_answered_after_the_lease_ran_out_is_not_sent(
+    world: LocalWorld, url: str
+) -> None:
+    """The database counted the attempt, but its answer came late (a network
+    gone silent and back): the lease no longer outlives the command, and
+    another host may be sending. Nothing is sent; the row goes out once the
+    lease is renewed, once."""
+    token, first = customer_with_vip(world, url)
+    clock = ManualClock()
+    async with world.service(clock, hostname="web-1") as one:
+        await until(lambda: world.received("survival") == [grant(world, token, first)])
+        store = one.store
+        counted = store.mark_attempt
+        lease = fleet_of(one).timing.lease_seconds
+
+        async def answered_late(row_id: int, fence: Fence | None = None) -> bool:
+            answer = await counted(row_id, fence)
+            clock.advance(lease)  # the answer arrives as the lease runs out here
+            return answer
+
+        store.mark_attempt = answered_late  # type: ignore[method-assign]
+        second = world.add_item(token, "vip")
+        await one.poll()
+        await until(lambda: "the lease was not renewed in time" in world.service_log())
+        # (Each renewal may try again, and meet the same late answer.)
+        [row] = [r for r in await store.rows() if r.item_id == second]
+        assert row.status is JournalStatus.PENDING and row.attempts >= 1
+        assert world.received("survival") == [grant(world, token, first)]
+
+        store.mark_attempt = counted  # type: ignore[method-assign]
+
+        def tick_until_delivering() -> None:
+            if not delivers(one.service, "survival"):
+                tick(clock, one)
+
+        await until(
+            lambda: grant(world, token, second) in world.received("survival"),
+            meanwhile=tick_until_delivering,
+        )
         assert world.received("survival") == [
             grant(world, token, first),
             grant(world, token, second),

@@ -27,6 +27,9 @@ from tests.fleet_rig import Fleet, Life, ServerSpec, netns_unavailable
 from tests.postgres_db import empty_schema
 from tests.test_service_process import wait_until
 
+# Alone among the timed tests (see tests/conftest.py), so a longer timeout.
+pytestmark = [pytest.mark.usefixtures("one_timed_test_at_a_time"), pytest.mark.timeout(400)]
+
 SERVERS = {
     "eu-lobby": ServerSpec("minecraft", "eu"),
     "eu-arena": ServerSpec("source", "eu"),

@@ -17,9 +17,14 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from tests.fakes.paynow_api import iso
 from tests.fakes.world import RCON_PASSWORD, World
 from tests.test_service_process import wait_until
+
+# Alone among the timed tests (see tests/conftest.py), so a longer timeout.
+pytestmark = [pytest.mark.usefixtures("one_timed_test_at_a_time"), pytest.mark.timeout(400)]
 
 SECONDS = float(os.environ.get("PERKSYNC_SOAK_SECONDS", "60"))
 PRODUCTS = {
