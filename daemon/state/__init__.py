@@ -473,8 +473,11 @@ class Store(Protocol):
 
         `fence` (several hosts on one database): in the same statement, the
         lease must be held as the fence says and run out more than its margin
-        from now, or nothing is counted and `LeaseLost` is raised. A backend
-        without leases (one host) refuses any fence with `StoreError`.
+        from now, or nothing is counted and `LeaseLost` is raised. The answer
+        may reach the caller late (a network held it up): before sending, the
+        caller checks again that the lease, as it knows it, still outlives the
+        command. A backend without leases (one host) refuses any fence with
+        `StoreError`.
 
         Like every `mark_*`: a row id that does not exist raises `StoreError`;
         a row that is no longer PENDING or WAITING is left as it is (its first
