@@ -47,7 +47,7 @@ from daemon.state import (
     refuse_fence,
 )
 from daemon.state.blocks import Block, CustomerLocks
-from daemon.state.values import cut_reply, ids_set, utc, utc_or_none
+from daemon.state.values import check_limit, cut_reply, ids_set, utc, utc_or_none
 
 log = logging.getLogger(__name__)
 
@@ -349,8 +349,7 @@ class MemoryStore:
     async def unfinished(
         self, server: str, after_id: int = 0, limit: int = 500
     ) -> list[JournalRow]:
-        if limit < 1:
-            raise ValueError(f"limit must be at least 1, not {limit}")
+        check_limit(limit)
         db = await self._turn()
         rows = []
         for row in db.journal.values():
@@ -413,8 +412,7 @@ class MemoryStore:
         )
 
     async def prune_journal(self, finished_before: datetime, limit: int) -> int:
-        if limit < 1:
-            raise ValueError(f"limit must be at least 1, not {limit}")
+        check_limit(limit)
         before = utc(finished_before)
         db = await self._turn()
         old = sorted(
@@ -441,8 +439,7 @@ class MemoryStore:
         item_ids: Sequence[str] = (),
         limit: int | None = 100,
     ) -> list[JournalRow]:
-        if limit is not None and limit < 1:
-            raise ValueError(f"limit must be at least 1, not {limit}")
+        check_limit(limit)
         wanted_statuses, wanted_ids, wanted_items = set(statuses), set(row_ids), set(item_ids)
         db = await self._turn()
         rows = []

@@ -95,7 +95,7 @@ from daemon.state.shared import (
     Listening,
     Tick,
 )
-from daemon.state.values import cut_reply, ids_set, utc, utc_or_none
+from daemon.state.values import check_limit, cut_reply, ids_set, utc, utc_or_none
 
 log = logging.getLogger(__name__)
 
@@ -946,8 +946,7 @@ class PostgresStore:
     async def unfinished(
         self, server: str, after_id: int = 0, limit: int = 500
     ) -> list[JournalRow]:
-        if limit < 1:
-            raise ValueError(f"limit must be at least 1, not {limit}")
+        check_limit(limit)
         async with self._using(f"read the pending commands of {server}") as conn:
             rows = await conn.fetch(_UNFINISHED, server, after_id, limit)
         return [_journal_row(r) for r in rows]
@@ -988,8 +987,7 @@ class PostgresStore:
         await self._finish(row_id, _MARK_FAILED, params, f"mark journal row {row_id} failed")
 
     async def prune_journal(self, finished_before: datetime, limit: int) -> int:
-        if limit < 1:
-            raise ValueError(f"limit must be at least 1, not {limit}")
+        check_limit(limit)
         before = utc(finished_before)
         async with self._using("prune the journal", write=True) as conn:
             pruned: int = await conn.fetchval(_PRUNE, before, limit)
@@ -1017,8 +1015,7 @@ class PostgresStore:
         item_ids: Sequence[str] = (),
         limit: int | None = 100,
     ) -> list[JournalRow]:
-        if limit is not None and limit < 1:
-            raise ValueError(f"limit must be at least 1, not {limit}")
+        check_limit(limit)
         where: list[str] = []
         params: list[Any] = []
         filters: list[tuple[str, Any]] = [

@@ -87,6 +87,7 @@ from daemon.state import (
 )
 from daemon.state.blocks import Block, CustomerLocks
 from daemon.state.migrations import Migration, registrar
+from daemon.state.values import check_limit
 
 log = logging.getLogger(__name__)
 
@@ -1173,8 +1174,7 @@ class SqliteStore:
     async def unfinished(
         self, server: str, after_id: int = 0, limit: int = 500
     ) -> list[JournalRow]:
-        if limit < 1:
-            raise ValueError(f"limit must be at least 1, not {limit}")
+        check_limit(limit)
         with self._errors(f"read the pending commands of {server}") as conn:
             return [_journal_row(r) for r in conn.execute(_UNFINISHED, (server, after_id, limit))]
 
@@ -1199,8 +1199,7 @@ class SqliteStore:
         self._finish(row_id, _MARK_FAILED, params, f"mark journal row {row_id} failed")
 
     async def prune_journal(self, finished_before: datetime, limit: int) -> int:
-        if limit < 1:
-            raise ValueError(f"limit must be at least 1, not {limit}")
+        check_limit(limit)
         params = (_ts(finished_before), limit)
         with self._transaction("prune the journal") as conn:
             pruned: int = conn.execute(_PRUNE, params).rowcount
@@ -1218,8 +1217,7 @@ class SqliteStore:
         item_ids: Sequence[str] = (),
         limit: int | None = 100,
     ) -> list[JournalRow]:
-        if limit is not None and limit < 1:
-            raise ValueError(f"limit must be at least 1, not {limit}")
+        check_limit(limit)
         where: list[str] = []
         params: list[Any] = []
         for column, value in (("server", server), ("customer_id", customer_id)):

@@ -1,5 +1,5 @@
 """Values every backend turns the same way: times to store, replies to keep,
-and which ids a customer's JSON sets."""
+which ids a customer's JSON sets, and the limits callers may ask for."""
 
 from __future__ import annotations
 
@@ -19,6 +19,12 @@ def utc(value: datetime) -> datetime:
 
 def utc_or_none(value: datetime | None) -> datetime | None:
     return None if value is None else utc(value)
+
+
+def check_limit(limit: int | None) -> None:
+    """ValueError for a row limit under 1 (None: no limit)."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1, not {limit}")
 
 
 def cut_reply(reply: str | None) -> str | None:
