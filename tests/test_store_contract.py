@@ -257,6 +257,19 @@ async def test_an_empty_store_knows_nothing(opener: Opener) -> None:
     assert await store.get_meta("cursor") is None
 
 
+@run_async
+async def test_a_row_limit_under_one_is_refused(opener: Opener) -> None:
+    store = opener()
+    for zero in (
+        store.unfinished("survival", limit=0),
+        store.prune_journal(LATER, 0),
+        store.journal(limit=0),
+    ):
+        with pytest.raises(ValueError, match="limit must be at least 1, not 0"):
+            await zero
+    assert await store.journal(limit=None) == []
+
+
 # --- committing and knowing ------------------------------------------------------------
 
 
